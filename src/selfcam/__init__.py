@@ -1,0 +1,44 @@
+"""selfcam: classifiers that explain themselves in their own forward pass.
+
+    model = selfcam.create_model("lfi", "resnet50", num_classes=10)
+    out = model(x)            # out.logits (N, classes), out.heatmap (N, h, w) in [0, 1]
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, ConfigError, DataError, InputError, SelfcamError
+from .heads import HEADS, ExplainedOutput, minmax, upsample
+from .model import ModelConfig, SelfExplainer, create_model, list_methods, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ExplainedOutput",
+    "HEADS",
+    "InputError",
+    "ModelConfig",
+    "SelfExplainer",
+    "SelfcamError",
+    "TrainConfig",
+    "create_model",
+    "fit",
+    "list_methods",
+    "load_checkpoint",
+    "minmax",
+    "posthoc_map",
+    "save_checkpoint",
+    "upsample",
+]
+
+
+def __getattr__(name: str):  # heavy imports (Lightning, grad-cam) only when asked for
+    if name in ("TrainConfig", "fit"):
+        from . import train
+
+        return getattr(train, name)
+    if name == "posthoc_map":
+        from .posthoc import posthoc_map
+
+        return posthoc_map
+    raise AttributeError(f"module 'selfcam' has no attribute {name!r}")

@@ -1,0 +1,222 @@
+"""Backbones: CNNs cut at their last convolutional stage.
+
+Every backbone is a :class:`Backbone` with two parts, ``trunk`` (everything before
+the last stage) and ``last`` (the last stage), so ``F = last(trunk(x))`` has shape
+``(N, K, h, w)`` with ``K = out_channels``. Heads see only ``F``; ABN also copies
+``last``. Names:
+
+- CIFAR-style ResNets (He et al. 2016, section 4.2): ``resnet8/20/32/44/56/110``
+  (basic blocks, depth 6n+2) and ``resnet20-bottleneck`` ... (bottleneck blocks,
+  depth 9n+2, widths 16/32/64 x4), any number of input channels;
+- any torchvision classification CNN by its name (``resnet18``, ``resnet50``,
+  ``vgg16``, ``mobilenet_v3_small``, ...), randomly initialised (nothing is
+  downloaded), first conv rebuilt for ``in_chans``;
+- any timm model as ``timm:NAME`` through ``forward_features`` (timm installed).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+__all__ = ["Backbone", "create_backbone", "list_backbones", "CIFAR_DEPTHS"]
+
+CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110)
+
+
+class Backbone(nn.Module):
+    """A CNN split as ``trunk -> last``; ``forward_features(x)`` gives ``(N, K, h, w)``.
+
+    ``splittable`` is False when the last stage could not be isolated (``last`` is
+    then the identity and the whole network sits in ``trunk``).
+    """
+
+    def __init__(self, trunk: nn.Module, last: nn.Module, out_channels: int, in_chans: int, splittable: bool = True) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.last = last
+        self.out_channels = out_channels
+        self.in_chans = in_chans
+        self.splittable = splittable
+
+    def forward_split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, C, H, W) -> (features entering the last stage, F)``."""
+        pre = self.trunk(x)
+        return pre, self.last(pre)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W) -> F (N, K, h, w)``."""
+        return self.forward_split(x)[1]
+
+    forward = forward_features
+
+
+# --- CIFAR-style ResNets --------------------------------------------------------
+
+
+class _Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(cin, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
+            nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out),
+        )  # fmt: skip
+        self.shortcut = _shortcut(cin, out, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity, or a 1x1 projection (the paper's option B) when the shape changes."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def cifar_resnet(depth: int, in_chans: int = 3, bottleneck: bool = False, stem_stride: int = 1) -> Backbone:
+    """CIFAR ResNet: 3x3 stem (16), three stages of widths 16/32/64 (x4 for bottleneck), strides 1/2/2.
+
+    ``stem_stride=2`` halves the input in the stem (our option, not the paper's): a
+    64 px canvas then costs what a 32 px CIFAR image costs, with an 8x8 feature map.
+    """
+    if stem_stride not in (1, 2):
+        raise ConfigError(f"stem_stride must be 1 or 2, got {stem_stride}")
+    per = 9 if bottleneck else 6
+    if (depth - 2) % per or depth < per + 2:
+        raise ConfigError(f"CIFAR ResNet depth must be {per}n+2 for {'bottleneck' if bottleneck else 'basic'} blocks, got {depth}")
+    n = (depth - 2) // per
+    block = _Bottleneck if bottleneck else _Basic
+    stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+    stages, cin = [], 16
+    for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        blocks = []
+        for i in range(n):
+            blocks.append(block(cin, planes, stride if i == 0 else 1))
+            cin = planes * block.expansion
+        stages.append(nn.Sequential(*blocks))
+    for m in [stem, *stages]:
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+    return Backbone(nn.Sequential(stem, stages[0], stages[1]), stages[2], cin, in_chans)
+
+
+# --- torchvision and timm ---------------------------------------------------------
+
+
+def _rebuild_first_conv(model: nn.Module, in_chans: int) -> None:
+    """Replace the first ``Conv2d`` by one with ``in_chans`` inputs (same geometry)."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != in_chans:
+                    new = nn.Conv2d(in_chans, child.out_channels, child.kernel_size, child.stride,
+                                    child.padding, child.dilation, bias=child.bias is not None)  # fmt: skip
+                    setattr(parent, name, new)
+                return
+
+
+def _infer_channels(backbone: nn.Module, in_chans: int) -> int:
+    was = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(torch.zeros(1, in_chans, 64, 64))
+    backbone.train(was)
+    if out.dim() != 4:
+        raise ConfigError(f"backbone gives features of shape {tuple(out.shape)}; selfcam needs a CNN map (N, K, h, w)")
+    return int(out.shape[1])
+
+
+def torchvision_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
+    """A torchvision CNN (random weights; ``kwargs`` go to its builder) cut at its last conv stage."""
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise ConfigError(f"unknown backbone {name!r}; see `selfcam models` for the names")
+    model = tvm.get_model(name, weights=None, **kwargs)
+    _rebuild_first_conv(model, in_chans)
+    if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
+        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3)
+        last: nn.Module = model.layer4
+    elif isinstance(getattr(model, "features", None), nn.Sequential):  # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet
+        feats = model.features
+        trunk, last = feats[:-1], feats[-1]
+        if name.startswith("densenet"):  # torchvision applies this ReLU in DenseNet.forward
+            last = nn.Sequential(last, nn.ReLU())
+    else:
+        raise ConfigError(f"torchvision model {name!r} has no layer4 or features stage selfcam knows how to cut")
+    bb = Backbone(trunk, last, 0, in_chans)
+    bb.out_channels = _infer_channels(bb, in_chans)
+    return bb
+
+
+class _TimmFeatures(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)
+
+
+def timm_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
+    """A timm model (random weights; ``kwargs`` go to ``timm.create_model``) through ``forward_features``."""
+    try:
+        import timm
+    except ImportError as e:
+        raise ConfigError(f"backbone 'timm:{name}' needs timm: pip install 'selfcam[timm]'") from e
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    except RuntimeError as e:  # timm's "Unknown model"
+        raise ConfigError(f"unknown timm model {name!r}") from e
+    trunk = _TimmFeatures(model)
+    return Backbone(trunk, nn.Identity(), _infer_channels(trunk, in_chans), in_chans, splittable=False)
+
+
+def create_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
+    """Build a backbone by name (see the module docstring); ``kwargs`` go to its builder."""
+    if in_chans < 1:
+        raise ConfigError(f"in_chans must be >= 1, got {in_chans}")
+    match = re.fullmatch(r"resnet(\d+)(-bottleneck)?", name)
+    try:
+        if name.startswith("timm:"):
+            return timm_backbone(name[5:], in_chans, **kwargs)
+        if match and (match[2] or int(match[1]) in CIFAR_DEPTHS):
+            return cifar_resnet(int(match[1]), in_chans, bottleneck=bool(match[2]), **kwargs)
+        return torchvision_backbone(name.removeprefix("torchvision:"), in_chans, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad option for backbone {name!r}: {e}") from e
+
+
+def list_backbones() -> list[str]:
+    """The names :func:`create_backbone` accepts (timm's appear as ``timm:NAME``)."""
+    import torchvision.models as tvm
+
+    cifar = [f"resnet{d}" for d in CIFAR_DEPTHS] + [f"resnet{d}-bottleneck" for d in (20, 56, 110)]
+    return cifar + [f"torchvision:{n}" for n in sorted(tvm.list_models(module=tvm))] + ["timm:<name>"]
+

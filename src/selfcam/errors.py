@@ -1,0 +1,23 @@
+"""Exceptions with messages meant for people: the CLI prints them as one line."""
+
+from __future__ import annotations
+
+
+class SelfcamError(Exception):
+    """Base class of every error selfcam raises on purpose."""
+
+
+class ConfigError(SelfcamError, ValueError):
+    """An unknown name, a wrong option or a config that does not validate."""
+
+
+class InputError(SelfcamError, ValueError):
+    """A tensor or image of the wrong shape, rank, channel count or values."""
+
+
+class CheckpointError(SelfcamError):
+    """A run directory whose weights or config are missing, corrupt or inconsistent."""
+
+
+class DataError(SelfcamError):
+    """A dataset that cannot be read or built."""

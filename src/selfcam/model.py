@@ -1,0 +1,205 @@
+"""The self-explaining model (backbone + head), its config, and checkpoints.
+
+``create_model(method, backbone, num_classes, in_chans)`` is the one door. A run
+directory holds ``model.safetensors`` (weights) and ``config.json`` (what built
+them); nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import __version__
+from .backbones import Backbone, create_backbone
+from .errors import CheckpointError, ConfigError, InputError
+from .heads import HEADS, ABNHead, ExplainedOutput, Head, upsample
+
+__all__ = ["ModelConfig", "SelfExplainer", "create_model", "list_methods", "save_checkpoint", "load_checkpoint"]
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model: the JSON ``"model"`` entry of ``config.json``."""
+
+    method: str
+    backbone: str
+    num_classes: int
+    in_chans: int = 3
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> "ModelConfig":
+        """Validate a parsed JSON object field by field (missing, extra, wrongly typed)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: 'model' must be an object, got {type(d).__name__}")
+        types = {"method": str, "backbone": str, "num_classes": int, "in_chans": int, "head_kwargs": dict, "backbone_kwargs": dict}
+        missing = {"method", "backbone", "num_classes"} - d.keys()
+        extra = d.keys() - types.keys()
+        if missing or extra:
+            raise ConfigError(f"{source}: model config has missing fields {sorted(missing)} / unknown fields {sorted(extra)}")
+        for key, value in d.items():
+            if not isinstance(value, types[key]) or isinstance(value, bool):
+                raise ConfigError(f"{source}: model.{key} must be {types[key].__name__}, got {value!r}")
+        return cls(**d)
+
+
+class SelfExplainer(nn.Module):
+    """A backbone and an explanation head: ``forward(x)`` gives logits and heatmap in one pass.
+
+    ``x``: ``(N, in_chans, H, W)``, normalized. Output: :class:`ExplainedOutput`
+    with ``heatmap`` at feature resolution ``(N, h, w)``; :meth:`explain` resizes it
+    to ``(N, H, W)``.
+    """
+
+    def __init__(self, backbone: Backbone, head: Head, config: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.config = config
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise :class:`InputError` naming the problem when ``x`` cannot be fed to the model."""
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise InputError(f"expected input of shape (N, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_chans:
+            raise InputError(f"model takes {self.config.in_chans} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        if not x.is_floating_point():
+            raise InputError(f"expected a floating-point image tensor, got {x.dtype}")
+
+    def forward(self, x: Tensor) -> ExplainedOutput:
+        self.check_input(x)
+        pre, feats = self.backbone.forward_split(x)
+        return self.head(feats, x, pre)
+
+    def explain(self, x: Tensor, mode: str = "bilinear") -> ExplainedOutput:
+        """Like ``forward`` but with the heatmap upsampled to the input size ``(N, H, W)``."""
+        out = self(x)
+        out.heatmap = upsample(out.heatmap, tuple(x.shape[-2:]), mode)
+        return out
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The backbone's feature map ``(N, K, h, w)``."""
+        return self.backbone.forward_features(x)
+
+    def loss(self, out: ExplainedOutput, target: Tensor) -> Tensor:
+        return self.head.loss(out, target)
+
+
+def list_methods() -> list[str]:
+    """The head names :func:`create_model` accepts."""
+    return list(HEADS)
+
+
+def create_model(
+    method: str,
+    backbone: str,
+    num_classes: int,
+    in_chans: int = 3,
+    backbone_kwargs: dict[str, Any] | None = None,
+    **head_kwargs: Any,
+) -> SelfExplainer:
+    """Build ``backbone`` (see :func:`selfcam.backbones.create_backbone`) with the ``method`` head.
+
+    ``backbone_kwargs`` go to the backbone builder (``stem_stride`` for the CIFAR
+    ResNets...), ``head_kwargs`` to the head (``reduction``/``factor`` for ``se``,
+    ``fin_width`` for ``lfi-light``...).
+    """
+    if method not in HEADS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(HEADS)}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    backbone_kwargs = dict(backbone_kwargs or {})
+    bb = create_backbone(backbone, in_chans, **backbone_kwargs)
+    head_cls = HEADS[method]
+    extra: dict[str, Any] = {}
+    if head_cls is ABNHead and bb.splittable:
+        extra["attention_stage"] = bb.last
+    try:
+        head = head_cls(bb.out_channels, num_classes, **head_kwargs, **extra)
+    except TypeError as e:
+        raise ConfigError(f"bad option for method {method!r}: {e}") from e
+    return SelfExplainer(bb, head, ModelConfig(method, backbone, num_classes, in_chans, dict(head_kwargs), backbone_kwargs))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: SelfExplainer, run_dir: str | Path, **extra: Any) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (``extra`` entries are stored beside ``model``)."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(run / WEIGHTS, lambda p: save_file(state, p))
+    doc = {"selfcam_version": __version__, "model": asdict(model.config), **extra}
+    _atomic_write(run / CONFIG, lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
+    return run
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """Parse and validate ``run_dir/config.json``; ``"model"`` becomes a :class:`ModelConfig`."""
+    path = Path(run_dir) / CONFIG
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: checkpoint directory not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config file not found")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or "model" not in doc:
+        raise CheckpointError(f"{path}: no 'model' entry")
+    try:
+        doc["model"] = ModelConfig.from_dict(doc["model"], str(path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    return doc
+
+
+def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[SelfExplainer, dict[str, Any]]:
+    """Rebuild the model saved in ``run_dir``; returns ``(model in eval mode, config dict)``."""
+    doc = read_config(run_dir)
+    cfg: ModelConfig = doc["model"]
+    weights = Path(run_dir) / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file not found")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
+    try:
+        model = create_model(cfg.method, cfg.backbone, cfg.num_classes, cfg.in_chans, cfg.backbone_kwargs, **cfg.head_kwargs)
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(run_dir) / CONFIG}: {e}") from e
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{weights}: weights do not match config ({cfg.method} on {cfg.backbone}): {len(missing)} missing "
+            f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, {len(wrong)} of another shape {wrong[:2]}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval(), doc
