@@ -1,0 +1,174 @@
+"""Cluttered digits: real handwritten digits on a cluttered, noisy canvas, with ground-truth boxes.
+
+Each sample is a black ``size x size`` canvas holding one digit of
+:func:`sklearn.datasets.load_digits` (8x8, bundled with scikit-learn, no download), scaled to
+[0, 1], upscaled bilinearly to a random side and pasted fully inside the canvas. ``clutter``
+random crops (about 1/4..1/3 of the area) of *other* upscaled digits are scattered around it,
+preferably off the target's box, and combined with ``max``; Gaussian noise is added and the
+result clipped to [0, 1]. The box is the tight bound of the target's pixels > 0.1 as
+``(x0, y0, x1, y1)`` with exclusive ends.
+
+The 1797 source digits are split once, by a fixed permutation, into disjoint train / val / test
+pools (70 / 10 / 20 %); a split's canvases use only its own pool, for targets and clutter alike.
+Generation is vectorized: a pasted patch is ``A_y @ digit @ A_x^T`` with per-sample bilinear
+interpolation matrices, and all randomness comes from one NumPy generator seeded by (seed, split).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from numbers import Integral
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+__all__ = ["MEAN", "STD", "ClutteredDigits", "box_mask", "load_dataset", "source_indices"]
+
+MEAN: float = 0.15  # measured on load_dataset("cluttered-digits", "train"), rounded
+STD: float = 0.26
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+DATASETS: dict[str, dict[str, int]] = {"cluttered-digits": {"train": 6000, "val": 1000, "test": 1000}}
+_POOL_SEED = 12345
+_MAX_OVERLAP = 0.2  # a fragment may cover at most this share of its area inside the target box
+_TRIES = 8  # candidate positions drawn per fragment
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 source digits as ((1797, 8, 8) float32 in [0, 1], peak 1; (1797,) int64 labels)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)
+    images /= images.max(axis=(1, 2), keepdims=True)
+    return images, bunch.target.astype(np.int64)
+
+
+def source_indices(split: str) -> np.ndarray:
+    """Sorted indices (into ``load_digits()``) of the source digits a split may use."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    perm = np.random.default_rng(_POOL_SEED).permutation(len(_digits()[1]))
+    cut = np.rint(np.array([0.7, 0.8]) * len(perm)).astype(int)
+    return np.sort(np.split(perm, cut)[SPLITS.index(split)])
+
+
+def _weights(start: Tensor, extent: Tensor, offset: Tensor, side: Tensor, size: int) -> Tensor:
+    """(M, size, 8) bilinear weights along one axis: canvas pixel u in [start, start + extent)
+    reads pixel u - start + offset of the digit upscaled to ``side`` (as F.interpolate, bilinear,
+    align_corners=False); other canvas pixels get zero weight."""
+    u = torch.arange(size, dtype=torch.float32)
+    start, extent, offset, side = (v.float()[:, None] for v in (start, extent, offset, side))
+    t = ((u - start + offset + 0.5) * (8.0 / side) - 0.5).clamp(0, 7)
+    w = (1 - (t[..., None] - torch.arange(8, dtype=torch.float32)).abs()).clamp(min=0)
+    return w * ((u >= start) & (u < start + extent))[..., None]
+
+
+def _paste(digits: Tensor, side: Tensor, start: Tensor, extent: Tensor, offset: Tensor, size: int) -> Tensor:
+    """(M, size, size) canvases with the (offset, extent) crop of each (M, 8, 8) digit upscaled to
+    ``side`` (M,) pasted at ``start``; start/extent/offset are (M, 2) as (x, y)."""
+    wy = _weights(start[:, 1], extent[:, 1], offset[:, 1], side, size)
+    wx = _weights(start[:, 0], extent[:, 0], offset[:, 0], side, size)
+    return wy @ digits @ wx.transpose(1, 2)
+
+
+def _tight_boxes(mask: Tensor) -> Tensor:
+    """(N, 4) int64 (x0, y0, x1, y1), exclusive ends, of the True pixels of (N, H, W) masks."""
+    spans = []
+    for line in (mask.any(1), mask.any(2)):  # columns, rows holding a True pixel
+        line = line.to(torch.uint8)
+        spans.append((line.argmax(1), line.shape[1] - line.flip(1).argmax(1)))
+    (x0, x1), (y0, y1) = spans
+    return torch.stack([x0, y0, x1, y1], 1).long()
+
+
+def box_mask(boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """(N, H, W) bool, True inside each (N, 4) box (x0, y0, x1, y1), exclusive ends."""
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise DataError(f"boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+    h, w = (size, size) if isinstance(size, Integral) else size
+    ys, xs = torch.arange(h, device=boxes.device), torch.arange(w, device=boxes.device)
+    inside_x = (xs >= boxes[:, 0, None]) & (xs < boxes[:, 2, None])
+    inside_y = (ys >= boxes[:, 1, None]) & (ys < boxes[:, 3, None])
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+class ClutteredDigits(torch.utils.data.Dataset):
+    """``n`` cluttered-digit canvases of one split; see the module docstring for the generator."""
+
+    num_classes: int = 10
+    in_chans: int = 1
+
+    def __init__(self, split: Literal["train", "val", "test"], n: int, *, size: int = 64, seed: int = 0,
+                 clutter: int = 4, noise: float = 0.05, digit_size: tuple[int, int] | None = None) -> None:
+        for name, value, low in (("n", n, 1), ("size", size, 16), ("seed", seed, 0), ("clutter", clutter, 0)):
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
+                raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not noise >= 0:
+            raise DataError(f"noise must be >= 0, got {noise!r}")
+        lo, hi = digit_size or (round(size * 11 / 32), round(size / 2))
+        if not 4 <= lo <= hi <= size:
+            raise DataError(f"digit_size must satisfy 4 <= low <= high <= size={size}, got {(lo, hi)}")
+        pool = source_indices(split)  # validates split
+        self.split, self.size, self.seed = split, int(size), int(seed)
+        self.class_names: list[str] = [str(d) for d in range(10)]
+        digits, labels = _digits()
+        rng = np.random.default_rng([int(seed), SPLITS.index(split)])
+
+        pick = rng.integers(0, len(pool), n)
+        side = rng.integers(lo, hi + 1, n)
+        start = rng.integers(0, (size - side + 1)[:, None], (n, 2))
+        t = torch.from_numpy
+        sides = t(np.stack([side, side], 1))
+        target = _paste(t(digits[pool[pick]]), t(side), t(start), sides, torch.zeros_like(sides), size)
+        self.boxes: Tensor = _tight_boxes(target > 0.1)  # (n, 4) int64
+        self.labels: Tensor = t(labels[pool[pick]])  # (n,) int64
+        self.sources: Tensor = t(pool[pick])  # (n,) int64 index of each target into load_digits()
+
+        other = rng.integers(0, len(pool) - 1, (n, clutter))
+        other += other >= pick[:, None]  # never the target's own digit
+        f_side = rng.integers(lo, hi + 1, (n, clutter))
+        frac = rng.uniform(0.5, 0.6, (n, clutter, 2))  # crop sides: 1/4..1/3 of the digit's area
+        f_ext = np.maximum(2, np.rint(f_side[..., None] * frac)).astype(np.int64)
+        f_off = rng.integers(0, f_side[..., None] - f_ext + 1)
+        cand = rng.integers(-(f_ext // 2), size - f_ext // 2, (_TRIES, n, clutter, 2))  # may cross the border
+        box = self.boxes.numpy()[None, :, None]
+        ov = np.clip(np.minimum(cand + f_ext, box[..., 2:]) - np.maximum(cand, box[..., :2]), 0, None)
+        ov = ov.prod(-1)  # (tries, n, clutter) overlap area with the target box
+        ok = ov <= _MAX_OVERLAP * f_ext.prod(-1)
+        choice = np.where(ok.any(0), ok.argmax(0), ov.argmin(0))  # first acceptable try, else least overlap
+        f_start = np.take_along_axis(cand, choice[None, ..., None], 0)[0]
+        canvas = target
+        for k in range(clutter):
+            frag = _paste(t(digits[pool[other[:, k]]]), t(f_side[:, k]), t(f_start[:, k]), t(f_ext[:, k]),
+                          t(f_off[:, k]), size)
+            canvas = torch.maximum(canvas, frag)
+        if noise > 0:
+            canvas = canvas + float(noise) * t(rng.standard_normal((n, size, size), dtype=np.float32))
+        self.images: Tensor = canvas.clamp_(0, 1).unsqueeze(1).contiguous()  # (n, 1, size, size) float32
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """(x - MEAN) / STD, any shape."""
+        return (images - MEAN) / STD
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(normalized image (1, S, S) float32, label () int64, box (4,) int64)."""
+        return self.normalize(self.images[i]), self.labels[i], self.boxes[i]
+
+
+def load_dataset(name: str, split: str, n: int | None = None, *, seed: int = 0,
+                 size: int = 64) -> ClutteredDigits:
+    """Build dataset ``name`` (today only "cluttered-digits"); ``n`` defaults per split."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} for {name}; expected one of {', '.join(SPLITS)}")
+    n = DATASETS[name][split] if n is None else n
+    return ClutteredDigits(split, n, size=size, seed=seed)  # type: ignore[arg-type]

@@ -1,0 +1,146 @@
+"""Tests of the cluttered-digits dataset (selfcam.data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from selfcam.data import MEAN, STD, ClutteredDigits, _paste, box_mask, load_dataset, source_indices
+from selfcam.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def ds() -> ClutteredDigits:
+    return ClutteredDigits("train", 200, seed=1)
+
+
+def test_shapes_dtypes_ranges(ds: ClutteredDigits) -> None:
+    assert ds.images.shape == (200, 1, 64, 64) and ds.images.dtype == torch.float32
+    assert ds.images.min() >= 0 and ds.images.max() <= 1
+    assert ds.labels.shape == (200,) and ds.labels.dtype == torch.int64
+    assert ds.labels.min() >= 0 and ds.labels.max() <= 9 and len(ds.labels.unique()) == 10
+    assert ds.boxes.shape == (200, 4) and ds.boxes.dtype == torch.int64
+    x0, y0, x1, y1 = ds.boxes.T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 64).all() and (y1 <= 64).all()
+    assert ((x1 - x0) >= 4).all() and ((y1 - y0) >= 10).all() and ((y1 - y0) <= 32).all()
+    assert len(ds) == 200 and ds.num_classes == 10 and ds.in_chans == 1
+    assert ds.class_names == [str(d) for d in range(10)]
+    image, label, box = ds[3]
+    assert image.shape == (1, 64, 64) and label.shape == () and box.shape == (4,)
+    torch.testing.assert_close(image, (ds.images[3] - MEAN) / STD)
+    assert torch.equal(box, ds.boxes[3]) and torch.equal(label, ds.labels[3])
+
+
+def test_other_sizes() -> None:
+    small = ClutteredDigits("val", 5, size=32, digit_size=(10, 12))
+    assert small.images.shape == (5, 1, 32, 32)
+    assert ((small.boxes[:, 3] - small.boxes[:, 1]) <= 12).all()
+
+
+def test_normalized_train_stats(ds: ClutteredDigits) -> None:
+    x = ds.normalize(ds.images)
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
+
+
+def test_determinism() -> None:
+    a, b = ClutteredDigits("test", 50, seed=7), ClutteredDigits("test", 50, seed=7)
+    for name in ("images", "labels", "boxes"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    c = ClutteredDigits("test", 50, seed=8)
+    assert not torch.equal(a.images, c.images) and not torch.equal(a.boxes, c.boxes)
+    d = ClutteredDigits("val", 50, seed=7)
+    assert not torch.equal(a.images, d.images)
+
+
+def test_box_is_tight_around_target() -> None:
+    clean = ClutteredDigits("train", 100, seed=2, clutter=0, noise=0.0)
+    ink = clean.images[:, 0] > 0.1
+    inside = box_mask(clean.boxes, 64)
+    assert ink.any((1, 2)).all()
+    assert not (ink & ~inside).any()  # every target pixel lies in its box
+    for img, (x0, y0, x1, y1) in zip(ink, clean.boxes.tolist()):
+        assert img[y0, x0:x1].any() and img[y1 - 1, x0:x1].any()  # top and bottom rows touch ink
+        assert img[y0:y1, x0].any() and img[y0:y1, x1 - 1].any()  # left and right columns too
+
+
+def test_clutter_and_noise_change_only_the_canvas() -> None:
+    clean = ClutteredDigits("train", 30, seed=4, clutter=0, noise=0.0)
+    busy = ClutteredDigits("train", 30, seed=4)
+    assert torch.equal(clean.labels, busy.labels) and torch.equal(clean.boxes, busy.boxes)
+    outside = ~box_mask(busy.boxes, 64)
+    assert (busy.images[:, 0][outside] > 0.3).sum() > (clean.images[:, 0][outside] > 0.3).sum() + 30 * 50
+    # fragments mostly avoid the target: its box holds little more ink than the clean canvas
+    inside = ~outside
+    extra = (busy.images[:, 0] - clean.images[:, 0]).clamp(min=0)[inside & (clean.images[:, 0] < 0.1)]
+    assert (extra > 0.5).float().mean() < 0.1
+
+
+def test_source_pools_disjoint_and_complete() -> None:
+    pools = {s: source_indices(s) for s in ("train", "val", "test")}
+    sizes = {s: len(p) for s, p in pools.items()}
+    assert sizes == {"train": 1258, "val": 180, "test": 359}
+    joined = np.concatenate(list(pools.values()))
+    assert len(np.unique(joined)) == 1797 and set(joined.tolist()) == set(range(1797))
+    assert np.array_equal(source_indices("test"), pools["test"])  # fixed, not seed-dependent
+
+
+def test_labels_match_sources() -> None:
+    targets = load_digits().target
+    for split in ("train", "test"):
+        d = ClutteredDigits(split, 100, seed=5)
+        assert np.isin(d.sources.numpy(), source_indices(split)).all()
+        assert np.array_equal(d.labels.numpy(), targets[d.sources.numpy()])
+
+
+def test_paste_is_bilinear_upscale() -> None:
+    digit = torch.from_numpy(load_digits().images[:1].astype(np.float32)) / 16
+    side, at = torch.tensor([27]), torch.tensor([[5, 9]])
+    ext = torch.tensor([[27, 27]])
+    canvas = _paste(digit, side, at, ext, torch.zeros_like(ext), 48)[0]
+    ref = F.interpolate(digit[None], size=(27, 27), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(canvas[9:36, 5:32], ref, atol=1e-5, rtol=0)
+    canvas[9:36, 5:32] = 0
+    assert not canvas.any()
+    crop = _paste(digit, side, at, torch.tensor([[6, 8]]), torch.tensor([[10, 3]]), 48)[0]
+    torch.testing.assert_close(crop[9:17, 5:11], ref[3:11, 10:16], atol=1e-5, rtol=0)
+
+
+def test_box_mask_by_hand() -> None:
+    m = box_mask(torch.tensor([[1, 0, 3, 2], [0, 1, 1, 3]]), (3, 4))
+    expected = torch.tensor([[[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]],
+                             [[0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]], dtype=torch.bool)
+    assert m.dtype == torch.bool and torch.equal(m, expected)
+    assert box_mask(torch.tensor([[0, 0, 2, 2]]), 2).all()
+    with pytest.raises(DataError):
+        box_mask(torch.zeros(3), 4)
+
+
+def test_load_dataset() -> None:
+    d = load_dataset("cluttered-digits", "val", 8, seed=3, size=32)
+    assert isinstance(d, ClutteredDigits) and d.images.shape == (8, 1, 32, 32)
+    assert torch.equal(d.images, ClutteredDigits("val", 8, seed=3, size=32).images)
+
+
+@pytest.mark.parametrize(("args", "kwargs", "match"), [
+    (("mnist", "train", 5), {}, "cluttered-digits"),
+    (("cluttered-digits", "training", 5), {}, "split"),
+    (("cluttered-digits", "train", 0), {}, "n must"),
+    (("cluttered-digits", "train", -3), {}, "n must"),
+    (("cluttered-digits", "train", 5), {"size": 8}, "size must"),
+    (("cluttered-digits", "train", 5), {"seed": -1}, "seed must"),
+])
+def test_load_dataset_errors(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        load_dataset(*args, **kwargs)
+
+
+def test_constructor_errors() -> None:
+    with pytest.raises(DataError, match="digit_size"):
+        ClutteredDigits("train", 5, digit_size=(30, 20))
+    with pytest.raises(DataError, match="noise"):
+        ClutteredDigits("train", 5, noise=-0.1)
+    with pytest.raises(DataError, match="split"):
+        ClutteredDigits("bogus", 5)  # type: ignore[arg-type]
