@@ -1,0 +1,162 @@
+"""The ``selfcam`` command line (typer + rich).
+
+Every command turns selfcam's own errors (and unreadable files) into one line on
+stderr and exit code 2; ``selfcam --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError, SelfcamError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Classifiers that explain themselves: train, demo, inspect.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Report expected failures as ``error: ...`` and exit 2 (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (SelfcamError, OSError) as e:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{option} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
+def _table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
+    cols = list(dict.fromkeys(k for r in rows.values() for k in r))
+    table = Table(title=title)
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, row in rows.items():
+        cells = [f"{row[c]:,}" if isinstance(row.get(c), int) else f"{row[c]:.3f}" if c in row else "-" for c in cols]
+        table.add_row(name, *cells)
+    return table
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for metrics.json, report.html and runs/."),
+    epochs: int = typer.Option(5, help="Epochs per model."),
+    backbone: str = typer.Option("resnet8", help="Backbone for every model."),
+    train_size: int = typer.Option(6000, help="Training canvases."),
+    test_size: int = typer.Option(1000, help="Test canvases."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
+    methods: str = typer.Option("plain,lfi,lfi-light,se,abn", help="Comma-separated heads to train."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train every head on cluttered digits, score maps against the boxes, write a report."""
+    from .demo import DemoRecipe, run_demo
+    from .heads import HEADS
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in HEADS]
+    if unknown:
+        raise typer.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(HEADS)}", param_hint="--methods")
+    recipe = DemoRecipe(backbone=backbone, epochs=epochs, train_size=train_size, test_size=test_size, seed=seed)
+    t0 = time.perf_counter()
+    metrics = run_demo(out, recipe, chosen, progress=not quiet, log=lambda s: console.print(s, markup=False, highlight=False))
+    console.print(_table("cluttered digits, test split", metrics["models"]))
+    console.print(f"wall time {time.perf_counter() - t0:.0f} s; wrote {out / 'metrics.json'} and {out / 'report.html'}")
+
+
+@app.command()
+@_friendly
+def train(
+    method: str = typer.Option(..., "--method", help="Head: plain, lfi, lfi-light, se, abn."),
+    backbone: str = typer.Option("resnet20", "--backbone", help="Backbone name (see `selfcam models`)."),
+    data: str = typer.Option("cluttered-digits", "--data", help="Dataset name."),
+    epochs: int = typer.Option(10, help="Epochs."),
+    out: Path = typer.Option(..., "--out", help="Run directory for the checkpoint and history."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd (one-cycle schedule either way)."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate."),
+    weight_decay: float = typer.Option(5e-4, help="Weight decay."),
+    backbone_kwargs: str = typer.Option("{}", help='Backbone options as JSON, e.g. \'{"stem_stride": 2}\'.'),
+    head_kwargs: str = typer.Option("{}", help='Head options as JSON, e.g. \'{"reduction": 8}\'.'),
+    seed: int = typer.Option(0, help="Seed."),
+    train_size: Optional[int] = typer.Option(None, help="Training samples (dataset default if unset)."),
+    val_size: Optional[int] = typer.Option(None, help="Validation samples (dataset default if unset)."),
+    image_size: int = typer.Option(64, help="Canvas size for generated data."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train one model and write RUN_DIR/model.safetensors, config.json and history.json."""
+    from .data import load_dataset
+    from .model import create_model
+    from .train import TrainConfig, fit, seed_all
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, seed=seed)
+    bb_kw, head_kw = _json_object(backbone_kwargs, "--backbone-kwargs"), _json_object(head_kwargs, "--head-kwargs")
+    train_set = load_dataset(data, "train", train_size, seed=seed, size=image_size)
+    val_set = load_dataset(data, "val", val_size, seed=seed, size=image_size)
+    seed_all(seed)
+    model = create_model(method, backbone, train_set.num_classes, train_set.in_chans, bb_kw, **head_kw)
+    history = fit(model, train_set, val_set, cfg, out, progress=not quiet,
+                  extra_config={"data": {"name": data, "size": image_size}})  # fmt: skip
+    last = history[-1] if history else {}
+    console.print(f"{method} on {backbone}: val_acc {last.get('val_acc', float('nan')):.3f}; wrote {out}")
+
+
+@app.command()
+@_friendly
+def models() -> None:
+    """List the heads and backbones create_model accepts."""
+    from .backbones import list_backbones
+    from .heads import HEADS
+
+    console.print("[bold]methods:[/] " + ", ".join(HEADS))
+    names = list_backbones()
+    console.print("[bold]backbones:[/] " + ", ".join(names))
+
+
+@app.command()
+@_friendly
+def info(checkpoint: Path = typer.Argument(..., help="A run directory written by `selfcam train`.")) -> None:
+    """Load a checkpoint and print its config."""
+    from dataclasses import asdict
+
+    from .evaluate import count_params
+    from .model import load_checkpoint
+
+    model, doc = load_checkpoint(checkpoint)
+    doc["model"] = asdict(doc["model"])
+    doc["params"] = count_params(model)
+    console.print_json(json.dumps(doc))
+
+
+def main() -> None:
+    app()

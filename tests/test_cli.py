@@ -1,0 +1,107 @@
+"""The CLI through typer's test runner, and the demo end to end on a small recipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from selfcam.cli import app
+from selfcam.model import load_checkpoint
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_train_writes_checkpoint_history_and_repeats_with_a_seed(tmp_path: Path) -> None:
+    common = ["train", "--method", "lfi-light", "--backbone", "resnet8", "--epochs", "2", "--train-size", "128",
+              "--val-size", "64", "--image-size", "32", "--batch-size", "32", "--quiet"]  # fmt: skip
+    code, out = _run(*common, "--out", str(tmp_path / "a"))
+    assert code == 0, out
+    _run(*common, "--out", str(tmp_path / "b"))
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= history[0].keys()
+    a, doc = load_checkpoint(tmp_path / "a")
+    b, _ = load_checkpoint(tmp_path / "b")
+    assert doc["train"]["epochs"] == 2 and doc["data"]["name"] == "cluttered-digits"
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), f"seeded runs differ in {name}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--method", "nope", "--out", "X", "--epochs", "1"], "unknown method 'nope'"),
+        (["train", "--method", "se", "--backbone", "resnet7", "--out", "X"], "unknown backbone 'resnet7'"),
+        (["train", "--method", "se", "--data", "imagenet", "--out", "X"], "unknown dataset"),
+        (["info", "does-not-exist"], "checkpoint directory not found"),
+    ],
+)
+def test_bad_input_is_one_readable_line(args: list[str], message: str, tmp_path: Path) -> None:
+    args = [str(tmp_path / a) if a == "X" else a for a in args]
+    code, out = _run(*args)
+    assert code == 2
+    assert message in out
+    assert "Traceback" not in out
+
+
+def test_corrupt_checkpoint_through_the_real_console_script(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": {"method": "se", "backbone": "resnet8", "num_classes": 3, "in_chans": 1}}')
+    (run / "model.safetensors").write_bytes(b"garbage")
+    proc = subprocess.run([sys.executable, "-m", "selfcam", "info", str(run)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not a readable safetensors file" in lines[0], proc.stderr
+
+
+def test_models_lists_methods_and_backbones() -> None:
+    code, out = _run("models")
+    assert code == 0
+    for name in ("plain", "lfi-light", "abn", "resnet20", "resnet110-bottleneck", "torchvision:resnet50"):
+        assert name in out
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.srcs.append(dict(attrs).get("src") or "")
+
+
+def test_demo_small_recipe_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    code, text = _run("demo", "--out", str(out), "--epochs", "1", "--train-size", "256", "--test-size", "64", "--quiet")
+    assert code == 0, text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "cluttered-digits"
+    assert set(metrics["models"]) == {"plain", "lfi", "lfi-light", "se", "abn", "gradcam"}
+    for name, row in metrics["models"].items():
+        assert {"accuracy", "pointing_game", "iou", "map_ms_per_image", "params"} <= row.keys(), name
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["pointing_game"] <= 1 and 0 <= row["iou"] <= 1
+        assert isinstance(row["params"], int) and row["map_ms_per_image"] > 0
+    assert metrics["models"]["gradcam"]["params"] == metrics["models"]["plain"]["params"]
+    html = (out / "report.html").read_text()
+    parser = _Images()
+    parser.feed(html)
+    gallery = [s for s in parser.srcs if s.startswith("data:image/png;base64,")]
+    assert len(gallery) >= 16 * 7  # 16 rows: input + 6 methods
+    assert "http://" not in html and "https://" not in html
+    for method in ("plain", "lfi", "lfi-light", "se", "abn"):
+        assert (out / "runs" / method / "model.safetensors").is_file()
+    assert "cluttered digits, test split" in text
