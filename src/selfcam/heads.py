@@ -10,7 +10,7 @@ Every head takes the backbone's last-stage feature map ``F`` of shape ``(N, K, h
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -48,10 +48,6 @@ class ExplainedOutput:
     channel_weights: Tensor | None = None
     selected: Tensor | None = None
     aux_logits: Tensor | None = None
-
-    def to_dict(self) -> dict[str, Tensor]:
-        """The tensors that are set, by field name (for export and logging)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def minmax(t: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
