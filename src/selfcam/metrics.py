@@ -1,22 +1,144 @@
-"""Explanation metrics. Maps are ``(N, H, W)`` in ``[0, 1]`` at input size; masks are bool ``(N, H, W)``.
+"""Explanation metrics (DESIGN.md section 3). Exact definitions and peer comparisons: docs/metrics.md.
 
-Each function returns one value per sample (``(N,)``) so callers can stream over
-a data loader and average at the end.
+Conventions: ``x`` ``(N, C, H, W)`` is the model's normalized input, ``maps``
+``(N, H, W)`` in ``[0, 1]`` at input size, ``target`` ``(N,)`` int class indices,
+``masks`` ``(N, H, W)`` bool ground truth. ``model`` is a
+:class:`~selfcam.model.SelfExplainer` or any module returning logits; put it in
+eval mode first (the metrics never change its mode).
+
+Each function returns one value per sample (``(N,)``, or ``(N, P)`` for curves)
+so callers can stream over a data loader and average at the end. Metrics that
+call the model run under ``torch.no_grad`` and evaluate one batch per step.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F_
+from scipy.sparse import csc_matrix
+from scipy.sparse.linalg import spsolve
+from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
-__all__ = ["accuracy", "pointing_game", "iou"]
+__all__ = [
+    "accuracy",
+    "pointing_game",
+    "iou",
+    "dice",
+    "energy_pointing_game",
+    "logits_of",
+    "check_maps",
+    "average_drop",
+    "increase_in_confidence",
+    "confidence_change",
+    "make_baseline",
+    "deletion_curve",
+    "insertion_curve",
+    "deletion_auc",
+    "insertion_auc",
+    "noisy_linear_imputation",
+    "road",
+    "stability",
+    "spearman",
+    "cascading_randomization",
+    "BASELINES",
+    "ROAD_PERCENTILES",
+]
+
+BASELINES = ("zero", "blur", "mean")
+ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 
 
-def _check(maps: Tensor, masks: Tensor) -> None:
+# --- checks and shared helpers ------------------------------------------------------
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InputError(f"NaN or inf values in {what} ({bad} of {t.numel()})")
+
+
+def _check_pair(maps: Tensor, masks: Tensor) -> None:
+    """Shape (and finiteness) check shared by the map-vs-mask metrics."""
     if maps.dim() != 3 or maps.shape != masks.shape:
         raise InputError(f"maps and masks must both be (N, H, W), got {tuple(maps.shape)} and {tuple(masks.shape)}")
+    _check_finite(maps, "maps")
+
+
+def _check_target(target: Tensor, n: int, num_classes: int | None) -> None:
+    if not isinstance(target, Tensor) or target.shape != (n,):
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+        raise InputError(f"target must be (N,) = ({n},) class indices, got {shape}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise InputError(f"target must hold integer class indices, got dtype {target.dtype}")
+    lo, hi = int(target.min()), int(target.max())
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        bound = num_classes if num_classes is not None else "num_classes"
+        raise InputError(f"target out of range: class indices must lie in [0, {bound}), got min {lo}, max {hi}")
+
+
+def check_maps(x: Tensor, maps: Tensor, target: Tensor | None = None, num_classes: int | None = None) -> None:
+    """Raise :class:`InputError` naming the problem unless ``x``, ``maps`` and ``target`` fit together.
+
+    ``x`` ``(N, C, H, W)`` float, ``maps`` ``(N, H, W)`` on the same device, both
+    finite, ``N >= 1``; ``target`` (if given) ``(N,)`` integer in ``[0, num_classes)``.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(f"x must be a float tensor (N, C, H, W), got {desc}")
+    n, _, h, w = x.shape
+    if n == 0:
+        raise InputError(f"empty batch: x has N == 0 (shape {tuple(x.shape)})")
+    if not isinstance(maps, Tensor) or maps.shape != (n, h, w):
+        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise InputError(f"maps shape mismatch: expected (N, H, W) = {(n, h, w)} to match x {tuple(x.shape)}, got {shape}")
+    if maps.device != x.device:
+        raise InputError(f"maps are on {maps.device} but x is on {x.device}")
+    _check_finite(x, "x")
+    _check_finite(maps, "maps")
+    if target is not None:
+        _check_target(target, n, num_classes)
+
+
+def logits_of(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
+    """``model(x).logits`` for a :class:`SelfExplainer`, ``model(x)`` for a plain classifier: ``(N, classes)``."""
+    out = model(x)
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or len(logits) != len(x):
+        desc = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise InputError(f"the model must return logits (N, classes) or an object with .logits, got {desc}")
+    return logits
+
+
+def _target_prob(model: Callable[[Tensor], Any], x: Tensor, target: Tensor) -> Tensor:
+    """Softmax probability of class ``target[n]``: ``(N, C, H, W) -> (N,)``."""
+    logits = logits_of(model, x)
+    _check_target(target, len(x), logits.shape[1])
+    return torch.softmax(logits, dim=1).gather(1, target.to(logits.device).long()[:, None]).squeeze(1)
+
+
+def _ranks(maps: Tensor, descending: bool) -> Tensor:
+    """Position of every pixel in the map's order: ``(N, H, W) -> (N, H*W)`` long (ties: stable, row-major first)."""
+    flat = maps.flatten(1)
+    order = torch.argsort(flat, dim=1, descending=descending, stable=True)
+    rank = torch.empty_like(order)
+    return rank.scatter_(1, order, torch.arange(flat.shape[1], device=maps.device).expand_as(order))
+
+
+def _count(fraction: float, total: int) -> int:
+    """``round(fraction * total)`` with halves rounded up (not Python's round-half-to-even)."""
+    return int(math.floor(fraction * total + 0.5))
+
+
+# --- classification and localization ------------------------------------------------
 
 
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:
@@ -29,7 +151,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
 
     Ties go to the first maximum in row-major order. Returns ``(N,)`` float.
     """
-    _check(maps, masks)
+    _check_pair(maps, masks)
     n, h, w = maps.shape
     idx = maps.reshape(n, -1).argmax(dim=1)
     py, px = idx // w, idx % w
@@ -41,10 +163,386 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     return (near & masks).flatten(1).any(dim=1).float()
 
 
+def _overlap(maps: Tensor, masks: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``|A & B|, |A|, |B|`` per sample for ``A = maps >= threshold``, ``B = masks``: three ``(N,)`` floats."""
+    _check_pair(maps, masks)
+    pred = maps >= threshold
+    masks = masks.bool()
+    return (pred & masks).flatten(1).sum(1).float(), pred.flatten(1).sum(1).float(), masks.flatten(1).sum(1).float()
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with 0 where ``den == 0``."""
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
 def iou(maps: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
     """IoU of ``maps >= threshold`` with the mask; ``(N,)`` float (0 when both are empty)."""
-    _check(maps, masks)
-    pred = maps >= threshold
-    inter = (pred & masks).flatten(1).sum(1).float()
-    union = (pred | masks).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
+    inter, a, b = _overlap(maps, masks, threshold)
+    return _ratio(inter, a + b - inter)
+
+
+def dice(maps: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
+    """Dice ``2 |A & B| / (|A| + |B|)`` of ``A = maps >= threshold`` and the mask; ``(N,)`` (0 when both are empty)."""
+    inter, a, b = _overlap(maps, masks, threshold)
+    return _ratio(2 * inter, a + b)
+
+
+def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
+    """Energy-based pointing game (Score-CAM): ``sum(map * mask) / sum(map)`` per sample, ``(N,)``.
+
+    Maps must be non-negative. An all-zero map has no energy to place and scores
+    0.0 (Quantus' ``RelevanceMassAccuracy`` gives NaN there).
+    """
+    _check_pair(maps, masks)
+    if bool((maps < 0).any()):
+        raise InputError(f"energy pointing game needs non-negative maps, got a minimum of {float(maps.min()):.4g}")
+    maps = maps.flatten(1)
+    return _ratio((maps * masks.flatten(1).to(maps.dtype)).sum(1), maps.sum(1))
+
+
+# --- faithfulness: the map as a multiplicative mask ---------------------------------
+
+
+def _confidences(model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``Y`` = p(target | x) and ``O`` = p(target | x * maps), both ``(N,)``."""
+    check_maps(x, maps, target)
+    y = _target_prob(model, x, target)
+    o = _target_prob(model, x * maps[:, None].to(x.dtype), target)
+    return y, o
+
+
+@torch.no_grad()
+def average_drop(model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor) -> Tensor:
+    """Average Drop (Chattopadhyay et al. 2018), per sample in percent: ``100 max(0, Y - O) / Y``, ``(N,)``.
+
+    ``Y`` is the softmax probability of ``target`` on ``x``, ``O`` on the
+    explanation map ``x * maps`` (product in the model's input space). 0 where ``Y == 0``.
+    """
+    y, o = _confidences(model, x, maps, target)
+    return 100 * _ratio((y - o).clamp(min=0), y)
+
+
+@torch.no_grad()
+def increase_in_confidence(model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor) -> Tensor:
+    """Increase in Confidence: 1.0 where ``O > Y`` else 0.0 (see :func:`average_drop`), ``(N,)``."""
+    y, o = _confidences(model, x, maps, target)
+    return (o > y).to(y.dtype)
+
+
+@torch.no_grad()
+def confidence_change(model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor) -> Tensor:
+    """``O - Y`` (see :func:`average_drop`), ``(N,)``: grad-cam's ``CamMultImageConfidenceChange`` on probabilities."""
+    y, o = _confidences(model, x, maps, target)
+    return o - y
+
+
+# --- faithfulness: deletion / insertion (RISE) --------------------------------------
+
+
+def _gaussian_blur(x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
+    """Separable Gaussian blur of ``(N, C, H, W)`` (replicate padding): same shape."""
+    r = kernel // 2
+    t = torch.arange(kernel, device=x.device, dtype=x.dtype) - r
+    g = torch.exp(-(t**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    out = F_.conv2d(F_.pad(x, (r, r, 0, 0), mode="replicate"), g.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), groups=c)
+    return F_.conv2d(F_.pad(out, (0, 0, r, r), mode="replicate"), g.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), groups=c)
+
+
+def make_baseline(x: Tensor, kind: str) -> Tensor:
+    """The image that replaces removed pixels: ``(N, C, H, W) -> (N, C, H, W)``.
+
+    ``"zero"``: zeros in input space; ``"blur"``: Gaussian blur of ``x`` (kernel 11,
+    sigma 5, separable, replicate padding); ``"mean"``: per-image, per-channel mean.
+    """
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind == "blur":
+        return _gaussian_blur(x)
+    if kind == "mean":
+        return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
+    raise ConfigError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+
+
+def _perturbation_curve(
+    model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor, steps: int, baseline: str, insert: bool
+) -> Tensor:
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive int, got {steps!r}")
+    check_maps(x, maps, target)
+    base = make_baseline(x, baseline)
+    n, _, h, w = x.shape
+    rank = _ranks(maps, descending=True).view(n, 1, h, w)
+    probs = []
+    for i in range(steps + 1):
+        top = rank < (2 * i * h * w + steps) // (2 * steps)  # round(i * HW / steps), halves up
+        probs.append(_target_prob(model, torch.where(top, x, base) if insert else torch.where(top, base, x), target))
+    return torch.stack(probs, dim=1)
+
+
+@torch.no_grad()
+def deletion_curve(
+    model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor, steps: int = 20, baseline: str = "zero"
+) -> Tensor:
+    """RISE deletion (Petsiuk et al. 2018): ``(N, steps + 1)`` target probabilities.
+
+    Pixels are ranked by map value (descending, ties by a stable sort, row-major
+    first); at step ``i`` the top ``round(i * H * W / steps)`` pixels (all channels)
+    are replaced by :func:`make_baseline` ``(x, baseline)``. Column 0 is ``x`` itself.
+    """
+    return _perturbation_curve(model, x, maps, target, steps, baseline, insert=False)
+
+
+@torch.no_grad()
+def insertion_curve(
+    model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor, steps: int = 20, baseline: str = "blur"
+) -> Tensor:
+    """RISE insertion: start from the baseline and reveal ``x``'s top pixels; ``(N, steps + 1)``.
+
+    Same ranking and counts as :func:`deletion_curve`; column 0 is the baseline, the last column ``x``.
+    """
+    return _perturbation_curve(model, x, maps, target, steps, baseline, insert=True)
+
+
+def deletion_auc(
+    model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor, steps: int = 20, baseline: str = "zero"
+) -> Tensor:
+    """Trapezoid area under :func:`deletion_curve` over fractions ``0, 1/steps, ..., 1``: ``(N,)``, lower is better."""
+    return torch.trapezoid(deletion_curve(model, x, maps, target, steps, baseline), dx=1 / steps, dim=1)
+
+
+def insertion_auc(
+    model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor, steps: int = 20, baseline: str = "blur"
+) -> Tensor:
+    """Trapezoid area under :func:`insertion_curve` over fractions ``0..1``: ``(N,)``, higher is better."""
+    return torch.trapezoid(insertion_curve(model, x, maps, target, steps, baseline), dx=1 / steps, dim=1)
+
+
+# --- faithfulness: ROAD --------------------------------------------------------------
+
+# (dy, dx, weight) of the 8 neighbours in ROAD's linear imputation (Rong et al. 2022)
+_NEIGHBOURS = (
+    (-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6),
+    (0, 1, 1 / 6), (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12),
+)  # fmt: skip
+
+
+def noisy_linear_imputation(
+    x: Tensor, removed: Tensor, noise: float = 0.01, generator: torch.Generator | None = None
+) -> Tensor:
+    """ROAD's noisy linear imputation: ``x (N, C, H, W)``, ``removed (N, H, W)`` bool -> imputed ``(N, C, H, W)``.
+
+    Every removed pixel becomes the weighted mean of its in-image 8 neighbours
+    (1/6 direct, 1/12 diagonal, weights renormalized at the border), kept pixels
+    fixed: one sparse linear system for all removed pixels of the batch, solved
+    in float64 by ``scipy.sparse.linalg.spsolve``, per channel. Then Gaussian
+    noise of std ``noise`` (input space; 0.01 as grad-cam's ``NoisyLinearImputer``)
+    drawn on the CPU from ``generator`` is added to the imputed pixels.
+    """
+    if x.dim() != 4 or not x.is_floating_point():
+        raise InputError(f"x must be a float tensor (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    _check_finite(x, "x")
+    n, c, h, w = x.shape
+    if removed.shape != (n, h, w):
+        raise InputError(f"removed must be (N, H, W) = {(n, h, w)}, got {tuple(removed.shape)}")
+    rem = removed.detach().to("cpu", torch.bool).reshape(-1)
+    if bool(removed.detach().flatten(1).all(dim=1).any()):
+        raise InputError("cannot impute an image whose pixels are all removed (nothing to interpolate from)")
+    idx = rem.nonzero().squeeze(1)  # global ids n*H*W + y*W + x of the unknowns
+    if idx.numel() == 0:
+        return x.clone()
+    m = idx.numel()
+    pixels = x.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).reshape(-1, c)  # (N*H*W, C)
+    unknown_id = torch.full((n * h * w,), -1, dtype=torch.long)
+    unknown_id[idx] = torch.arange(m)
+    img, ys, xs = idx // (h * w), (idx % (h * w)) // w, idx % w
+    eq = torch.arange(m)
+    diag = torch.zeros(m, dtype=torch.float64)
+    rhs = torch.zeros(m, c, dtype=torch.float64)
+    rows, cols, vals = [eq], [eq], []
+    for dy, dx, weight in _NEIGHBOURS:
+        ny, nx = ys + dy, xs + dx
+        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        nb = img * h * w + ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1)
+        diag += weight * inside
+        free = inside & rem[nb]
+        rows.append(eq[free])
+        cols.append(unknown_id[nb[free]])
+        vals.append(torch.full((int(free.sum()),), -weight, dtype=torch.float64))
+        fixed = inside & ~rem[nb]
+        rhs[fixed] += weight * pixels[nb[fixed]]
+    # diag * u_i - sum_{removed j} w_j u_j = sum_{kept j} w_j x_j: an SPD M-matrix, one block per image
+    system = csc_matrix((torch.cat([diag, *vals]).numpy(), (torch.cat(rows).numpy(), torch.cat(cols).numpy())), shape=(m, m))
+    solution = torch.from_numpy(np.asarray(spsolve(system, rhs.numpy()))).reshape(m, c)
+    if noise:
+        solution = solution + noise * torch.randn(m, c, generator=generator, dtype=torch.float64)
+    pixels = pixels.clone()
+    pixels[idx] = solution
+    return pixels.reshape(n, h, w, c).permute(0, 3, 1, 2).to(device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def road(
+    model: Callable[[Tensor], Any],
+    x: Tensor,
+    maps: Tensor,
+    target: Tensor,
+    percentiles: Sequence[float] = ROAD_PERCENTILES,
+    order: str = "morf",
+    noise: float = 0.01,
+    seed: int = 0,
+) -> Tensor:
+    """ROAD (Rong et al. 2022): target probability after imputing ``p`` % of the pixels, ``(N, P)``.
+
+    ``order="morf"`` removes the top ``round(p / 100 * H * W)`` pixels by map value
+    (lower is better), ``"lerf"`` the bottom ones (higher is better); ties by a
+    stable sort. Removed pixels are filled by :func:`noisy_linear_imputation`
+    with noise std ``noise`` (grad-cam's default 0.01) from a CPU generator seeded
+    with ``seed``, so results repeat.
+
+    Differs from grad-cam's ``ROADMostRelevantFirst(percentile=q)``: there ``q`` is
+    the percentile of the map *kept* (it removes pixels ``>= np.percentile(map, q)``,
+    i.e. about the top ``100 - q`` %, and all pixels tied at the threshold), and the
+    score is whatever its target returns (logits by default). With the same removed
+    set, probabilities and ``noise=0`` the two agree to float precision.
+    """
+    if order not in ("morf", "lerf"):
+        raise ConfigError(f"ROAD order must be 'morf' or 'lerf', got {order!r}")
+    ps = [float(p) for p in percentiles]
+    if not ps or not all(0 <= p < 100 for p in ps):
+        raise ConfigError(f"ROAD percentiles must lie in [0, 100), got {list(percentiles)}")
+    check_maps(x, maps, target)
+    n, _, h, w = x.shape
+    rank = _ranks(maps, descending=order == "morf").view(n, h, w)
+    generator = torch.Generator().manual_seed(seed)
+    probs = []
+    for p in ps:
+        k = _count(p / 100, h * w)
+        if k >= h * w:
+            raise ConfigError(f"ROAD percentile {p} removes all {h * w} pixels of a {h}x{w} image")
+        probs.append(_target_prob(model, noisy_linear_imputation(x, rank < k, noise, generator), target))
+    return torch.stack(probs, dim=1)
+
+
+# --- stability across runs -----------------------------------------------------------
+
+
+def stability(maps: Tensor, threshold: float = 100 / 255) -> dict[str, Any]:
+    """Agreement of maps from ``R`` runs on the same ``N`` images (LFI-CAM's stability experiment).
+
+    ``maps`` ``(R, N, H, W)`` are thresholded (``>= threshold``); for every pair of
+    runs and every image, IoU and Dice of the two binary maps (0 when both are
+    empty, as :func:`iou`). Returns ``{"iou": float, "dice": float}`` (mean over all
+    run pairs ``r < s`` and images) and ``"iou_matrix"``, ``"dice_matrix"``
+    ``(R, R)`` (mean over images, diagonal 1 by definition).
+    """
+    if not isinstance(maps, Tensor) or maps.dim() != 4:
+        desc = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise InputError(f"stability expects maps of shape (R, N, H, W), got {desc}")
+    r, n = maps.shape[:2]
+    if r < 2:
+        raise InputError(f"stability needs maps from at least 2 runs, got R = {r}")
+    if n == 0:
+        raise InputError(f"empty batch: maps have N == 0 (shape {tuple(maps.shape)})")
+    _check_finite(maps, "maps")
+    binary = (maps >= threshold).flatten(2).to(torch.float64)  # (R, N, HW)
+    inter = torch.einsum("rnp,snp->rsn", binary, binary)
+    size = binary.sum(2)
+    total = size[:, None] + size[None, :]
+    eye = torch.eye(r, dtype=torch.bool, device=maps.device)
+    iou_matrix = torch.where(eye, 1.0, _ratio(inter, total - inter).mean(2))
+    dice_matrix = torch.where(eye, 1.0, _ratio(2 * inter, total).mean(2))
+    pairs = torch.triu(torch.ones(r, r, dtype=torch.bool, device=maps.device), diagonal=1)
+    return {
+        "iou": float(iou_matrix[pairs].mean()),
+        "dice": float(dice_matrix[pairs].mean()),
+        "iou_matrix": iou_matrix.float(),
+        "dice_matrix": dice_matrix.float(),
+    }
+
+
+# --- sanity check: cascading randomization -------------------------------------------
+
+
+def _average_ranks(t: Tensor) -> Tensor:
+    """1-based ranks along dim 1, ties get their average rank: ``(N, D) -> (N, D)`` float64."""
+    n, d = t.shape
+    values, order = t.sort(dim=1, stable=True)
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[:, 1:] = values[:, 1:] != values[:, :-1]
+    end = torch.ones_like(new)
+    end[:, :-1] = new[:, 1:]
+    pos = torch.arange(1, d + 1, device=t.device, dtype=torch.float64).expand(n, d)
+    first = torch.where(new, pos, 0.0).cummax(dim=1).values
+    last = torch.where(end, pos, float(d + 1)).flip(1).cummin(dim=1).values.flip(1)
+    return torch.empty_like(pos).scatter_(1, order, (first + last) / 2)
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample Spearman rank correlation of ``a`` and ``b`` ``(N, ...)``: ``(N,)``.
+
+    Pearson correlation of the average ranks (ties share their mean rank), as
+    ``scipy.stats.spearmanr``; NaN where a sample is constant (undefined, as scipy).
+    """
+    if a.shape != b.shape or a.dim() < 2:
+        raise InputError(f"spearman needs two tensors of the same shape (N, ...), got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_finite(a, "maps")
+    _check_finite(b, "maps")
+    ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    rho = (ra * rb).sum(1) / ((ra * ra).sum(1) * (rb * rb).sum(1)).sqrt()
+    return rho.to(torch.promote_types(a.dtype, torch.float32) if a.is_floating_point() else torch.float32)
+
+
+def _fork_rng_for(module: nn.Module) -> Any:
+    """``torch.random.fork_rng`` over the CPU and the accelerator devices ``module`` lives on."""
+    devices = {p.device for p in module.parameters()} - {torch.device("cpu")}
+    device_type = next(iter(devices)).type if devices else "cuda"
+    indices = sorted({d.index or 0 for d in devices if d.type == device_type})
+    return torch.random.fork_rng(devices=indices, device_type=device_type)
+
+
+def cascading_randomization(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    explain: Callable[[nn.Module, Tensor, Tensor], Tensor],
+    seed: int = 0,
+    layers: int | None = None,
+) -> list[tuple[str, Tensor]]:
+    """Cascading model-parameter randomization (Adebayo et al. 2018): ``[(layer name, rho (N,)), ...]``.
+
+    On a deep copy of ``model`` (the caller's model is never touched), the modules
+    that own parameters directly and have ``reset_parameters`` (Linear, Conv,
+    BatchNorm...) are re-initialised one by one from the output side to the input
+    side (reverse ``named_modules`` order), cumulatively; layer ``i`` (0-based) is
+    reset under ``torch.manual_seed(seed + i)`` inside a forked RNG. After each
+    reset ``explain(model_copy, x, target)`` gives maps ``(N, ...)``, compared with
+    the copy's maps before any reset by :func:`spearman`. ``layers`` keeps only the
+    first (top-most) ``layers`` steps. Modules that own parameters but cannot be
+    reset are skipped with a warning.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 2 or len(x) == 0:
+        raise InputError(f"x must be a non-empty batch (N, ...), got {tuple(x.shape) if isinstance(x, Tensor) else x!r}")
+    _check_target(target, len(x), None)
+    if layers is not None and layers < 1:
+        raise ConfigError(f"layers must be a positive int or None, got {layers!r}")
+    clone = copy.deepcopy(model)
+    owners = [(name or type(m).__name__, m) for name, m in clone.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    skipped = [name for name, m in owners if not callable(getattr(m, "reset_parameters", None))]
+    if skipped:
+        warnings.warn(f"cascading_randomization cannot re-initialise {skipped} (no reset_parameters); left as trained")
+    steps = [(name, m) for name, m in reversed(owners) if name not in skipped][:layers]
+    if not steps:
+        raise ConfigError("the model has no parameterised module with reset_parameters() to randomize")
+    original = explain(clone, x, target)
+    result = []
+    for i, (name, module) in enumerate(steps):
+        with _fork_rng_for(clone):
+            torch.manual_seed(seed + i)
+            with torch.no_grad():
+                module.reset_parameters()
+        result.append((name, spearman(original, explain(clone, x, target))))
+    return result
