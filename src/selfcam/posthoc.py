@@ -1,41 +1,47 @@
 """Post-hoc maps on a trained model, with the same output convention as the heads.
 
 ``posthoc_map(model, x, "gradcam")`` returns ``(N, H, W)`` maps in ``[0, 1]`` at
-input size, on the input's device. Grad-CAM, Grad-CAM++ and Score-CAM come from
-the ``grad-cam`` package (not rewritten); ``cam`` is the classic CAM of a ``plain``
-model. The target layer is the backbone's last stage. Hooks never outlive the
-call, and the model's train/eval mode and ``requires_grad`` flags are restored.
+input size, on the input's device and in its dtype. Grad-CAM, Grad-CAM++ and
+Score-CAM come from the ``grad-cam`` package and LIME from Captum (not
+rewritten); ``cam`` is the classic CAM of a ``plain`` model; RISE is ours (no
+maintained library has it). The model is a :class:`SelfExplainer` or any module
+returning logits. Hooks never outlive the call, and the model's train/eval mode
+and ``requires_grad`` flags are restored, also when the call raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
+from typing import Any
 
 import torch
+import torch.nn.functional as F_
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .heads import PlainHead, upsample
+from .heads import PlainHead, minmax, upsample
+from .metrics import logits_of
 from .model import SelfExplainer
 
 __all__ = ["POSTHOC_METHODS", "posthoc_map", "preserved_state"]
 
-_GRADCAM = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}
-POSTHOC_METHODS = ("cam", *_GRADCAM)
-
 
 class _Logits(nn.Module):
-    """Presents a :class:`SelfExplainer` as a plain ``x -> logits`` module (what grad-cam expects)."""
+    """Presents any model (a :class:`SelfExplainer` too) as a plain ``x -> logits`` module."""
 
-    def __init__(self, model: SelfExplainer) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).logits
+        return logits_of(self.model, x)
 
 
 @contextmanager
@@ -52,28 +58,222 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def posthoc_map(model: SelfExplainer, x: Tensor, method: str = "gradcam", target: Tensor | None = None) -> Tensor:
-    """Maps ``(N, H, W)`` in ``[0, 1]`` for class ``target`` ``(N,)`` (default: the predicted class)."""
-    if method not in POSTHOC_METHODS:
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"option {name} must be an integer >= {low}, got {value!r}")
+
+
+# --- the methods: each is (model, x, target (N,), *, options) -> (N, H, W) ------------
+
+
+def _cam(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Classic CAM (Zhou et al. 2016) of a ``plain`` model, upsampled to the input size."""
+    if not isinstance(model, SelfExplainer) or not isinstance(model.head, PlainHead):
+        raise ConfigError("the classic CAM needs a 'plain' model (GAP + linear classifier)")
+    with torch.no_grad():
+        return upsample(model.head.cam(model.forward_features(x), target), tuple(x.shape[-2:]))
+
+
+def _gradcam(cam_class: type, model: nn.Module, x: Tensor, target: Tensor, *, target_layer: nn.Module | None = None) -> Tensor:
+    """grad-cam's ``cam_class`` at ``target_layer`` (default: a SelfExplainer's last backbone stage)."""
+    if target_layer is None:
+        if not isinstance(model, SelfExplainer):
+            raise ConfigError("option target_layer is required for a model that is not a SelfExplainer")
+        target_layer = model.backbone.last if model.backbone.splittable else model.backbone.trunk
+    elif not any(m is target_layer for m in model.modules()):
+        raise ConfigError(f"option target_layer must be a submodule of the model, got {type(target_layer).__name__}")
+    # not grad-cam's `with` block: its __exit__ swallows exceptions; we release the hooks ourselves
+    extractor = cam_class(model=_Logits(model), target_layers=[target_layer])
+    try:
+        maps = extractor(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in target])
+    finally:
+        extractor.activations_and_grads.release()
+    return torch.from_numpy(maps)
+
+
+def _rise_grids(n: int, s: int, p: float, size: tuple[int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The random draws of ``n`` RISE masks: binary grids ``(n, 1, s, s)`` float and crop offsets ``(n, 2)``.
+
+    Offsets are uniform in ``[0, ceil(H / s)) x [0, ceil(W / s))`` (one grid cell).
+    """
+    dev = generator.device
+    grids = (torch.rand(n, 1, s, s, generator=generator, device=dev) < p).float()
+    dy = torch.randint(0, math.ceil(size[0] / s), (n,), generator=generator, device=dev)
+    dx = torch.randint(0, math.ceil(size[1] / s), (n,), generator=generator, device=dev)
+    return grids, torch.stack([dy, dx], dim=1)
+
+
+def _rise_crop(grids: Tensor, offsets: Tensor, size: tuple[int, int]) -> Tensor:
+    """Upsample grids ``(n, 1, s, s)`` bilinearly to ``ceil((s + 1) H / s)`` and crop ``H x W``: ``(n, H, W)``.
+
+    The up-sampled size leaves room for any offset drawn by :func:`_rise_grids`
+    (it is ``H + ceil(H / s)``); it equals the authors' code's ``(s + 1) ceil(H / s)``
+    when ``s`` divides ``H``. Borders are clamped (torch's bilinear) where the authors'
+    code mirrors (scikit-image ``mode='reflect'``): only the outer half cell differs.
+    """
+    (h, w), s = size, grids.shape[-1]
+    up = F_.interpolate(grids, size=(math.ceil((s + 1) * h / s), math.ceil((s + 1) * w / s)), mode="bilinear")
+    rows = offsets[:, :1] + torch.arange(h, device=grids.device)  # (n, H)
+    cols = offsets[:, 1:] + torch.arange(w, device=grids.device)  # (n, W)
+    idx = torch.arange(len(grids), device=grids.device)[:, None, None]
+    return up[:, 0][idx, rows[:, :, None], cols[:, None, :]]
+
+
+def _rise_masks(n: int, s: int, p: float, size: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """``n`` RISE masks ``(n, H, W)`` in ``[0, 1]`` on the generator's device (Petsiuk et al. 2018, 3.2)."""
+    return _rise_crop(*_rise_grids(n, s, p, size, generator), size)
+
+
+def _rise(
+    model: nn.Module, x: Tensor, target: Tensor, *, n_masks: int = 2000, s: int = 8, p: float = 0.5, batch_size: int = 100, seed: int = 0
+) -> Tensor:
+    """RISE (Petsiuk et al. 2018): ``minmax(sum_i P_c(x * M_i) M_i / (n_masks p))`` with ``P = softmax``.
+
+    All images share the ``n_masks`` masks (``s x s`` grids, keep probability ``p``),
+    drawn from a CPU generator seeded with ``seed``: the result repeats exactly, does
+    not depend on ``batch_size`` and is the same on every device. Masks multiply
+    ``x`` in the model's input space. ``batch_size`` bounds the masked images per
+    forward pass (at least one mask for all ``N`` images).
+    """
+    for name, value in (("n_masks", n_masks), ("s", s), ("batch_size", batch_size)):
+        _check_int(name, value)
+    _check_int("seed", seed, 0)
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+        raise ConfigError(f"option p must be a probability in (0, 1], got {p!r}")
+    n, size = len(x), (x.shape[-2], x.shape[-1])
+    grids, offsets = _rise_grids(n_masks, s, p, size, torch.Generator().manual_seed(seed))
+    grids, offsets = grids.to(device=x.device, dtype=x.dtype), offsets.to(x.device)
+    step = max(1, batch_size // n)
+    saliency = x.new_zeros(n, *size)
+    rows = torch.arange(n, device=x.device)
+    with torch.no_grad():
+        for start in range(0, n_masks, step):
+            masks = _rise_crop(grids[start : start + step], offsets[start : start + step], size)  # (b, H, W)
+            masked = (x[:, None] * masks[None, :, None]).flatten(0, 1)  # (N b, C, H, W), image-major
+            probs = logits_of(model, masked).softmax(dim=1).view(n, len(masks), -1)
+            saliency += torch.einsum("nb,bhw->nhw", probs[rows, :, target], masks)
+    return minmax(saliency / (n_masks * p))
+
+
+def _grid_cells(segments: int, size: tuple[int, int], device: torch.device) -> Tensor:
+    """Cell index ``(H, W)`` long in ``[0, segments^2)`` of a regular ``segments x segments`` grid."""
+    rows = torch.arange(size[0], device=device) * segments // size[0]
+    cols = torch.arange(size[1], device=device) * segments // size[1]
+    return rows[:, None] * segments + cols[None, :]
+
+
+def _lime(
+    model: nn.Module, x: Tensor, target: Tensor, *, n_samples: int = 200, segments: int = 8, batch_size: int = 100, seed: int = 0
+) -> Tensor:
+    """LIME (Ribeiro et al. 2016) by Captum on the logit of ``target``.
+
+    Superpixels are the cells of a regular ``segments x segments`` grid (not SLIC:
+    it is model- and data-agnostic and needs no image statistics). ``n_samples``
+    perturbations per image, off cells set to 0 in the model's input space, fitted
+    by Captum's default surrogate (``SkLearnLasso(alpha=0.01)``) with its cosine
+    kernel; ``batch_size`` perturbations per forward pass. The logit, as the
+    grad-cam methods explain, not the probability: that Lasso shrinks the small
+    per-cell changes of a softmax probability to exactly 0. The cell coefficients
+    are broadcast to their pixels, negatives clipped to 0, then min-max scaled.
+    Sampling is seeded with ``seed`` on a forked CPU RNG (Captum draws there), so
+    the call repeats exactly and leaves the global RNG state as it was.
+    """
+    from captum.attr import Lime  # imported here: Captum is only needed for this method
+
+    for name, value in (("n_samples", n_samples), ("segments", segments), ("batch_size", batch_size)):
+        _check_int(name, value)
+    _check_int("seed", seed, 0)
+    if segments > min(x.shape[-2:]):
+        raise ConfigError(f"option segments={segments} exceeds the image size {tuple(x.shape[-2:])}")
+    cells = _grid_cells(segments, (x.shape[-2], x.shape[-1]), x.device)
+    lime = Lime(partial(logits_of, model))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.no_grad():
+        torch.default_generator.manual_seed(seed)
+        warnings.filterwarnings("ignore", message="You are providing multiple inputs")
+        coefs = lime.attribute(
+            x,
+            baselines=0.0,
+            target=target,
+            feature_mask=cells.expand(len(x), 1, -1, -1),
+            n_samples=n_samples,
+            perturbations_per_eval=min(batch_size, n_samples),
+            return_input_shape=False,
+        )
+    coefs = coefs.to(device=x.device, dtype=x.dtype).reshape(len(x), -1)  # (N, cells); Captum fits on the CPU
+    return minmax(coefs[:, cells].clamp(min=0))  # -> (N, H, W)
+
+
+_GRADCAM = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}
+_METHODS: dict[str, Callable[..., Tensor]] = {
+    "cam": _cam,
+    **{name: partial(_gradcam, cls) for name, cls in _GRADCAM.items()},
+    "rise": _rise,
+    "lime": _lime,
+}
+POSTHOC_METHODS = tuple(_METHODS)
+
+
+def _options(method: str) -> list[str]:
+    """The keyword options ``method`` accepts (its runner's keyword-only parameters)."""
+    params = inspect.signature(_METHODS[method]).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _check_input(model: nn.Module, x: Tensor) -> None:
+    if isinstance(model, SelfExplainer):
+        model.check_input(x)
+    elif not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(f"expected a floating-point image tensor of shape (N, C, H, W), got {shape}")
+    if len(x) == 0:
+        raise InputError("the input batch is empty (N = 0)")
+    if not torch.isfinite(x).all():
+        raise InputError("the input holds NaN or infinite values")
+
+
+_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _target(model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
+    """``target`` checked as ``(N,)`` class indices on ``x``'s device; by default the predicted class."""
+    if target is None or not isinstance(model, SelfExplainer):
+        with torch.no_grad():
+            logits = logits_of(model, x)  # checks the (N, classes) shape
+        if target is None:
+            return logits.argmax(dim=1)
+        classes = logits.shape[1]
+    else:
+        classes = model.config.num_classes
+    target = torch.as_tensor(target, device=x.device)
+    if target.shape != (len(x),) or target.dtype not in _INDEX_DTYPES or not 0 <= int(target.min()) <= int(target.max()) < classes:
+        raise InputError(f"target must be (N,) class indices in [0, {classes}), got {target.tolist()}")
+    return target
+
+
+def posthoc_map(model: nn.Module, x: Tensor, method: str = "gradcam", target: Tensor | None = None, **options: Any) -> Tensor:
+    """Maps ``(N, H, W)`` in ``[0, 1]`` for class ``target`` ``(N,)`` (default: the predicted class).
+
+    ``x``: ``(N, C, H, W)``. ``options`` go to the method: ``target_layer`` for the
+    grad-cam methods (default: a SelfExplainer's last backbone stage; required for
+    other models); ``n_masks=2000, s=8, p=0.5, batch_size=100, seed=0`` for
+    ``"rise"``; ``n_samples=200, segments=8, batch_size=100, seed=0`` for ``"lime"``.
+    Every map is min-max scaled per image with :func:`selfcam.heads.minmax`, whose
+    rule for a constant map is: all 0 if it is 0, all 1 otherwise (e.g. a LIME map
+    whose attributions are all negative is all 0). Raises :class:`ConfigError` for
+    an unknown method or option, :class:`InputError` for a bad ``x`` or ``target``,
+    or when the model's outputs make the map NaN or infinite.
+    """
+    if method not in _METHODS:
         raise ConfigError(f"unknown post-hoc method {method!r}; choose one of {', '.join(POSTHOC_METHODS)}")
-    model.check_input(x)
+    unknown = sorted(set(options) - set(_options(method)))
+    if unknown:
+        accepted = ", ".join(_options(method)) or "none"
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for post-hoc method {method!r} (accepted: {accepted})")
+    _check_input(model, x)
     with preserved_state(model):
         model.eval()
-        if target is None:
-            with torch.no_grad():
-                target = model(x).logits.argmax(dim=1)
-        if target.shape != (len(x),) or not 0 <= int(target.min()) <= int(target.max()) < model.config.num_classes:
-            raise InputError(f"target must be (N,) class indices in [0, {model.config.num_classes}), got {target.tolist()}")
-        if method == "cam":
-            if not isinstance(model.head, PlainHead):
-                raise ConfigError("the classic CAM needs a 'plain' model (GAP + linear classifier)")
-            with torch.no_grad():
-                return upsample(model.head.cam(model.forward_features(x), target), tuple(x.shape[-2:]))
-        layer = model.backbone.last if model.backbone.splittable else model.backbone.trunk
-        # not grad-cam's `with` block: its __exit__ swallows exceptions; we release the hooks ourselves
-        extractor = _GRADCAM[method](model=_Logits(model), target_layers=[layer])
-        try:
-            maps = extractor(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in target])
-        finally:
-            extractor.activations_and_grads.release()
-    return torch.from_numpy(maps).to(device=x.device, dtype=x.dtype)
+        maps = _METHODS[method](model, x, _target(model, x, target), **options)
+    maps = maps.to(device=x.device, dtype=x.dtype)
+    if not torch.isfinite(maps).all():
+        raise InputError(f"{method} map holds NaN or infinite values: the model's outputs are not finite for this input")
+    return maps
