@@ -1,28 +1,67 @@
-"""Run a model over a dataset with ground-truth boxes and score its maps.
+"""Run models over a dataset and score their maps with every metric, streaming.
 
 One dispatcher, :func:`explain_batch`, gives maps for ``"self"`` (the head's own
 map, one forward pass) or any post-hoc method, so every method is scored by the
-same code. Streams over a loader: memory does not grow with the dataset.
+same code. :func:`evaluate_runs` walks the data once, batch by batch, runs every
+(model, method) pair on the batch and adds each metric's per-sample values to
+running sums: memory does not grow with the number of images.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from . import metrics as M
 from .data import box_mask
-from .metrics import accuracy, iou, pointing_game
+from .errors import ConfigError, InputError
 from .model import SelfExplainer
-from .posthoc import posthoc_map
+from .posthoc import POSTHOC_METHODS, posthoc_map
 
-__all__ = ["explain_batch", "evaluate", "count_params"]
+__all__ = ["METRICS", "EvalConfig", "explain_batch", "evaluate", "evaluate_runs", "count_params"]
+
+LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
+FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
+METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS)
+METHODS = ("self", *POSTHOC_METHODS)
 
 
-def explain_batch(model: SelfExplainer, x: Tensor, method: str = "self") -> tuple[Tensor, Tensor]:
+@dataclass
+class EvalConfig:
+    """What to compute and with which settings (stored in ``evaluation.json``)."""
+
+    methods: Sequence[str] = ("self",)
+    metrics: Sequence[str] = ("accuracy", "pointing_game", "iou")
+    batch_size: int = 50
+    threshold: float = 0.5
+    tolerance: int = 0
+    steps: int = 20
+    deletion_baseline: str = "zero"
+    insertion_baseline: str = "blur"
+    stability_threshold: float = 100 / 255
+    sanity_images: int = 0
+    posthoc_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, given, known in (("method", self.methods, METHODS), ("metric", self.metrics, METRICS)):
+            unknown = [g for g in given if g not in known]
+            if unknown or not given:
+                raise ConfigError(f"unknown or no {kind}(s) {unknown}; choose from {', '.join(known)}")
+        if self.batch_size < 1 or self.steps < 1:
+            raise ConfigError(f"batch_size and steps must be >= 1, got {self.batch_size}, {self.steps}")
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def explain_batch(model: SelfExplainer, x: Tensor, method: str = "self", **options: Any) -> tuple[Tensor, Tensor]:
     """``(N, C, H, W) -> (logits (N, classes), maps (N, H, W) in [0, 1])``."""
     if method == "self":
         with torch.no_grad():
@@ -30,38 +69,124 @@ def explain_batch(model: SelfExplainer, x: Tensor, method: str = "self") -> tupl
         return out.logits, out.heatmap
     with torch.no_grad():
         logits = model(x).logits
-    return logits, posthoc_map(model, x, method, target=logits.argmax(dim=1))
+    return logits, posthoc_map(model, x, method, target=logits.argmax(dim=1), **options)
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _batch_scores(model: SelfExplainer, x: Tensor, y: Tensor, masks: Tensor | None, logits: Tensor,
+                  maps: Tensor, cfg: EvalConfig) -> dict[str, Tensor]:  # fmt: skip
+    """Per-sample values ``(N,)`` of every requested metric for one batch (maps explain the predicted class)."""
+    pred = logits.argmax(dim=1)
+    fns: dict[str, Callable[[], Tensor]] = {
+        "accuracy": lambda: M.accuracy(logits, y),
+        "pointing_game": lambda: M.pointing_game(maps, masks, cfg.tolerance),
+        "energy_pointing_game": lambda: M.energy_pointing_game(maps, masks),
+        "iou": lambda: M.iou(maps, masks, cfg.threshold),
+        "dice": lambda: M.dice(maps, masks, cfg.threshold),
+        "average_drop": lambda: M.average_drop(model, x, maps, pred),
+        "increase_in_confidence": lambda: M.increase_in_confidence(model, x, maps, pred),
+        "deletion_auc": lambda: M.deletion_auc(model, x, maps, pred, cfg.steps, cfg.deletion_baseline),
+        "insertion_auc": lambda: M.insertion_auc(model, x, maps, pred, cfg.steps, cfg.insertion_baseline),
+        "road_morf": lambda: M.road(model, x, maps, pred, order="morf").mean(dim=1),
+        "road_lerf": lambda: M.road(model, x, maps, pred, order="lerf").mean(dim=1),
+    }
+    return {name: fns[name]() for name in cfg.metrics if masks is not None or name not in LOCALIZATION}
 
 
-def evaluate(
-    model: SelfExplainer, dataset: Dataset, method: str = "self", batch_size: int = 100, threshold: float = 0.5
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def evaluate_runs(
+    models: dict[str, SelfExplainer],
+    dataset: Dataset,
+    cfg: EvalConfig,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, pointing game, IoU of ``map >= threshold`` with the box, and map latency.
+    """Score every model with every method on ``dataset`` (items ``(image, label[, box])``).
 
-    ``dataset`` yields ``(image, label, box)``. ``map_ms_per_image`` is the wall
-    time of :func:`explain_batch` divided by the number of images (batched).
+    Returns ``{"n_images", "runs": {RUN: {"params", "results": {METHOD: {metric: mean}}}},
+    "stability": {METHOD: {"iou", "dice"}}`` (when there are several runs),
+    ``"sanity": {RUN: {METHOD: [[layer, mean rho], ...]}}`` (when ``cfg.sanity_images``)}``.
     """
-    device = next(model.parameters()).device
-    model.eval()
-    sums = {"accuracy": 0.0, "pointing_game": 0.0, "iou": 0.0}
-    n, seconds = 0, 0.0
-    for x, y, box in DataLoader(dataset, batch_size=batch_size):
-        x, y, box = x.to(device), y.to(device), box.to(device)
-        t0 = time.perf_counter()
-        logits, maps = explain_batch(model, x, method)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - t0
-        masks = box_mask(box, tuple(x.shape[-2:]))
-        sums["accuracy"] += accuracy(logits, y).sum().item()
-        sums["pointing_game"] += pointing_game(maps, masks).sum().item()
-        sums["iou"] += iou(maps, masks, threshold).sum().item()
-        n += len(x)
-    result: dict[str, Any] = {k: v / max(n, 1) for k, v in sums.items()}
-    result["map_ms_per_image"] = 1000 * seconds / max(n, 1)
-    result["params"] = count_params(model)
+    if not models:
+        raise ConfigError("no models to evaluate")
+    for name, model in models.items():
+        model.eval()
+    pairs = [(run, method) for run in models for method in cfg.methods if _applicable(models[run], method)]
+    sums: dict[tuple[str, str], dict[str, float]] = {p: {} for p in pairs}
+    seconds = {p: 0.0 for p in pairs}
+    stab = {m: {"iou": 0.0, "dice": 0.0} for m in cfg.methods} if len(models) > 1 else {}
+    n = 0
+    loader = DataLoader(dataset, batch_size=cfg.batch_size)
+    batches = progress(loader, len(loader)) if progress else loader
+    for batch in batches:
+        batch_maps: dict[str, list[Tensor]] = {m: [] for m in cfg.methods}
+        for run, method in pairs:
+            model = models[run]
+            x, y = batch[0].to(_device(model)), batch[1].to(_device(model))
+            masks = box_mask(batch[2].to(x.device), tuple(x.shape[-2:])) if len(batch) > 2 else None
+            t0 = time.perf_counter()
+            logits, maps = explain_batch(model, x, method, **cfg.posthoc_options.get(method, {}))
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            seconds[run, method] += time.perf_counter() - t0
+            if not torch.isfinite(maps).all():
+                raise InputError(f"{run}/{method} produced a map with NaN or inf values")
+            for name, values in _batch_scores(model, x, y, masks, logits, maps, cfg).items():
+                sums[run, method][name] = sums[run, method].get(name, 0.0) + values.sum().item()
+            batch_maps[method].append(maps.cpu())
+        for method, maps_per_run in batch_maps.items():
+            if method in stab and len(maps_per_run) > 1:
+                s = M.stability(torch.stack(maps_per_run), cfg.stability_threshold)
+                stab[method]["iou"] += s["iou"] * len(batch[0])
+                stab[method]["dice"] += s["dice"] * len(batch[0])
+        n += len(batch[0])
+    if n == 0:
+        raise InputError("the dataset is empty: nothing to evaluate")
+    runs: dict[str, Any] = {run: {"params": count_params(m), "results": {}} for run, m in models.items()}
+    for run, method in pairs:
+        row = {k: v / n for k, v in sums[run, method].items()}
+        row["map_ms_per_image"] = 1000 * seconds[run, method] / n
+        runs[run]["results"][method] = row
+    result: dict[str, Any] = {"n_images": n, "runs": runs}
+    if stab:
+        result["stability"] = {m: {k: v / n for k, v in d.items()} for m, d in stab.items() if d["iou"] or d["dice"]}
+    if cfg.sanity_images > 0:
+        result["sanity"] = _sanity(models, dataset, cfg)
     return result
+
+
+def _applicable(model: SelfExplainer, method: str) -> bool:
+    """The classic CAM needs a plain model; every other method fits every model."""
+    return method != "cam" or model.config.method == "plain"
+
+
+def _sanity(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig) -> dict[str, Any]:
+    """Cascading randomization on the first ``cfg.sanity_images`` images: mean Spearman rho per layer."""
+    batch = next(iter(DataLoader(dataset, batch_size=cfg.sanity_images)))
+    out: dict[str, Any] = {}
+    for run, model in models.items():
+        x = batch[0].to(_device(model))
+        with torch.no_grad():
+            target = model(x).logits.argmax(dim=1)
+        out[run] = {}
+        for method in cfg.methods:
+            if not _applicable(model, method):
+                continue
+            explain = _explainer(method, cfg.posthoc_options.get(method, {}))
+            steps = M.cascading_randomization(model, x, target, explain)
+            out[run][method] = [[layer, float(rho.mean())] for layer, rho in steps]
+    return out
+
+
+def _explainer(method: str, options: dict[str, Any]) -> Callable[[Any, Tensor, Tensor], Tensor]:
+    if method == "self":
+        return lambda model, x, target: model.explain(x).heatmap
+    return lambda model, x, target: posthoc_map(model, x, method, target=target, **options)
+
+
+def evaluate(model: SelfExplainer, dataset: Dataset, method: str = "self", cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """One model, one method: ``{metric: mean, "map_ms_per_image": ..., "params": ...}``."""
+    cfg = replace(cfg or EvalConfig(), methods=(method,))
+    result = evaluate_runs({"model": model}, dataset, cfg)["runs"]["model"]
+    return {**result["results"][method], "params": result["params"]}
