@@ -6,7 +6,6 @@ stderr and exit code 2; ``selfcam --debug ...`` shows the traceback instead.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -14,30 +13,32 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .errors import ConfigError, SelfcamError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Classifiers that explain themselves: train, demo, inspect.")
-console = Console()
-err_console = Console(stderr=True)
 _state = {"debug": False}
+err_console = Console(stderr=True)
 
 
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Report expected failures as ``error: ...`` and exit 2 (traceback only with --debug)."""
+class _FriendlyGroup(TyperGroup):
+    """Every command, sub-commands included: expected failures become ``error: ...`` and exit 2."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except (SelfcamError, OSError) as e:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
-    return wrapper
+
+app = typer.Typer(cls=_FriendlyGroup, add_completion=False, no_args_is_help=True,
+                  help="Classifiers that explain themselves: train, evaluate, demo, inspect.")  # fmt: skip
+console = Console()
 
 
 @app.callback()
@@ -68,7 +69,6 @@ def _table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
 
 
 @app.command()
-@_friendly
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for metrics.json, report.html and runs/."),
     epochs: int = typer.Option(5, help="Epochs per model."),
@@ -83,7 +83,7 @@ def demo(
     from .demo import DemoRecipe, run_demo
     from .heads import HEADS
 
-    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    chosen = _names(methods)
     unknown = [m for m in chosen if m not in HEADS]
     if unknown:
         raise typer.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(HEADS)}", param_hint="--methods")
@@ -95,7 +95,6 @@ def demo(
 
 
 @app.command()
-@_friendly
 def train(
     method: str = typer.Option(..., "--method", help="Head: plain, lfi, lfi-light, se, abn."),
     backbone: str = typer.Option("resnet20", "--backbone", help="Backbone name (see `selfcam models`)."),
@@ -132,7 +131,57 @@ def train(
 
 
 @app.command()
-@_friendly
+def evaluate(
+    checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="Run directory; repeat for several runs."),
+    data: str = typer.Option("cluttered-digits", "--data", help="Dataset name."),
+    split: str = typer.Option("test", help="Dataset split."),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of images (dataset default if unset)."),
+    methods: str = typer.Option("self", help="Comma-separated: self, cam, gradcam, gradcam++, scorecam, rise, lime."),
+    metrics: str = typer.Option("all", help="Comma-separated metric names, or 'all'."),
+    batch_size: int = typer.Option(50, help="Images per batch."),
+    steps: int = typer.Option(20, help="Deletion / insertion steps."),
+    sanity_images: int = typer.Option(0, help="Images for the cascading-randomization check (0: skip)."),
+    seed: int = typer.Option(0, help="Seed of the generated data."),
+    out: Path = typer.Option(..., "--out", help="Directory for evaluation.json."),
+) -> None:
+    """Score the maps of one or more trained runs with every metric; write OUT/evaluation.json."""
+    from dataclasses import asdict
+
+    from rich.progress import track
+
+    from .data import load_dataset
+    from .evaluate import METRICS, EvalConfig, evaluate_runs
+    from .model import load_checkpoint
+
+    cfg = EvalConfig(methods=_names(methods), metrics=METRICS if metrics == "all" else _names(metrics),
+                     batch_size=batch_size, steps=steps, sanity_images=sanity_images)  # fmt: skip
+    runs, size = {}, None
+    for path in checkpoint:
+        model, doc = load_checkpoint(path)
+        name = path.name if path.name not in runs else str(path)
+        runs[name] = model
+        size = size or doc.get("data", {}).get("size")
+    dataset = load_dataset(data, split, n, seed=seed, size=size or 64)
+    for name, model in runs.items():
+        if (model.config.num_classes, model.config.in_chans) != (dataset.num_classes, dataset.in_chans):
+            raise ConfigError(
+                f"checkpoint {name} has {model.config.num_classes} classes / {model.config.in_chans} channels, "
+                f"dataset {data} has {dataset.num_classes} / {dataset.in_chans}"
+            )
+    result = evaluate_runs(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"))
+    doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(doc, indent=2, default=list))
+    rows = {f"{run}/{m}": r for run, v in result["runs"].items() for m, r in v["results"].items()}
+    console.print(_table(f"{data} ({split}, {result['n_images']} images)", rows))
+    console.print(f"wrote {out / 'evaluation.json'}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@app.command()
 def models() -> None:
     """List the heads and backbones create_model accepts."""
     from .backbones import list_backbones
@@ -144,7 +193,6 @@ def models() -> None:
 
 
 @app.command()
-@_friendly
 def info(checkpoint: Path = typer.Argument(..., help="A run directory written by `selfcam train`.")) -> None:
     """Load a checkpoint and print its config."""
     from dataclasses import asdict
@@ -156,6 +204,15 @@ def info(checkpoint: Path = typer.Argument(..., help="A run directory written by
     doc["model"] = asdict(doc["model"])
     doc["params"] = count_params(model)
     console.print_json(json.dumps(doc))
+
+
+def _add_bench() -> None:
+    from .bench import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_add_bench()
 
 
 def main() -> None:

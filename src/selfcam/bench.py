@@ -1,0 +1,650 @@
+"""Benchmarks: map latency of the heads against post-hoc CAMs, and our metrics against peers.
+
+Two plain functions return JSON-ready dicts (tests call them directly) and two thin
+typer commands under ``bench_app`` write them to a file and print a rich table:
+
+- :func:`latency` times one map per image (batch 1) for the plain model, every head
+  and grad-cam's Grad-CAM, Grad-CAM++ and Score-CAM on the plain model, all on one
+  backbone, interleaved across repeats so that clock or thermal drift hits all alike.
+- :func:`metric_agreement` runs :mod:`selfcam.metrics` and the peer implementation
+  (Quantus, grad-cam) of the same metric on the same images, maps and model, and
+  reports both wall times and the largest absolute difference of the values.
+
+The peers are imported inside :func:`metric_agreement` only: the metric code itself
+never uses them. See ``docs/benchmarks.md`` for how to run both and what we measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from .errors import ConfigError, InputError
+from .model import SelfExplainer, create_model
+
+__all__ = [
+    "bench_app",
+    "latency",
+    "metric_agreement",
+    "latency_table",
+    "agreement_table",
+    "HEAD_METHODS",
+    "POSTHOC_LATENCY",
+    "LATENCY_METHODS",
+    "METRIC_NAMES",
+]
+
+HEAD_METHODS = ("plain", "lfi", "lfi-light", "se", "abn")
+POSTHOC_LATENCY = ("gradcam", "gradcam++", "scorecam")
+LATENCY_METHODS = HEAD_METHODS + POSTHOC_LATENCY
+SLOW = ("scorecam",)  # one map is hundreds of forward passes: timed ``scorecam_repeats`` times, no warm-up
+
+bench_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Benchmarks: map latency, and our metrics against Quantus and grad-cam."
+)
+console = Console()
+
+
+# --- shared helpers ---------------------------------------------------------------
+
+
+def _device(name: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when available, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {name!r}: {e}") from e
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``torch.set_num_threads(n)`` (``None``: leave it), restoring the old count on exit."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"{device.type} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn: Callable[[Tensor], Any], x: Tensor) -> float:
+    """Wall time of ``fn(x)`` in milliseconds, with the device's queue drained on both sides."""
+    _sync(x.device)
+    t0 = time.perf_counter()
+    fn(x)
+    _sync(x.device)
+    return 1000 * (time.perf_counter() - t0)
+
+
+def _methods(methods: Sequence[str] | str | None, known: Sequence[str], option: str) -> list[str]:
+    """Validate a method list (a sequence or a comma-separated string); keeps ``known``'s order."""
+    if methods is None:
+        return list(known)
+    chosen = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    chosen = [m for m in chosen if m]
+    unknown = [m for m in chosen if m not in known]
+    if unknown or not chosen:
+        what = f"unknown name(s) {', '.join(unknown)}" if unknown else "nothing chosen"
+        raise ConfigError(f"{option}: {what}; choose from {', '.join(known)}")
+    return [m for m in known if m in chosen]
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _json_target(path: Path) -> Path:
+    """Fail before a long run, not after it, when the JSON file cannot be written."""
+    if not path.parent.is_dir():
+        raise ConfigError(f"--json {path}: directory {path.parent} does not exist")
+    return path
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+# --- latency -----------------------------------------------------------------------
+
+
+def _rounds(repeats: int, k: int) -> set[int]:
+    """``k`` of the ``repeats`` rounds, spread evenly (where the slow methods are timed)."""
+    k = min(k, repeats)
+    return {round(i * repeats / k) for i in range(k)}
+
+
+def _interleaved(
+    runners: dict[str, Callable[[Tensor], Any]], x: Tensor, repeats: int, warmup: int, slow_rounds: set[int]
+) -> dict[str, list[float]]:
+    """Milliseconds of each runner per timed round; round ``r`` starts at runner ``r mod len``.
+
+    ``warmup`` untimed rounds come first; the :data:`SLOW` runners run only in ``slow_rounds``.
+    """
+    names = list(runners)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for r in range(-warmup, repeats):
+        k = r % len(names)
+        for m in names[k:] + names[:k]:
+            if m in SLOW and r not in slow_rounds:
+                continue
+            t = _time_ms(runners[m], x)
+            if r >= 0:
+                times[m].append(t)
+    return times
+
+
+def _compile_ratios(
+    models: dict[str, SelfExplainer], x: Tensor, repeats: int, warmup: int, eager_ms: dict[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Per head: ``{"ms", "speedup" = eager / compiled}``, or ``{"unavailable": reason}``.
+
+    Any failure of ``torch.compile`` (no C++ compiler, an unsupported op...) is caught:
+    compiling is optional, and the reason is what the user needs to see.
+    """
+    compiled: dict[str, Callable[[Tensor], Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        try:
+            fn = torch.compile(model.explain)
+            with torch.inference_mode():
+                for _ in range(max(1, warmup)):  # the first call compiles
+                    fn(x)
+            compiled[name] = fn
+        except Exception as e:  # noqa: BLE001 - reported, never fatal
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            out[name] = {"unavailable": f"{type(e).__name__}: {reason}"}
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, fn in compiled.items():
+                times[name].append(_time_ms(fn, x))
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        out[name] = {"ms": ms, "speedup": eager_ms[name] / ms}
+    return {name: out[name] for name in models}
+
+
+def latency(
+    backbone: str = "resnet18",
+    size: int = 224,
+    repeats: int = 20,
+    methods: Sequence[str] | str | None = None,
+    scorecam_repeats: int = 3,
+    warmup: int = 3,
+    compile: bool = False,
+    device: str | torch.device | None = None,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    backbone_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Median milliseconds per map (batch 1, ``size x size`` input) for each method.
+
+    Heads and ``plain``: ``model.explain(x)`` under ``torch.inference_mode`` (logits and
+    the map at input size from one forward pass). ``gradcam``, ``gradcam++``,
+    ``scorecam``: :func:`selfcam.posthoc.posthoc_map` on the plain model (its forward
+    for the predicted class, then grad-cam's map). All models share ``backbone`` with
+    random weights, in eval mode. Each round times every method once, starting at a
+    different method each round; ``warmup`` untimed rounds come first. Score-CAM
+    runs one forward pass per feature channel (512 for ResNet-18), so it is timed in
+    only ``scorecam_repeats`` rounds spread over the run and skips the warm-up (the
+    plain model it runs is already warm). ``plain`` is always measured: it is the
+    reference of ``ratio_to_plain``. With ``compile=True`` each head is also timed
+    after ``torch.compile``; failures are reported, not raised. ``threads`` sets
+    torch's CPU thread count for the run (restored after).
+
+    Returns ``{"backbone", "size", "device", "repeats", "scorecam_repeats", "ms",
+    "ratio_to_plain", "speedup_vs", "goals"[, "compile"]}`` (``speedup_vs[head]`` holds
+    the post-hoc method's time over the head's; ``goals`` the issue's targets met or not).
+    """
+    from .posthoc import posthoc_map
+
+    _positive(size=size, repeats=repeats, scorecam_repeats=scorecam_repeats, num_classes=num_classes, in_chans=in_chans)
+    if threads is not None:
+        _positive(threads=threads)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+    chosen = _methods(methods, LATENCY_METHODS, "--methods")
+    if "plain" not in chosen:
+        chosen.insert(0, "plain")
+    dev = _device(device)
+    with torch.random.fork_rng():  # seeded weights and input; the caller's RNG state is left alone
+        torch.manual_seed(seed)
+        models = {m: create_model(m, backbone, num_classes, in_chans, backbone_kwargs).to(dev).eval()
+                  for m in chosen if m in HEAD_METHODS}  # fmt: skip
+        x = torch.randn(1, in_chans, size, size).to(dev)
+    plain = models["plain"]
+
+    def head_fn(model: SelfExplainer) -> Callable[[Tensor], Any]:
+        def run(inp: Tensor) -> Any:
+            with torch.inference_mode():
+                return model.explain(inp)
+
+        return run
+
+    def posthoc_fn(method: str) -> Callable[[Tensor], Any]:
+        def run(inp: Tensor) -> Any:
+            with contextlib.redirect_stderr(io.StringIO()):  # Score-CAM's tqdm bar
+                return posthoc_map(plain, inp, method)
+
+        return run
+
+    runners = {m: head_fn(models[m]) if m in models else posthoc_fn(m) for m in chosen}
+    with _threads(threads):
+        described = _describe(dev)
+        times = _interleaved(runners, x, repeats, warmup, _rounds(repeats, scorecam_repeats))
+        ms = {m: statistics.median(ts) for m, ts in times.items()}
+        compiled = _compile_ratios(models, x, repeats, warmup, ms) if compile else None
+    heads = [m for m in chosen if m in HEAD_METHODS and m != "plain"]
+    doc: dict[str, Any] = {
+        "backbone": backbone,
+        "size": size,
+        "device": described,
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "scorecam_repeats": min(scorecam_repeats, repeats),
+        "samples": {m: len(ts) for m, ts in times.items()},
+        "ms": ms,
+        "ratio_to_plain": {m: t / ms["plain"] for m, t in ms.items()},
+        "speedup_vs": {h: {p: ms[p] / ms[h] for p in POSTHOC_LATENCY if p in ms} for h in heads},
+    }
+    doc["goals"] = _latency_goals(doc)
+    if compiled is not None:
+        doc["compile"] = compiled
+    return doc
+
+
+# the issue's targets: ratio to plain at most this; at least this many times faster than the post-hoc map
+_RATIO_GOAL = {"lfi": 1.35, "lfi-light": 1.10, "se": 1.10}
+_SPEEDUP_GOAL = {"gradcam": 2.7, "scorecam": 300.0}
+
+
+def _latency_goals(doc: dict[str, Any]) -> dict[str, bool]:
+    """``{"lfi <= 1.35x plain": True, "se >= 300x faster than scorecam": False, ...}`` for what was measured."""
+    goals: dict[str, bool] = {}
+    for head, limit in _RATIO_GOAL.items():
+        if head in doc["ratio_to_plain"]:
+            goals[f"{head} <= {limit:g}x plain"] = doc["ratio_to_plain"][head] <= limit
+    for head, speedups in doc["speedup_vs"].items():
+        for method, limit in _SPEEDUP_GOAL.items():
+            if method in speedups:
+                goals[f"{head} >= {limit:g}x faster than {method}"] = speedups[method] >= limit
+    return goals
+
+
+def latency_table(doc: dict[str, Any]) -> Table:
+    """The rich table of a :func:`latency` document."""
+    posthoc = [p for p in POSTHOC_LATENCY if p in doc["ms"]]
+    table = Table(title=f"map latency, {doc['backbone']} at {doc['size']} px, batch 1, {doc['device']}")
+    for col in ["method", "ms / image", "x plain", *(f"speed-up vs {p}" for p in posthoc)]:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    if "compile" in doc:
+        table.add_column("torch.compile", justify="right")
+    for m, t in doc["ms"].items():
+        row = [m, f"{t:.2f}", f"{doc['ratio_to_plain'][m]:.2f}"]
+        row += [f"{doc['speedup_vs'][m][p]:.1f}x" if m in doc["speedup_vs"] else "" for p in posthoc]
+        if "compile" in doc:
+            c = doc["compile"].get(m)
+            row.append("" if c is None else f"{c['speedup']:.2f}x" if "speedup" in c else "unavailable")
+        table.add_row(*row)
+    return table
+
+
+@bench_app.command("latency")
+def latency_cmd(
+    backbone: str = typer.Option("resnet18", "--backbone", help="Backbone shared by every model."),
+    size: int = typer.Option(224, "--size", help="Input side in pixels (batch 1)."),
+    json_path: Path = typer.Option(..., "--json", help="Where to write the results."),
+    repeats: int = typer.Option(20, "--repeats", help="Timed rounds (after the warm-up)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help=f"Comma-separated subset of {','.join(LATENCY_METHODS)}."),
+    scorecam_repeats: int = typer.Option(3, "--scorecam-repeats", help="Score-CAM is timed in this many rounds only."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed rounds first (Score-CAM skips them)."),
+    compile: bool = typer.Option(False, "--compile", help="Also time each head after torch.compile."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1... (default: cuda if available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+) -> None:
+    """Median map latency per image: plain model, each head, Grad-CAM, Grad-CAM++, Score-CAM."""
+    _json_target(json_path)
+    doc = latency(backbone, size, repeats, methods, scorecam_repeats, warmup, compile, device, threads=threads)
+    _write_json(json_path, doc)
+    console.print(latency_table(doc))
+    for goal, met in doc["goals"].items():
+        console.print(f"{'met' if met else 'NOT met'}: {goal}", highlight=False)
+    for head, c in doc.get("compile", {}).items():
+        if "unavailable" in c:
+            console.print(f"torch.compile unavailable for {head}: {c['unavailable']}", markup=False, highlight=False)
+    console.print(f"wrote {json_path}", markup=False, highlight=False)
+
+
+# --- metric agreement --------------------------------------------------------------
+
+
+@dataclass
+class _Case:
+    """One metric, two implementations of the same work: each returns values of one shape."""
+
+    peer: str
+    ours: Callable[[], Any]
+    theirs: Callable[[], Any]
+    note: str
+
+
+def _array(values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    """Largest ``|a - b|``; a NaN on both sides counts as equal, on one side as ``inf``."""
+    a, b = _array(a), _array(b)
+    if a.shape != b.shape:
+        raise ConfigError(f"cannot compare values of shapes {a.shape} and {b.shape}")
+    both = np.isnan(a) & np.isnan(b)
+    diff = np.where(both, 0.0, np.abs(a - b))
+    return float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))
+
+
+def _wall_pair(case: _Case, repeats: int, warmup: int, device: torch.device) -> tuple[float, Any, float, Any]:
+    """Median seconds and last values of ``case.ours`` and ``case.theirs``, timed alternately.
+
+    ``warmup`` untimed calls per side first; then ``repeats`` rounds, each timing both
+    sides, the side that goes first alternating so load changes hit both alike. The
+    peers' console notices and numpy warnings are silenced (they are not our output).
+    """
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    values: dict[str, Any] = {}
+    for r in range(-warmup, repeats):
+        for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+            fn = getattr(case, side)
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _sync(device)
+                t0 = time.perf_counter()
+                values[side] = fn()
+                _sync(device)
+                elapsed = time.perf_counter() - t0
+            if r >= 0:
+                times[side].append(elapsed)
+    return statistics.median(times["ours"]), values["ours"], statistics.median(times["theirs"]), values["theirs"]
+
+
+def _tie_free(maps: Tensor, weight: float = 1e-3) -> Tensor:
+    """``(1 - weight) maps + weight rank / (HW - 1)``: same order, ties broken row-major first, ``(N, H, W)``.
+
+    A ReLU'd, upsampled CAM has many exactly equal pixels. Quantus orders ties with
+    numpy's unstable argsort, grad-cam by percentile thresholds, selfcam by a
+    stable sort (row-major first); tie-breaking is a convention, not part of any
+    metric, so the comparison runs on maps without ties. Values stay in [0, 1].
+    """
+    from .metrics import _ranks  # the metrics' own stable ranking, so both orders are one order
+
+    n, h, w = maps.shape
+    rank = _ranks(maps, descending=False)  # (N, HW)
+    out = (1 - weight) * maps.flatten(1) + weight * rank.to(maps.dtype) / max(h * w - 1, 1)
+    ordered = out.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise InputError("maps still hold ties after tie-breaking (images too large for the float precision)")
+    return out.view(n, h, w)
+
+
+def _divisor_steps(pixels: int, most: int = 20) -> int:
+    """The largest step count <= ``most`` that splits ``pixels`` evenly (Quantus removes a fixed count per step)."""
+    return max(d for d in range(1, most + 1) if pixels % d == 0)
+
+
+def _agreement_cases(
+    model: SelfExplainer, x: Tensor, target: Tensor, maps: Tensor, masks: Tensor, seed: int
+) -> dict[str, _Case]:
+    """Our metric and the peer's on the same images, maps, masks, targets and model."""
+    import quantus
+    from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange, IncreaseInConfidence
+    from pytorch_grad_cam.metrics.perturbation_confidence import (
+        PerturbationConfidenceMetric,
+        RemoveLeastRelevantFirst,
+        RemoveMostRelevantFirst,
+    )
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    from . import metrics as M
+    from .posthoc import _Logits, posthoc_map
+
+    logits_model = _Logits(model).eval()  # the peers want x -> logits
+    n, _, h, w = x.shape
+    hw = h * w
+    dev = str(x.device)
+    x_np, y_np = x.cpu().numpy(), target.cpu().numpy()
+    a_np, s_np = maps[:, None].cpu().numpy(), masks[:, None].cpu().numpy()
+    q_common = {"disable_warnings": True, "display_progressbar": False, "normalise": False, "abs": False}
+
+    def quantus_call(metric: Any, a: np.ndarray = a_np, **kw: Any) -> np.ndarray:
+        return np.asarray(metric(model=logits_model, x_batch=x_np, y_batch=y_np, a_batch=a, s_batch=s_np, device=dev, **kw))
+
+    # IoU: Quantus has none; its RelevanceMassAccuracy of the binary map A = maps >= 0.5 is |A & B| / |A|
+    binary = (a_np >= 0.5).astype(np.float32)
+    size_a, size_b = binary.reshape(n, -1).sum(1), s_np.reshape(n, -1).sum(1)
+
+    def quantus_iou() -> np.ndarray:
+        inter = np.nan_to_num(quantus_call(quantus.RelevanceMassAccuracy(**q_common), binary)) * size_a
+        union = size_a + size_b - inter
+        return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+    steps = _divisor_steps(hw)
+
+    def explain_ours(m: SelfExplainer, inp: Tensor, tgt: Tensor) -> Tensor:
+        return posthoc_map(m, inp, "cam", tgt)
+
+    def explain_quantus(model: Any, inputs: np.ndarray, targets: np.ndarray, **kw: Any) -> np.ndarray:
+        inp, tgt = torch.from_numpy(inputs).to(x.device), torch.from_numpy(np.asarray(targets)).to(x.device)
+        return posthoc_map(model.model, inp, "cam", tgt)[:, None].cpu().numpy()
+
+    with torch.no_grad():  # a second, correlated map: the CAM of each image's runner-up class
+        runner_up = M.logits_of(model, x).topk(2, dim=1).indices[:, 1]
+    other = posthoc_map(model, x, "cam", runner_up)
+    other_np = other.cpu().numpy().reshape(n, -1)
+    layer_names: list[str] = []
+
+    def ours_mprt() -> np.ndarray:
+        cascade = M.cascading_randomization(model, x, target, explain_ours, seed=seed)
+        layer_names[:] = [f"model.{name}" for name, _ in cascade]  # as Quantus names them (through _Logits)
+        return np.stack([_array(rho) for _, rho in cascade])
+
+    def quantus_mprt() -> np.ndarray:
+        # Quantus seeds every layer's reset with seed + 1, we seed layer i with seed + i: align layer 0
+        metric = quantus.MPRT(layer_order="top_down", seed=seed - 1, **q_common)
+        scores = metric(model=logits_model, x_batch=x_np, y_batch=y_np, a_batch=None, device=dev,
+                        explain_func=explain_quantus)  # fmt: skip
+        scores.pop("original")
+        if layer_names and list(scores) != layer_names:
+            raise ConfigError(f"Quantus randomizes other layers than selfcam: {list(scores)} vs {layer_names}")
+        return np.stack([np.asarray(v) for v in scores.values()])
+
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in y_np]
+    cams64 = maps.cpu().double().numpy()  # float64: grad-cam's LeRF ranks 1 - map, which float32 would tie
+    percentiles = M.ROAD_PERCENTILES
+
+    def gradcam_road(order: str) -> np.ndarray:
+        remove = RemoveMostRelevantFirst if order == "morf" else RemoveLeastRelevantFirst
+        cols = []
+        for p in percentiles:
+            k = math.floor(p / 100 * hw + 0.5)  # our count of removed pixels
+            q = 100 * (hw - k - 0.5) / (hw - 1)  # grad-cam removes map >= np.percentile(map, q): exactly k pixels
+            metric = PerturbationConfidenceMetric(remove(q, NoisyLinearImputer(noise=0.0)))
+            cols.append(metric(x, cams64, targets, logits_model, return_diff=False))
+        return np.stack(cols, axis=1)
+
+    road_note = ("grad-cam's ROAD{order} with its NoisyLinearImputer, softmax target, its percentile set so it "
+                 "removes our round(p% HW) pixels, and noise 0 on both sides (the 0.01 noise draws differ)")  # fmt: skip
+    return {
+        "pointing_game": _Case("quantus", lambda: M.pointing_game(maps, masks),
+                               lambda: quantus_call(quantus.PointingGame(**q_common)), "same definition"),
+        "energy_pointing_game": _Case("quantus", lambda: M.energy_pointing_game(maps, masks),
+                                      lambda: quantus_call(quantus.RelevanceMassAccuracy(**q_common)),
+                                      "Quantus RelevanceMassAccuracy = sum(map in mask) / sum(map)"),
+        "iou": _Case("quantus", lambda: M.iou(maps, masks, 0.5), quantus_iou,
+                     "Quantus has no IoU: its RelevanceMassAccuracy of the binary map (maps >= 0.5) gives "
+                     "|A & B| / |A|, turned into IoU with the pixel counts"),
+        "deletion_curve": _Case("quantus", lambda: M.deletion_curve(model, x, maps, target, steps, "zero")[:, 1:],
+                                lambda: quantus_call(quantus.PixelFlipping(features_in_step=hw // steps,
+                                                                           perturb_baseline=0.0, **q_common)),
+                                f"Quantus PixelFlipping, {steps} steps of {hw // steps} pixels to 0, softmax; "
+                                "curve points after each step (Quantus has no step 0)"),
+        "spearman": _Case("quantus", lambda: M.spearman(maps, other),
+                          lambda: quantus.correlation_spearman(a_np.reshape(n, -1), other_np, batched=True),
+                          "Quantus' MPRT similarity (scipy.stats.spearmanr, average ranks for ties) between the "
+                          "map of the target and the CAM of the runner-up class"),
+        "cascading_randomization": _Case("quantus", ours_mprt, quantus_mprt,
+                                         "Quantus MPRT top-down, Spearman of CAM maps per layer; Quantus re-seeds "
+                                         "every layer with the same seed, we use seed + i: only the first reset "
+                                         "and the deterministic ones (BatchNorm) draw the same weights"),
+        "confidence_change": _Case("grad-cam", lambda: M.confidence_change(model, x, maps, target),
+                                   lambda: CamMultImageConfidenceChange()(x, maps.cpu().numpy(), targets, logits_model),
+                                   "grad-cam CamMultImageConfidenceChange, softmax target"),
+        "increase_in_confidence": _Case("grad-cam", lambda: M.increase_in_confidence(model, x, maps, target),
+                                        lambda: IncreaseInConfidence()(x, maps.cpu().numpy(), targets, logits_model),
+                                        "grad-cam IncreaseInConfidence, softmax target"),
+        "road_morf": _Case("grad-cam", lambda: M.road(model, x, maps, target, percentiles, "morf", noise=0.0),
+                           lambda: gradcam_road("morf"), road_note.format(order="MostRelevantFirst")),
+        "road_lerf": _Case("grad-cam", lambda: M.road(model, x, maps, target, percentiles, "lerf", noise=0.0),
+                           lambda: gradcam_road("lerf"), road_note.format(order="LeastRelevantFirst")),
+    }  # fmt: skip
+
+
+METRIC_NAMES = ("pointing_game", "energy_pointing_game", "iou", "deletion_curve", "spearman", "cascading_randomization",
+                "confidence_change", "increase_in_confidence", "road_morf", "road_lerf")  # fmt: skip
+AGREEMENT_TOLERANCE = 1e-4
+SPEEDUP_GOAL_QUANTUS = 10.0
+
+
+def metric_agreement(
+    n: int = 16,
+    size: int = 32,
+    seed: int = 0,
+    repeats: int = 3,
+    warmup: int = 1,
+    metrics: Sequence[str] | str | None = None,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Our metrics against Quantus' and grad-cam's on the same work: wall times and largest difference.
+
+    Inputs: ``n`` cluttered-digit test images at ``size`` px; a ``plain`` ResNet-8
+    (stem stride 2, random weights from ``seed``, eval mode); its target = predicted
+    class; maps = its CAM at input size with ties broken row-major first (see
+    :func:`_tie_free`); masks = the digits' boxes. Each metric runs ``warmup`` untimed
+    then ``repeats`` timed calls per side; times are medians in seconds. ``threads``
+    sets torch's CPU thread count for the run (restored after).
+
+    Returns ``{"n", "size", "device", "metrics": {NAME: {"selfcam_s", "peer", "peer_s",
+    "speedup" (peer_s / selfcam_s), "max_abs_diff", "agrees" (<= 1e-4), "note"}}, "goals"}``.
+    """
+    from .data import box_mask, load_dataset
+
+    _positive(n=n, size=size, repeats=repeats)
+    if threads is not None:
+        _positive(threads=threads)
+    chosen = _methods(metrics, METRIC_NAMES, "--metrics")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+    try:
+        import pytorch_grad_cam  # noqa: F401
+        import quantus  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"the metrics bench compares with peers that are not installed: {e}") from e
+    dev = _device(device)
+    data = load_dataset("cluttered-digits", "test", n, seed=seed, size=size)
+    x = data.normalize(data.images).to(dev)
+    masks = box_mask(data.boxes, size).to(dev)
+    with torch.random.fork_rng():  # our seed and Quantus' MPRT seeding leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        model = create_model("plain", "resnet8", data.num_classes, data.in_chans, {"stem_stride": 2}).to(dev).eval()
+        with torch.no_grad():
+            out = model.explain(x)
+        target, maps = out.logits.argmax(dim=1), _tie_free(out.heatmap)
+        cases = _agreement_cases(model, x, target, maps, masks, seed)
+        with _threads(threads):
+            described = _describe(dev)
+            results = {name: _wall_pair(cases[name], repeats, warmup, dev) for name in chosen}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, (ours_s, ours, peer_s, theirs) in results.items():
+        case = cases[name]
+        diff = _max_abs_diff(ours, theirs)
+        rows[name] = {"selfcam_s": ours_s, "peer": case.peer, "peer_s": peer_s, "speedup": peer_s / ours_s,
+                      "max_abs_diff": diff, "agrees": diff <= AGREEMENT_TOLERANCE, "note": case.note}  # fmt: skip
+        if name == "cascading_randomization":  # (layers, N): how far down the cascade the two still agree
+            per_layer = [_max_abs_diff(a, b) for a, b in zip(_array(ours), _array(theirs))]
+            rows[name]["per_layer_max_abs_diff"] = per_layer
+            rows[name]["layers_within_tolerance"] = sum(d <= AGREEMENT_TOLERANCE for d in per_layer)
+    quantus_rows = {k: r for k, r in rows.items() if r["peer"] == "quantus"}
+    goals = {f"{k} within {AGREEMENT_TOLERANCE:g} of {r['peer']}": r["agrees"] for k, r in rows.items()}
+    goals.update({f"{k} >= {SPEEDUP_GOAL_QUANTUS:g}x faster than quantus": r["speedup"] >= SPEEDUP_GOAL_QUANTUS
+                  for k, r in quantus_rows.items()})  # fmt: skip
+    return {"n": n, "size": size, "device": described, "repeats": repeats, "metrics": rows, "goals": goals}
+
+
+def agreement_table(doc: dict[str, Any]) -> Table:
+    """The rich table of a :func:`metric_agreement` document."""
+    table = Table(title=f"selfcam metrics vs peers, {doc['n']} cluttered digits at {doc['size']} px, {doc['device']}")
+    for col in ("metric", "peer", "selfcam s", "peer s", "speed-up", "max |diff|"):
+        table.add_column(col, justify="left" if col in ("metric", "peer") else "right", no_wrap=col == "metric")
+    for name, r in doc["metrics"].items():
+        table.add_row(name, r["peer"], f"{r['selfcam_s']:.4f}", f"{r['peer_s']:.4f}", f"{r['speedup']:.1f}x",
+                      f"{r['max_abs_diff']:.2e}")  # fmt: skip
+    return table
+
+
+@bench_app.command("metrics")
+def metrics_cmd(
+    json_path: Path = typer.Option(..., "--json", help="Where to write the results."),
+    n: int = typer.Option(16, "--n", help="Cluttered-digit test images."),
+    size: int = typer.Option(32, "--size", help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the data and the model's random weights."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed calls per metric and side (median)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset of the metrics."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda... (default: cuda if available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+) -> None:
+    """Our metrics against Quantus and grad-cam on the same work: time and largest difference."""
+    _json_target(json_path)
+    doc = metric_agreement(n, size, seed, repeats, metrics=metrics, device=device, threads=threads)
+    _write_json(json_path, doc)
+    console.print(agreement_table(doc))
+    for goal, met in doc["goals"].items():
+        console.print(f"{'met' if met else 'NOT met'}: {goal}", highlight=False)
+    console.print(f"wrote {json_path}", markup=False, highlight=False)

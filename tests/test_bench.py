@@ -1,0 +1,151 @@
+"""The bench: latency bookkeeping against hand values, the metric-agreement run, the typer commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from selfcam import bench
+from selfcam.bench import LATENCY_METHODS, bench_app, latency, metric_agreement
+from selfcam.errors import ConfigError
+
+runner = CliRunner()
+TINY = {"backbone": "resnet8", "size": 32, "num_classes": 10, "threads": 1}
+
+
+def test_interleaving_warmup_slow_rounds_and_medians_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake runners return their own 'time'; the call order and the kept samples are checked by hand."""
+    calls: list[str] = []
+
+    def fake(name: str, values: list[float]) -> Any:
+        it = iter(values)
+        return lambda x: (calls.append(name), next(it))[1]
+
+    monkeypatch.setattr(bench, "_time_ms", lambda fn, x: fn(x))
+    runners = {"plain": fake("plain", [99, 1, 5, 3]), "se": fake("se", [99, 2, 8, 4]), "scorecam": fake("scorecam", [7])}
+    times = bench._interleaved(runners, torch.zeros(1), repeats=3, warmup=1, slow_rounds=bench._rounds(3, 1))
+    # round -1 (warm-up) starts at index -1 % 3 = 2 (scorecam skipped: not a slow round), round 0 at 0, ...
+    assert calls == ["plain", "se", "plain", "se", "scorecam", "se", "plain", "plain", "se"]
+    assert times == {"plain": [1, 5, 3], "se": [2, 8, 4], "scorecam": [7]}
+    assert bench._rounds(20, 3) == {0, 7, 13} and bench._rounds(2, 5) == {0, 1}
+
+
+def test_latency_document_on_a_tiny_backbone() -> None:
+    doc = latency(**TINY, repeats=2, scorecam_repeats=1, warmup=1)
+    json.dumps(doc)  # JSON-ready
+    assert set(doc) >= {"backbone", "size", "device", "repeats", "ms", "ratio_to_plain", "speedup_vs", "goals"}
+    assert (doc["backbone"], doc["size"], doc["repeats"]) == ("resnet8", 32, 2)
+    assert list(doc["ms"]) == list(LATENCY_METHODS)
+    assert doc["samples"] == {**{m: 2 for m in LATENCY_METHODS}, "scorecam": 1}
+    ms = doc["ms"]
+    assert all(math.isfinite(t) and t > 0 for t in ms.values())
+    for m, t in ms.items():
+        assert doc["ratio_to_plain"][m] == pytest.approx(t / ms["plain"])
+    assert set(doc["speedup_vs"]) == {"lfi", "lfi-light", "se", "abn"}
+    assert doc["speedup_vs"]["se"]["scorecam"] == pytest.approx(ms["scorecam"] / ms["se"])
+    assert doc["goals"]["lfi <= 1.35x plain"] == (ms["lfi"] / ms["plain"] <= 1.35)
+    assert doc["goals"]["abn >= 300x faster than scorecam"] == (ms["scorecam"] / ms["abn"] >= 300)
+    assert "compile" not in doc
+
+
+def test_latency_subset_always_keeps_plain_and_rejects_unknown_names() -> None:
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    doc = latency(**TINY, repeats=1, warmup=0, methods="se, gradcam")
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads  # left as found
+    assert doc["device"] == "cpu (1 thread)" or torch.cuda.is_available()
+    assert list(doc["ms"]) == ["plain", "se", "gradcam"]
+    assert doc["speedup_vs"]["se"] == {"gradcam": pytest.approx(doc["ms"]["gradcam"] / doc["ms"]["se"])}
+    with pytest.raises(ConfigError, match="--methods: unknown name.s. gradcamm; choose from plain, lfi"):
+        latency(**TINY, methods="se,gradcamm")
+    with pytest.raises(ConfigError, match="nothing chosen"):
+        latency(**TINY, methods=" , ")
+    with pytest.raises(ConfigError, match="repeats must be an integer >= 1"):
+        latency(**TINY, repeats=0)
+
+
+def test_compile_failure_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fn: Any) -> Any:
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    doc = latency(**TINY, repeats=1, warmup=0, methods="se", compile=True)
+    assert doc["compile"] == {m: {"unavailable": "RuntimeError: no C++ compiler"} for m in ("plain", "se")}
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # "compiles" to itself: a ratio near 1
+    doc = latency(**TINY, repeats=2, warmup=1, methods="se", compile=True)
+    assert doc["compile"]["se"]["ms"] > 0
+    assert doc["compile"]["se"]["speedup"] == pytest.approx(doc["ms"]["se"] / doc["compile"]["se"]["ms"])
+
+
+def test_latency_command_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "lat.json"
+    args = ["latency", "--backbone", "resnet8", "--size", "32", "--repeats", "1", "--warmup", "0",
+            "--methods", "plain,lfi-light,gradcam", "--threads", "1", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(bench_app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert list(doc["ms"]) == ["plain", "lfi-light", "gradcam"]
+    assert "speed-up vs gradcam" in result.output and "lfi-light" in result.output
+    bad = runner.invoke(bench_app, ["latency", "--json", str(tmp_path / "missing" / "x.json")])
+    assert isinstance(bad.exception, ConfigError) and "does not exist" in str(bad.exception)
+
+
+AGREEING = ("pointing_game", "energy_pointing_game", "iou", "deletion_curve", "spearman", "confidence_change",
+            "increase_in_confidence", "road_morf", "road_lerf")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agreement() -> dict[str, Any]:
+    return metric_agreement(n=4, size=32, repeats=1, warmup=0, threads=1)
+
+
+def test_metric_agreement_structure_and_values(agreement: dict[str, Any]) -> None:
+    json.dumps(agreement)
+    rows = agreement["metrics"]
+    assert set(rows) == {*AGREEING, "cascading_randomization"}
+    for name, r in rows.items():
+        assert r["peer"] == ("grad-cam" if name in ("confidence_change", "increase_in_confidence", "road_morf",
+                                                    "road_lerf") else "quantus")  # fmt: skip
+        assert r["selfcam_s"] > 0 and r["peer_s"] > 0 and r["note"]
+        assert r["speedup"] == pytest.approx(r["peer_s"] / r["selfcam_s"])
+    assert rows["pointing_game"]["max_abs_diff"] == 0.0
+    for name in AGREEING:  # same definitions: same numbers
+        assert rows[name]["max_abs_diff"] <= 1e-4, (name, rows[name])
+    mprt = rows["cascading_randomization"]  # only the RNG streams differ: the first reset (fc) is seeded alike
+    assert len(mprt["per_layer_max_abs_diff"]) >= 10 and mprt["per_layer_max_abs_diff"][0] <= 1e-4
+    assert mprt["layers_within_tolerance"] >= 1
+    assert agreement["goals"]["pointing_game within 0.0001 of quantus"] is True
+
+
+def test_max_abs_diff_by_hand() -> None:
+    nan = float("nan")
+    assert bench._max_abs_diff([1.0, nan, 3.0], torch.tensor([1.5, nan, 2.0])) == 1.0
+    assert bench._max_abs_diff([nan], [0.0]) == math.inf
+    with pytest.raises(ConfigError, match="shapes"):
+        bench._max_abs_diff([1.0], [1.0, 2.0])
+
+
+def test_tie_free_keeps_the_order_and_breaks_ties_row_major() -> None:
+    maps = torch.tensor([[[0.0, 0.5], [0.0, 1.0]]])
+    out = bench._tie_free(maps, weight=0.1)
+    # ranks (stable, ascending): 0 -> 0, 0.5 -> 2, second 0 -> 1, 1.0 -> 3
+    expected = 0.9 * maps + 0.1 * torch.tensor([[[0.0, 2.0], [1.0, 3.0]]]) / 3
+    assert torch.allclose(out, expected)
+    assert bench._divisor_steps(1024) == 16 and bench._divisor_steps(49 * 49) == 7
+
+
+def test_metrics_command_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    result = runner.invoke(bench_app, ["metrics", "--n", "2", "--size", "32", "--repeats", "1", "--threads", "1",
+                                       "--metrics", "pointing_game,iou", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert set(doc["metrics"]) == {"pointing_game", "iou"} and doc["n"] == 2
+    assert "speed-up" in result.output
+    bad = runner.invoke(bench_app, ["metrics", "--metrics", "nope", "--json", str(out)])
+    assert isinstance(bad.exception, ConfigError) and "nope" in str(bad.exception)
