@@ -35,6 +35,7 @@ from rich.table import Table
 from torch import Tensor
 
 from .errors import ConfigError, InputError
+from .evaluate import count_params
 from .model import SelfExplainer, create_model
 
 __all__ = [
@@ -282,6 +283,8 @@ def latency(
         "ms": ms,
         "ratio_to_plain": {m: t / ms["plain"] for m, t in ms.items()},
         "speedup_vs": {h: {p: ms[p] / ms[h] for p in POSTHOC_LATENCY if p in ms} for h in heads},
+        "params": {m: count_params(models[m]) for m in models},
+        "params_added_pct": {m: 100 * (count_params(models[m]) / count_params(models["plain"]) - 1) for m in models},
     }
     doc["goals"] = _latency_goals(doc)
     if compiled is not None:
