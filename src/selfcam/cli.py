@@ -56,15 +56,24 @@ def _json_object(text: str, option: str) -> dict[str, Any]:
     return value
 
 
-def _table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.3f}"
+
+
+def _table(title: str, rows: dict[str, dict[str, Any]], first: str = "model") -> Table:
+    """One row per entry of ``rows``; with more than six metrics, one row per metric instead."""
     cols = list(dict.fromkeys(k for r in rows.values() for k in r))
+    transpose = len(cols) > 6
     table = Table(title=title)
-    table.add_column("model")
-    for c in cols:
+    table.add_column("metric" if transpose else first)
+    for c in rows if transpose else cols:
         table.add_column(c, justify="right")
-    for name, row in rows.items():
-        cells = [f"{row[c]:,}" if isinstance(row.get(c), int) else f"{row[c]:.3f}" if c in row else "-" for c in cols]
-        table.add_row(name, *cells)
+    if transpose:
+        for c in cols:
+            table.add_row(c, *[_cell(r.get(c)) for r in rows.values()])
+    else:
+        for name, row in rows.items():
+            table.add_row(name, *[_cell(row.get(c)) for c in cols])
     return table
 
 
