@@ -34,8 +34,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from .errors import ConfigError, InputError
-from .evaluate import count_params
+from .errors import ConfigError, InputError, require_int
+from .evaluate import count_params, sync
 from .model import SelfExplainer, create_model
 
 __all__ = [
@@ -95,17 +95,12 @@ def _describe(device: torch.device) -> str:
     return f"{device.type} ({threads} thread{'s' if threads > 1 else ''})"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_ms(fn: Callable[[Tensor], Any], x: Tensor) -> float:
     """Wall time of ``fn(x)`` in milliseconds, with the device's queue drained on both sides."""
-    _sync(x.device)
+    sync(x.device)
     t0 = time.perf_counter()
     fn(x)
-    _sync(x.device)
+    sync(x.device)
     return 1000 * (time.perf_counter() - t0)
 
 
@@ -124,8 +119,7 @@ def _methods(methods: Sequence[str] | str | None, known: Sequence[str], option: 
 
 def _positive(**values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        require_int(name, value)
 
 
 def _json_target(path: Path) -> Path:
@@ -397,10 +391,10 @@ def _wall_pair(case: _Case, repeats: int, warmup: int, device: torch.device) -> 
             fn = getattr(case, side)
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 values[side] = fn()
-                _sync(device)
+                sync(device)
                 elapsed = time.perf_counter() - t0
             if r >= 0:
                 times[side].append(elapsed)

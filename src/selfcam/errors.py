@@ -21,3 +21,9 @@ class CheckpointError(SelfcamError):
 
 class DataError(SelfcamError):
     """A dataset that cannot be read or built."""
+
+
+def require_int(name: str, value: object, low: int = 1) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an ``int`` (not a bool) ``>= low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -96,6 +96,12 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queue, so wall times include the work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def evaluate_runs(
     models: dict[str, SelfExplainer],
     dataset: Dataset,
@@ -110,7 +116,7 @@ def evaluate_runs(
     """
     if not models:
         raise ConfigError("no models to evaluate")
-    for name, model in models.items():
+    for model in models.values():
         model.eval()
     pairs = [(run, method) for run in models for method in cfg.methods if _applicable(models[run], method)]
     sums: dict[tuple[str, str], dict[str, float]] = {p: {} for p in pairs}
@@ -121,20 +127,19 @@ def evaluate_runs(
     batches = progress(loader, len(loader)) if progress else loader
     for batch in batches:
         batch_maps: dict[str, list[Tensor]] = {m: [] for m in cfg.methods}
-        for run, method in pairs:
-            model = models[run]
+        for run, model in models.items():
             x, y = batch[0].to(_device(model)), batch[1].to(_device(model))
             masks = box_mask(batch[2].to(x.device), tuple(x.shape[-2:])) if len(batch) > 2 else None
-            t0 = time.perf_counter()
-            logits, maps = explain_batch(model, x, method, **cfg.posthoc_options.get(method, {}))
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            seconds[run, method] += time.perf_counter() - t0
-            if not torch.isfinite(maps).all():
-                raise InputError(f"{run}/{method} produced a map with NaN or inf values")
-            for name, values in _batch_scores(model, x, y, masks, logits, maps, cfg).items():
-                sums[run, method][name] = sums[run, method].get(name, 0.0) + values.sum().item()
-            batch_maps[method].append(maps.cpu())
+            for method in (m for r, m in pairs if r == run):
+                t0 = time.perf_counter()
+                logits, maps = explain_batch(model, x, method, **cfg.posthoc_options.get(method, {}))
+                sync(x.device)
+                seconds[run, method] += time.perf_counter() - t0
+                if not torch.isfinite(maps).all():
+                    raise InputError(f"{run}/{method} produced a map with NaN or inf values")
+                for name, values in _batch_scores(model, x, y, masks, logits, maps, cfg).items():
+                    sums[run, method][name] = sums[run, method].get(name, 0.0) + values.sum().item()
+                batch_maps[method].append(maps.cpu())
         for method, maps_per_run in batch_maps.items():
             if method in stab and len(maps_per_run) > 1:
                 s = M.stability(torch.stack(maps_per_run), cfg.stability_threshold)

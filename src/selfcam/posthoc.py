@@ -25,7 +25,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, require_int
 from .heads import PlainHead, minmax, upsample
 from .metrics import logits_of
 from .model import SelfExplainer
@@ -56,11 +56,6 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"option {name} must be an integer >= {low}, got {value!r}")
 
 
 # --- the methods: each is (model, x, target (N,), *, options) -> (N, H, W) ------------
@@ -136,8 +131,8 @@ def _rise(
     forward pass (at least one mask for all ``N`` images).
     """
     for name, value in (("n_masks", n_masks), ("s", s), ("batch_size", batch_size)):
-        _check_int(name, value)
-    _check_int("seed", seed, 0)
+        require_int(f"option {name}", value)
+    require_int("option seed", seed, 0)
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
         raise ConfigError(f"option p must be a probability in (0, 1], got {p!r}")
     n, size = len(x), (x.shape[-2], x.shape[-1])
@@ -181,8 +176,8 @@ def _lime(
     from captum.attr import Lime  # imported here: Captum is only needed for this method
 
     for name, value in (("n_samples", n_samples), ("segments", segments), ("batch_size", batch_size)):
-        _check_int(name, value)
-    _check_int("seed", seed, 0)
+        require_int(f"option {name}", value)
+    require_int("option seed", seed, 0)
     if segments > min(x.shape[-2:]):
         raise ConfigError(f"option segments={segments} exceeds the image size {tuple(x.shape[-2:])}")
     cells = _grid_cells(segments, (x.shape[-2], x.shape[-1]), x.device)
