@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from selfcam.data import MEAN, STD, ClutteredDigits, _paste, box_mask, load_dataset, source_indices
+from selfcam.data import MEAN, STD, ClutteredDigits, box_mask, load_dataset, source_indices
+from selfcam.data.digits import _paste
 from selfcam.errors import DataError
 
 

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from ..errors import DataError
 
-__all__ = ["MEAN", "STD", "ClutteredDigits", "box_mask", "load_dataset", "source_indices"]
+__all__ = ["MEAN", "STD", "ClutteredDigits", "box_mask", "source_indices"]
 
 MEAN: float = 0.15  # measured on load_dataset("cluttered-digits", "train"), rounded
 STD: float = 0.26
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-DATASETS: dict[str, dict[str, int]] = {"cluttered-digits": {"train": 6000, "val": 1000, "test": 1000}}
+SIZES: dict[str, int] = {"train": 6000, "val": 1000, "test": 1000}  # default canvases per split
 _POOL_SEED = 12345
 _MAX_OVERLAP = 0.2  # a fragment may cover at most this share of its area inside the target box
 _TRIES = 8  # candidate positions drawn per fragment
@@ -161,14 +161,3 @@ class ClutteredDigits(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """(normalized image (1, S, S) float32, label () int64, box (4,) int64)."""
         return self.normalize(self.images[i]), self.labels[i], self.boxes[i]
-
-
-def load_dataset(name: str, split: str, n: int | None = None, *, seed: int = 0,
-                 size: int = 64) -> ClutteredDigits:
-    """Build dataset ``name`` (today only "cluttered-digits"); ``n`` defaults per split."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r} for {name}; expected one of {', '.join(SPLITS)}")
-    n = DATASETS[name][split] if n is None else n
-    return ClutteredDigits(split, n, size=size, seed=seed)  # type: ignore[arg-type]
