@@ -192,11 +192,13 @@ def _curves(history: dict[str, list[dict]]) -> str | None:
 
 
 def write_report(path: str | Path, *, title: str, metrics: dict, gallery: Gallery | None = None,
-                 config: dict | None = None, history: dict[str, list[dict]] | None = None) -> Path:
+                 config: dict | None = None, history: dict[str, list[dict]] | None = None,
+                 figures: list[tuple[str, str]] | None = None) -> Path:
     """Render the self-contained HTML report to ``path`` (atomically) and return the path.
 
     metrics: {"dataset": str, "models": {name: {metric: value}}}; config: key/value dict;
-    history: model -> list of per-epoch dicts ("epoch", "train_loss", "val_acc", ...).
+    history: model -> list of per-epoch dicts ("epoch", "train_loss", "val_acc", ...);
+    figures: extra (caption, image data URI) pairs, shown in order after the gallery.
     """
     models = metrics.get("models", {})
     columns = list(dict.fromkeys(k for row in models.values() for k in row))
@@ -212,6 +214,7 @@ def write_report(path: str | Path, *, title: str, metrics: dict, gallery: Galler
         curves=_curves(history) if history else None,
         methods=list(gallery.maps) if gallery is not None else [],
         gallery=_gallery_rows(gallery) if gallery is not None else [],
+        figures=figures or [],
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
