@@ -1,0 +1,377 @@
+"""Experiments behind the papers' claims: accuracy per method, map stability across settings.
+
+``accuracy_experiment`` trains every method with the same backbone and recipe under
+several seeds and scores test accuracy; ``stability_experiment`` trains every method
+under several hyper-parameter settings and compares the maps of the resulting models
+on the same test images (mean pairwise IoU / Dice, as in LFI-CAM's paper). Both write
+their JSON after every finished run and skip finished runs when started again, so an
+interrupted experiment resumes where it stopped. ``write_results_markdown`` turns the
+JSON files under ``results/`` into ``docs/RESULTS.md`` with tables and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .data import load_dataset
+from .errors import ConfigError
+from .evaluate import EvalConfig, evaluate_runs
+from .model import SelfExplainer, create_model, load_checkpoint
+from .train import TrainConfig, fit, seed_all
+
+__all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "stability_experiment",
+           "recipe_for", "write_results_markdown"]  # fmt: skip
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Backbone and training recipe shared by every method of one experiment."""
+
+    backbone: str = "resnet8"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    head_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"se": {"reduction": 4}})
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    image_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One hyper-parameter setting of the stability experiment."""
+
+    lr: float
+    batch_size: int
+    weight_decay: float
+    seed: int
+
+
+# The quick recipes used for results/ (each experiment about an hour or less on 2 CPU cores).
+RECIPES: dict[str, Recipe] = {
+    "cluttered-digits": Recipe(backbone_kwargs={"stem_stride": 2}, epochs=4, train_size=4000, val_size=500,
+                               test_size=1000, image_size=64),
+    "mnist": Recipe(epochs=3, train_size=6000, val_size=1000, test_size=2000),
+    "fashion-mnist": Recipe(epochs=3, train_size=6000, val_size=1000, test_size=2000),
+}  # fmt: skip
+
+# Five settings: the base recipe, then lower lr, bigger batch, more weight decay, higher lr with a
+# smaller batch; every setting has its own seed, so initialisation and data order differ too.
+SETTINGS: tuple[Setting, ...] = (
+    Setting(lr=3e-3, batch_size=64, weight_decay=5e-4, seed=0),
+    Setting(lr=1.5e-3, batch_size=64, weight_decay=5e-4, seed=1),
+    Setting(lr=3e-3, batch_size=128, weight_decay=5e-4, seed=2),
+    Setting(lr=3e-3, batch_size=64, weight_decay=5e-3, seed=3),
+    Setting(lr=6e-3, batch_size=32, weight_decay=1e-4, seed=4),
+)
+
+
+def recipe_for(data: str, **overrides: Any) -> Recipe:
+    """The recipe for dataset spec ``data`` (``RECIPES`` or the default), with ``overrides`` applied."""
+    base = RECIPES.get(data, Recipe())
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _command() -> str:
+    return shlex.join(["selfcam", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("selfcam", "__main__.py") else ""
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _resume(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The document in ``path`` when it was written by the same experiment, else a fresh one."""
+    if not path.exists():
+        return {**header, "runs": {}, "wall_seconds": 0.0}
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} exists but is not valid JSON ({e}); move it away to start afresh") from e
+    mismatch = [k for k in ("experiment", "dataset", "recipe", "seeds", "settings") if doc.get(k) != header.get(k)]
+    if mismatch:
+        raise ConfigError(f"{path} holds an experiment with a different {', '.join(mismatch)}; "
+                          "use another --out or delete it to start afresh")  # fmt: skip
+    doc.setdefault("runs", {})
+    doc["methods_requested"] = list(dict.fromkeys([*doc.get("methods_requested", []), *header["methods_requested"]]))
+    return doc
+
+
+class _Runner:
+    """Trains (or reloads) one model per (method, training config) and keeps the splits loaded once."""
+
+    def __init__(self, data: str, recipe: Recipe, work_dir: Path, progress: bool, log: Log) -> None:
+        self.data, self.recipe, self.work_dir, self.progress, self.log = data, recipe, work_dir, progress, log
+        r = recipe
+        self.train = load_dataset(data, "train", r.train_size, size=r.image_size)
+        self.val = load_dataset(data, "val", r.val_size, size=r.image_size)
+        self.test = load_dataset(data, "test", r.test_size, size=r.image_size)
+
+    def model(self, method: str, name: str, cfg: TrainConfig) -> SelfExplainer:
+        run_dir = self.work_dir / name
+        if (run_dir / "model.safetensors").exists() and (run_dir / "config.json").exists():
+            model, _ = load_checkpoint(run_dir)
+            return model
+        seed_all(cfg.seed)
+        r = self.recipe
+        model = create_model(method, r.backbone, self.test.num_classes, self.test.in_chans, r.backbone_kwargs,
+                             **r.head_kwargs.get(method, {}))  # fmt: skip
+        fit(model, self.train, self.val, cfg, run_dir, self.progress,
+            extra_config={"data": {"name": self.data, "size": r.image_size}})  # fmt: skip
+        return model.cpu().eval()
+
+    def train_config(self, setting: Setting) -> TrainConfig:
+        return TrainConfig(epochs=self.recipe.epochs, batch_size=setting.batch_size, lr=setting.lr,
+                           weight_decay=setting.weight_decay, seed=setting.seed)  # fmt: skip
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def accuracy_experiment(data: str, methods: Sequence[str], seeds: int, out: str | Path, recipe: Recipe | None = None,
+                        progress: bool = True, log: Log = print) -> dict[str, Any]:  # fmt: skip
+    """Train every method under seeds ``0..seeds-1``; test accuracy per seed, mean and sample std.
+
+    Writes ``out`` (JSON) after every run: ``{"dataset", "recipe", "seeds", "methods": {NAME:
+    {"accuracy": [per seed], "mean", "std"}}, "runs", "wall_seconds", "command"}``; checkpoints go
+    to ``<out without .json>.runs/``. Started again with the same arguments, it skips finished runs.
+    """
+    if seeds < 1 or not methods:
+        raise ConfigError(f"need at least one method and one seed, got {list(methods)} and {seeds}")
+    recipe = recipe or recipe_for(data)
+    out = Path(out)
+    header = {"experiment": "accuracy", "dataset": data, "recipe": asdict(recipe), "seeds": seeds,
+              "methods_requested": list(methods), "command": _command()}  # fmt: skip
+    doc = _resume(out, header)
+    runner = _Runner(data, recipe, out.with_suffix(".runs"), progress, log)
+    base = SETTINGS[0]
+    todo = [(m, s) for m in methods for s in range(seeds)]
+    for i, (method, seed) in enumerate(todo, 1):
+        key = f"{method}/seed{seed}"
+        if key in doc["runs"]:
+            continue
+        log(f"[{i}/{len(todo)}] {method}, seed {seed}: training on {data}")
+        t0 = time.perf_counter()
+        model = runner.model(method, f"{method}-seed{seed}", runner.train_config(replace(base, seed=seed)))
+        result = evaluate_runs({key: model}, runner.test, EvalConfig(metrics=("accuracy",)))
+        seconds = time.perf_counter() - t0
+        doc["runs"][key] = {"accuracy": result["runs"][key]["results"]["self"]["accuracy"], "seconds": round(seconds, 1)}
+        doc["wall_seconds"] = round(doc.get("wall_seconds", 0.0) + seconds, 1)
+        doc["methods"] = _accuracy_summary(doc["runs"], methods, seeds)
+        _write_json(out, doc)
+    doc["methods"] = _accuracy_summary(doc["runs"], methods, seeds)
+    _write_json(out, doc)
+    return doc
+
+
+def _accuracy_summary(runs: dict[str, Any], methods: Sequence[str], seeds: int) -> dict[str, Any]:
+    summary = {}
+    for method in methods:
+        accs = [runs[f"{method}/seed{s}"]["accuracy"] for s in range(seeds) if f"{method}/seed{s}" in runs]
+        if accs:
+            mean, std = _mean_std(accs)
+            summary[method] = {"accuracy": accs, "mean": mean, "std": std}
+    return summary
+
+
+def stability_experiment(data: str, methods: Sequence[str], settings: int, out: str | Path,
+                         recipe: Recipe | None = None, progress: bool = True, log: Log = print) -> dict[str, Any]:  # fmt: skip
+    """Train every method under the first ``settings`` of ``SETTINGS``; compare maps across them.
+
+    Maps of the models of one method are compared on the same test images: mean over images
+    of the mean pairwise IoU / Dice of the maps binarized at 100/255 (see ``metrics.stability``).
+    Writes ``{"dataset", "recipe", "settings": [...], "methods": {NAME: {"iou", "dice",
+    "accuracy": [per setting]}}, "wall_seconds", "command"}``; resumable like the accuracy experiment.
+    """
+    if not 2 <= settings <= len(SETTINGS) or not methods:
+        raise ConfigError(f"settings must be 2..{len(SETTINGS)} and methods non-empty, got {settings}, {list(methods)}")
+    recipe = recipe or recipe_for(data)
+    out = Path(out)
+    chosen = SETTINGS[:settings]
+    header = {"experiment": "stability", "dataset": data, "recipe": asdict(recipe),
+              "settings": [asdict(s) for s in chosen], "methods_requested": list(methods), "command": _command()}  # fmt: skip
+    doc = _resume(out, header)
+    doc.setdefault("methods", {})
+    runner = _Runner(data, recipe, out.with_suffix(".runs"), progress, log)
+    for i, method in enumerate(methods, 1):
+        if method in doc["methods"]:
+            continue
+        t0 = time.perf_counter()
+        models = {}
+        for j, setting in enumerate(chosen):
+            log(f"[{i}/{len(methods)}] {method}, setting {j + 1}/{len(chosen)} {asdict(setting)}: training on {data}")
+            models[f"setting{j + 1}"] = runner.model(method, f"{method}-setting{j + 1}", runner.train_config(setting))
+        result = evaluate_runs(models, runner.test, EvalConfig(metrics=("accuracy",)))
+        seconds = time.perf_counter() - t0
+        stability = result.get("stability", {}).get("self", {"iou": 0.0, "dice": 0.0})
+        doc["methods"][method] = {**stability,
+                                  "accuracy": [r["results"]["self"]["accuracy"] for r in result["runs"].values()],
+                                  "seconds": round(seconds, 1)}  # fmt: skip
+        doc["wall_seconds"] = round(doc.get("wall_seconds", 0.0) + seconds, 1)
+        _write_json(out, doc)
+    return doc
+
+
+# ---------------------------------------------------------------- results/*.json -> docs/RESULTS.md
+
+_GOALS = ("LFI-CAM mean accuracy >= plain's; SE-CAM within 0.3 points of plain's; "
+          "LFI-CAM stability IoU >= 0.7 and above ABN's.")  # fmt: skip
+
+
+def _load_results(results_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    docs = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        if doc.get("experiment") in ("accuracy", "stability"):
+            docs.append({**doc, "file": path.name})
+    return [d for d in docs if d["experiment"] == "accuracy"], [d for d in docs if d["experiment"] == "stability"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _recipe_line(doc: dict[str, Any]) -> str:
+    r = doc["recipe"]
+    kw = f" {json.dumps(r['backbone_kwargs'])}" if r["backbone_kwargs"] else ""
+    sizes = ", ".join(f"{k.split('_')[0]} {r[k]}" for k in ("train_size", "val_size", "test_size") if r.get(k))
+    return (f"{r['backbone']}{kw}, {r['epochs']} epochs, AdamW + one-cycle, image size "
+            f"{r['image_size'] or 'dataset default'}; {sizes or 'full splits'}")
+
+
+def _accuracy_section(doc: dict[str, Any]) -> list[str]:
+    methods = doc.get("methods", {})
+    plain = methods.get("plain", {}).get("mean")
+    seeds = doc["seeds"]
+    lines = [f"### {doc['dataset']}", "", f"Recipe: {_recipe_line(doc)}. Seeds 0..{seeds - 1}. "
+             f"Wall time {doc['wall_seconds'] / 60:.1f} min (`results/{doc['file']}`).", "",
+             "| method | accuracy per seed (%) | mean (%) | std (points) | vs plain (points) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, m in methods.items():
+        delta = "" if plain is None or name == "plain" else f"{100 * (m['mean'] - plain):+.2f}"
+        lines.append(f"| {name} | {', '.join(_pct(a) for a in m['accuracy'])} | {_pct(m['mean'])} | "
+                     f"{100 * m['std']:.2f} | {delta} |")  # fmt: skip
+    if plain is not None:
+        checks = []
+        for name, rule in (("lfi", lambda d: d >= 0), ("lfi-light", lambda d: d >= 0), ("se", lambda d: d >= -0.003)):
+            if name in methods:
+                d = methods[name]["mean"] - plain
+                checks.append(f"{name} {100 * d:+.2f} points: {'met' if rule(d) else 'NOT met'}")
+        lines += ["", "Goal check (mean vs plain): " + "; ".join(checks) + "."]
+    return lines + [""]
+
+
+def _stability_section(doc: dict[str, Any]) -> list[str]:
+    methods = doc.get("methods", {})
+    lines = [f"### {doc['dataset']}", "", f"Recipe: {_recipe_line(doc)}. Wall time {doc['wall_seconds'] / 60:.1f} min "
+             f"(`results/{doc['file']}`).", "", "| method | IoU | Dice | accuracy per setting (%) |", "|---|---|---|---|"]  # fmt: skip
+    for name, m in methods.items():
+        lines.append(f"| {name} | {m['iou']:.3f} | {m['dice']:.3f} | {', '.join(_pct(a) for a in m['accuracy'])} |")
+    if "lfi" in methods:
+        lfi, abn = methods["lfi"]["iou"], methods.get("abn", {}).get("iou")
+        ok = lfi >= 0.7 and (abn is None or lfi > abn)
+        vs = "" if abn is None else f", ABN {abn:.3f}"
+        lines += ["", f"Goal check: LFI-CAM IoU {lfi:.3f}{vs}: {'met' if ok else 'NOT met'}."]
+    return lines + [""]
+
+
+def _settings_table(doc: dict[str, Any]) -> list[str]:
+    lines = ["| setting | learning rate | batch size | weight decay | seed |", "|---|---|---|---|---|"]
+    for i, s in enumerate(doc["settings"], 1):
+        lines.append(f"| {i} | {s['lr']:g} | {s['batch_size']} | {s['weight_decay']:g} | {s['seed']} |")
+    return lines + [""]
+
+
+def _bar_plot(path: Path, groups: dict[str, dict[str, tuple[float, float]]], ylabel: str, title: str) -> None:
+    """Grouped bars: ``groups[dataset][method] = (value, error)``; written as PNG without metadata."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = list(dict.fromkeys(m for g in groups.values() for m in g))
+    fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(methods), 1)
+    for j, method in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i, g in enumerate(groups.values()) if method in g]
+        vals = [g[method] for g in groups.values() if method in g]
+        ax.bar(xs, [v for v, _ in vals], width, yerr=[e for _, e in vals], label=method, capsize=2)
+    ax.set_xticks(range(len(groups)), list(groups))
+    low = min((v - e for g in groups.values() for v, e in g.values()), default=0)
+    ax.set(ylabel=ylabel, title=title, ylim=(max(0.0, low - 0.05 * abs(low) - 0.01), None))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncols=len(methods))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", metadata={"Software": None})
+
+
+def write_results_markdown(results_dir: str | Path = "results", out: str | Path = "docs/RESULTS.md",
+                           plots: bool = True) -> str:  # fmt: skip
+    """Render ``out`` from ``results_dir/*.json`` (+ ``results_dir/notes.md`` verbatim); returns the text.
+
+    Plots go to ``<out's folder>/results/{accuracy,stability}.png`` unless ``plots`` is False.
+    """
+    results_dir, out = Path(results_dir), Path(out)
+    acc, stab = _load_results(results_dir)
+    if not acc and not stab:
+        raise ConfigError(f"no experiment JSON files in {results_dir}")
+    lines = ["# Results", "",
+             "Generated by `selfcam experiment results` from the JSON files in `results/`; do not edit by hand "
+             "(the discussion comes from `results/notes.md`). Every figure was measured on the project's "
+             "development machine: 2 CPU cores, no GPU.", "", f"Goals (issue 5): {_GOALS}", ""]  # fmt: skip
+    if acc:
+        lines += ["## Accuracy (same backbone and recipe for every method)", ""]
+        lines += ["![accuracy per method](results/accuracy.png)", ""] if plots else []
+        for doc in acc:
+            lines += _accuracy_section(doc)
+    if stab:
+        lines += ["## Stability of the maps across hyper-parameter settings", "",
+                  "Each method is trained under the settings below; its models' maps of the same test images "
+                  "are binarized at 100/255 and compared pairwise (IoU, Dice), averaged over pairs and images.", ""]  # fmt: skip
+        lines += _settings_table(stab[0])
+        lines += ["![stability per method](results/stability.png)", ""] if plots else []
+        for doc in stab:
+            lines += _stability_section(doc)
+    lines += ["## Commands", "", "```"]
+    lines += [d["command"] or f"# {d['file']}: command not recorded" for d in (*acc, *stab)]
+    lines += ["selfcam experiment results --results results --out docs/RESULTS.md", "```", ""]
+    notes = results_dir / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    if plots:
+        if acc:
+            groups = {d["dataset"]: {m: (v["mean"], v["std"]) for m, v in d["methods"].items()} for d in acc}
+            _bar_plot(out.parent / "results" / "accuracy.png", groups, "test accuracy", "accuracy per method (mean, std over seeds)")
+        if stab:
+            groups = {d["dataset"]: {m: (v["iou"], 0.0) for m, v in d["methods"].items()} for d in stab}
+            _bar_plot(out.parent / "results" / "stability.png", groups, "mean pairwise IoU", "map stability across settings")
+    return text
