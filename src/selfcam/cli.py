@@ -215,6 +215,79 @@ def info(checkpoint: Path = typer.Argument(..., help="A run directory written by
     console.print_json(json.dumps(doc))
 
 
+experiment_app = typer.Typer(cls=_FriendlyGroup, no_args_is_help=True,
+                             help="Experiments behind the papers' claims (resumable; JSON under results/).")  # fmt: skip
+app.add_typer(experiment_app, name="experiment")
+_EXP_HELP = {
+    "epochs": "Epochs (default: the dataset's recipe, see docs/RESULTS.md).",
+    "train_size": "Training images (default: the dataset's recipe).",
+    "test_size": "Test images (default: the dataset's recipe).",
+}
+
+
+def _recipe(data: str, backbone: Optional[str], epochs: Optional[int], train_size: Optional[int],
+            test_size: Optional[int]) -> Any:  # fmt: skip
+    from .experiment import recipe_for
+
+    return recipe_for(data, backbone=backbone, epochs=epochs, train_size=train_size, test_size=test_size)
+
+
+@experiment_app.command("accuracy")
+def experiment_accuracy(
+    data: str = typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
+    methods: str = typer.Option("plain,lfi,lfi-light,se,abn", help="Comma-separated heads."),
+    seeds: int = typer.Option(3, help="Seeds 0..N-1 per method."),
+    out: Path = typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the dataset's recipe)."),
+    epochs: Optional[int] = typer.Option(None, help=_EXP_HELP["epochs"]),
+    train_size: Optional[int] = typer.Option(None, help=_EXP_HELP["train_size"]),
+    test_size: Optional[int] = typer.Option(None, help=_EXP_HELP["test_size"]),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Test accuracy of every method over several seeds, same backbone and recipe; resumable."""
+    from .experiment import accuracy_experiment
+
+    doc = accuracy_experiment(data, _names(methods), seeds, out, _recipe(data, backbone, epochs, train_size, test_size),
+                              progress=not quiet, log=lambda s: console.print(s, markup=False, highlight=False))  # fmt: skip
+    rows = {m: {"mean": v["mean"], "std": v["std"]} for m, v in doc["methods"].items()}
+    console.print(_table(f"{data}: test accuracy over {seeds} seeds", rows, first="method"))
+    console.print(f"wall time {doc['wall_seconds']:.0f} s in all; wrote {out}")
+
+
+@experiment_app.command("stability")
+def experiment_stability(
+    data: str = typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
+    methods: str = typer.Option("lfi,lfi-light,se,abn", help="Comma-separated heads."),
+    settings: int = typer.Option(5, help="Hyper-parameter settings (2-5; listed in docs/RESULTS.md)."),
+    out: Path = typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the dataset's recipe)."),
+    epochs: Optional[int] = typer.Option(None, help=_EXP_HELP["epochs"]),
+    train_size: Optional[int] = typer.Option(None, help=_EXP_HELP["train_size"]),
+    test_size: Optional[int] = typer.Option(None, help=_EXP_HELP["test_size"]),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Map stability (mean pairwise IoU / Dice) of every method across settings; resumable."""
+    from .experiment import stability_experiment
+
+    doc = stability_experiment(data, _names(methods), settings, out, _recipe(data, backbone, epochs, train_size, test_size),
+                               progress=not quiet, log=lambda s: console.print(s, markup=False, highlight=False))  # fmt: skip
+    rows = {m: {"iou": v["iou"], "dice": v["dice"]} for m, v in doc["methods"].items()}
+    console.print(_table(f"{data}: map stability over {settings} settings", rows, first="method"))
+    console.print(f"wall time {doc['wall_seconds']:.0f} s in all; wrote {out}")
+
+
+@experiment_app.command("results")
+def experiment_results(
+    results: Path = typer.Option(Path("results"), "--results", help="Folder of experiment JSON files."),
+    out: Path = typer.Option(Path("docs/RESULTS.md"), "--out", help="Markdown file to write (plots beside it)."),
+) -> None:
+    """Regenerate docs/RESULTS.md (tables, commands, wall times, plots) from results/*.json."""
+    from .experiment import write_results_markdown
+
+    write_results_markdown(results, out)
+    console.print(f"wrote {out}")
+
+
 def _add_bench() -> None:
     from .bench import bench_app
 
