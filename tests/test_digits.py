@@ -126,7 +126,7 @@ def test_load_dataset() -> None:
 
 
 @pytest.mark.parametrize(("args", "kwargs", "match"), [
-    (("mnist", "train", 5), {}, "cluttered-digits"),
+    (("imagenet", "train", 5), {}, "cluttered-digits"),
     (("cluttered-digits", "training", 5), {}, "split"),
     (("cluttered-digits", "train", 0), {}, "n must"),
     (("cluttered-digits", "train", -3), {}, "n must"),

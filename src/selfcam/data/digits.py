@@ -102,6 +102,9 @@ class ClutteredDigits(torch.utils.data.Dataset):
 
     num_classes: int = 10
     in_chans: int = 1
+    task: str = "multiclass"
+    mean: tuple[float, ...] = (MEAN,)
+    std: tuple[float, ...] = (STD,)
 
     def __init__(self, split: Literal["train", "val", "test"], n: int, *, size: int = 64, seed: int = 0,
                  clutter: int = 4, noise: float = 0.05, digit_size: tuple[int, int] | None = None) -> None:
@@ -154,6 +157,14 @@ class ClutteredDigits(torch.utils.data.Dataset):
     def normalize(self, images: Tensor) -> Tensor:
         """(x - MEAN) / STD, any shape."""
         return (images - MEAN) / STD
+
+    def raw(self, i: int) -> Tensor:
+        """The unnormalized canvas ``(1, S, S)`` in [0, 1], for reports."""
+        return self.images[i]
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`."""
+        return x * STD + MEAN
 
     def __len__(self) -> int:
         return len(self.labels)
