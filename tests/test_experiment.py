@@ -25,7 +25,7 @@ def test_accuracy_experiment_summary_and_resume(tmp_path: Path, monkeypatch: pyt
         assert m["accuracy"] == accs and all(0 <= a <= 1 for a in accs)
         assert m["mean"] == pytest.approx((accs[0] + accs[1]) / 2)
         assert m["std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))  # sample std of two values
-    assert (tmp_path / "acc.runs" / "se-seed1" / "model.safetensors").exists()
+    assert len(list((tmp_path / "cluttered-digits.runs").glob("se-*/model.safetensors"))) == 2
 
     # a second start trains and evaluates nothing: every run is in the JSON
     monkeypatch.setattr(E, "fit", lambda *a, **k: pytest.fail("finished runs must not be retrained"))
@@ -64,8 +64,14 @@ def test_stability_is_one_for_identical_settings(tmp_path: Path, monkeypatch: py
     assert doc["methods"]["lfi"]["accuracy"][0] == doc["methods"]["lfi"]["accuracy"][1]
 
 
-def test_stability_below_one_for_different_settings(tmp_path: Path) -> None:
+def test_stability_below_one_for_different_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    acc = E.accuracy_experiment("cluttered-digits", ["se"], 1, tmp_path / "a.json", TINY, progress=False, log=lambda s: None)
+    calls = []
+    fit = E.fit
+    monkeypatch.setattr(E, "fit", lambda *a, **k: calls.append(a[3]) or fit(*a, **k))
     doc = E.stability_experiment("cluttered-digits", ["se"], 2, tmp_path / "s.json", TINY, progress=False, log=lambda s: None)
+    assert [c.seed for c in calls] == [1]  # setting 1 is the accuracy run of seed 0: reused, not retrained
+    assert doc["methods"]["se"]["accuracy"][0] == acc["methods"]["se"]["accuracy"][0]
     assert 0.0 <= doc["methods"]["se"]["iou"] < 1.0 and doc["methods"]["se"]["iou"] <= doc["methods"]["se"]["dice"]
     assert doc["settings"] == [vars(s) for s in E.SETTINGS[:2]]
 

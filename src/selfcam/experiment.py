@@ -11,6 +11,7 @@ JSON files under ``results/`` into ``docs/RESULTS.md`` with tables and plots.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -64,10 +65,10 @@ class Setting:
 # The quick recipes used for results/: small enough that all six experiments fit one working session
 # on 2 CPU cores shared with other work (see docs/RESULTS.md for what that costs in accuracy).
 RECIPES: dict[str, Recipe] = {
-    "cluttered-digits": Recipe(backbone_kwargs={"stem_stride": 2}, epochs=3, train_size=2000, val_size=500,
+    "cluttered-digits": Recipe(backbone_kwargs={"stem_stride": 2}, epochs=4, train_size=3000, val_size=500,
                                test_size=1000, image_size=64),
-    "mnist": Recipe(epochs=2, train_size=3000, val_size=1000, test_size=2000),
-    "fashion-mnist": Recipe(epochs=2, train_size=3000, val_size=1000, test_size=2000),
+    "mnist": Recipe(epochs=2, train_size=4000, val_size=1000, test_size=2000),
+    "fashion-mnist": Recipe(epochs=2, train_size=4000, val_size=1000, test_size=2000),
 }  # fmt: skip
 
 # Five settings: the base recipe, then lower lr, bigger batch, more weight decay, higher lr with a
@@ -119,7 +120,12 @@ def _resume(path: Path, header: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Runner:
-    """Trains (or reloads) one model per (method, training config) and keeps the splits loaded once."""
+    """Trains (or reloads) one model per (method, training config); the splits are loaded once.
+
+    Checkpoints live in ``work_dir/<method>-<key>/`` where ``key`` hashes the dataset, the recipe and
+    the training config, so the two experiments share the runs they have in common (the accuracy
+    experiment's seed 0 is the stability experiment's setting 1).
+    """
 
     def __init__(self, data: str, recipe: Recipe, work_dir: Path, progress: bool, log: Log) -> None:
         self.data, self.recipe, self.work_dir, self.progress, self.log = data, recipe, work_dir, progress, log
@@ -128,8 +134,9 @@ class _Runner:
         self.val = load_dataset(data, "val", r.val_size, size=r.image_size)
         self.test = load_dataset(data, "test", r.test_size, size=r.image_size)
 
-    def model(self, method: str, name: str, cfg: TrainConfig) -> SelfExplainer:
-        run_dir = self.work_dir / name
+    def model(self, method: str, cfg: TrainConfig) -> SelfExplainer:
+        key = json.dumps([self.data, method, asdict(self.recipe), asdict(cfg)], sort_keys=True)
+        run_dir = self.work_dir / f"{method}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         if (run_dir / "model.safetensors").exists() and (run_dir / "config.json").exists():
             model, _ = load_checkpoint(run_dir)
             return model
@@ -146,6 +153,11 @@ class _Runner:
                            weight_decay=setting.weight_decay, seed=setting.seed)  # fmt: skip
 
 
+def _work_dir(out: Path, data: str) -> Path:
+    """Where checkpoints go: ``<out's folder>/<dataset>.runs`` (shared by the experiments of one dataset)."""
+    return out.parent / (data.replace(":", "_").replace("/", "_") + ".runs")
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -158,7 +170,7 @@ def accuracy_experiment(data: str, methods: Sequence[str], seeds: int, out: str 
 
     Writes ``out`` (JSON) after every run: ``{"dataset", "recipe", "seeds", "methods": {NAME:
     {"accuracy": [per seed], "mean", "std"}}, "runs", "wall_seconds", "command"}``; checkpoints go
-    to ``<out without .json>.runs/``. Started again with the same arguments, it skips finished runs.
+    to ``<out's folder>/<dataset>.runs/``. Started again with the same arguments, it skips finished runs.
     """
     if seeds < 1 or not methods:
         raise ConfigError(f"need at least one method and one seed, got {list(methods)} and {seeds}")
@@ -167,7 +179,7 @@ def accuracy_experiment(data: str, methods: Sequence[str], seeds: int, out: str 
     header = {"experiment": "accuracy", "dataset": data, "recipe": asdict(recipe), "seeds": seeds,
               "methods_requested": list(methods), "command": _command()}  # fmt: skip
     doc = _resume(out, header)
-    runner = _Runner(data, recipe, out.with_suffix(".runs"), progress, log)
+    runner = _Runner(data, recipe, _work_dir(out, data), progress, log)
     base = SETTINGS[0]
     todo = [(m, s) for m in methods for s in range(seeds)]
     for i, (method, seed) in enumerate(todo, 1):
@@ -176,7 +188,7 @@ def accuracy_experiment(data: str, methods: Sequence[str], seeds: int, out: str 
             continue
         log(f"[{i}/{len(todo)}] {method}, seed {seed}: training on {data}")
         t0 = time.perf_counter()
-        model = runner.model(method, f"{method}-seed{seed}", runner.train_config(replace(base, seed=seed)))
+        model = runner.model(method, runner.train_config(replace(base, seed=seed)))
         result = evaluate_runs({key: model}, runner.test, EvalConfig(metrics=("accuracy",)))
         seconds = time.perf_counter() - t0
         doc["runs"][key] = {"accuracy": result["runs"][key]["results"]["self"]["accuracy"], "seconds": round(seconds, 1)}
@@ -216,7 +228,7 @@ def stability_experiment(data: str, methods: Sequence[str], settings: int, out: 
               "settings": [asdict(s) for s in chosen], "methods_requested": list(methods), "command": _command()}  # fmt: skip
     doc = _resume(out, header)
     doc.setdefault("methods", {})
-    runner = _Runner(data, recipe, out.with_suffix(".runs"), progress, log)
+    runner = _Runner(data, recipe, _work_dir(out, data), progress, log)
     for i, method in enumerate(methods, 1):
         if method in doc["methods"]:
             continue
@@ -224,7 +236,7 @@ def stability_experiment(data: str, methods: Sequence[str], settings: int, out: 
         models = {}
         for j, setting in enumerate(chosen):
             log(f"[{i}/{len(methods)}] {method}, setting {j + 1}/{len(chosen)} {asdict(setting)}: training on {data}")
-            models[f"setting{j + 1}"] = runner.model(method, f"{method}-setting{j + 1}", runner.train_config(setting))
+            models[f"setting{j + 1}"] = runner.model(method, runner.train_config(setting))
         result = evaluate_runs(models, runner.test, EvalConfig(metrics=("accuracy",)))
         seconds = time.perf_counter() - t0
         stability = result.get("stability", {}).get("self", {"iou": 0.0, "dice": 0.0})
