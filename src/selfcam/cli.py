@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .errors import ConfigError, SelfcamError
+from .errors import CheckpointError, ConfigError, SelfcamError
 
 _state = {"debug": False}
 err_console = Console(stderr=True)
@@ -39,6 +39,8 @@ class _FriendlyGroup(TyperGroup):
 app = typer.Typer(cls=_FriendlyGroup, add_completion=False, no_args_is_help=True,
                   help="Classifiers that explain themselves: train, evaluate, demo, inspect.")  # fmt: skip
 console = Console()
+_DATA_HELP = ("cluttered-digits, mnist, fashion-mnist, or KIND:PATH with KIND one of imagefolder, cifar10, "
+              "cifar100, stl10, celeba, idx (see docs/data.md).")  # fmt: skip
 
 
 @app.callback()
@@ -79,38 +81,61 @@ def _table(title: str, rows: dict[str, dict[str, Any]], first: str = "model") ->
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for metrics.json, report.html and runs/."),
-    epochs: int = typer.Option(5, help="Epochs per model."),
-    backbone: str = typer.Option("resnet8", help="Backbone for every model."),
-    train_size: int = typer.Option(6000, help="Training canvases."),
-    test_size: int = typer.Option(1000, help="Test canvases."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for metrics.json, report.html and the runs."),
+    task: str = typer.Option("digits", help="digits (every head on cluttered digits), faces (SE-CAM per attribute) "
+                             "or asd (audio-visual active speaker detection)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per model (default: the task's recipe)."),
+    backbone: str = typer.Option("resnet8", help="Backbone for every model (digits)."),
+    train_size: Optional[int] = typer.Option(None, help="Training samples (default: the task's recipe)."),
+    test_size: Optional[int] = typer.Option(None, help="Test samples (default: the task's recipe)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
-    methods: str = typer.Option("plain,lfi,lfi-light,se,abn", help="Comma-separated heads to train."),
+    methods: str = typer.Option("plain,lfi,lfi-light,se,abn", help="Comma-separated heads to train (digits)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train every head on cluttered digits, score maps against the boxes, write a report."""
-    from .demo import DemoRecipe, run_demo
-    from .heads import HEADS
+    """Train on built-in data with ground truth, score the maps, write metrics.json and report.html."""
+    from dataclasses import replace
 
-    chosen = _names(methods)
-    unknown = [m for m in chosen if m not in HEADS]
-    if unknown:
-        raise typer.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(HEADS)}", param_hint="--methods")
-    recipe = DemoRecipe(backbone=backbone, epochs=epochs, train_size=train_size, test_size=test_size, seed=seed)
+    log = lambda s: console.print(s, markup=False, highlight=False)  # noqa: E731
+    sizes = {k: v for k, v in (("epochs", epochs), ("train_size", train_size), ("test_size", test_size)) if v is not None}
     t0 = time.perf_counter()
-    metrics = run_demo(out, recipe, chosen, progress=not quiet, log=lambda s: console.print(s, markup=False, highlight=False))
-    console.print(_table("cluttered digits, test split", metrics["models"]))
+    if task == "digits":
+        from .demo import DemoRecipe, run_demo
+        from .heads import HEADS
+
+        chosen = _names(methods)
+        unknown = [m for m in chosen if m not in HEADS]
+        if unknown:
+            raise typer.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(HEADS)}", param_hint="--methods")
+        recipe = replace(DemoRecipe(backbone=backbone, seed=seed), **sizes)
+        metrics = run_demo(out, recipe, chosen, progress=not quiet, log=log)
+        console.print(_table("cluttered digits, test split", metrics["models"]))
+    elif task == "faces":
+        from .faces import FacesRecipe, run_faces_demo
+
+        metrics = run_faces_demo(out, replace(FacesRecipe(seed=seed), **sizes), progress=not quiet, log=log)
+        console.print(_table("synthetic faces, test split", metrics["attributes"], first="attribute"))
+    elif task == "asd":
+        from .asd import ASDRecipe, run_asd_demo
+
+        metrics = run_asd_demo(out, replace(ASDRecipe(seed=seed), **sizes), progress=not quiet, log=log)
+        row = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        console.print(_table("synthetic speaker clips, test split", {"se-cam": row}))
+        for cls, imp in metrics["modality_importance"].items():
+            console.print(f"modality importance, {cls}: " + ", ".join(f"{k} {v:.3f}" for k, v in imp.items()))
+    else:
+        raise typer.BadParameter(f"unknown task {task!r}; choose from digits, faces, asd", param_hint="--task")
     console.print(f"wall time {time.perf_counter() - t0:.0f} s; wrote {out / 'metrics.json'} and {out / 'report.html'}")
 
 
 @app.command()
 def train(
-    method: str = typer.Option(..., "--method", help="Head: plain, lfi, lfi-light, se, abn."),
+    ctx: typer.Context,
+    method: Optional[str] = typer.Option(None, "--method", help="Head: plain, lfi, lfi-light, se, abn (required unless --resume)."),
     backbone: str = typer.Option("resnet20", "--backbone", help="Backbone name (see `selfcam models`)."),
-    data: str = typer.Option("cluttered-digits", "--data", help="Dataset name."),
+    data: str = typer.Option("cluttered-digits", "--data", help=_DATA_HELP),
     epochs: int = typer.Option(10, help="Epochs."),
-    out: Path = typer.Option(..., "--out", help="Run directory for the checkpoint and history."),
-    batch_size: int = typer.Option(64, help="Batch size."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory for the checkpoint and history (required unless --resume)."),
+    batch_size: int = typer.Option(64, help="Batch size (per process)."),
     optimizer: str = typer.Option("adamw", help="adamw or sgd (one-cycle schedule either way)."),
     lr: float = typer.Option(3e-3, help="Peak learning rate."),
     weight_decay: float = typer.Option(5e-4, help="Weight decay."),
@@ -119,31 +144,75 @@ def train(
     seed: int = typer.Option(0, help="Seed."),
     train_size: Optional[int] = typer.Option(None, help="Training samples (dataset default if unset)."),
     val_size: Optional[int] = typer.Option(None, help="Validation samples (dataset default if unset)."),
-    image_size: int = typer.Option(64, help="Canvas size for generated data."),
+    image_size: Optional[int] = typer.Option(None, help="Image side in pixels (the dataset's own size if unset)."),
+    devices: int = typer.Option(1, help="Processes per machine; more than one trains with DDP (see docs/training.md)."),
+    num_nodes: int = typer.Option(1, "--num-nodes", help="Machines, each running --devices processes."),
+    accelerator: str = typer.Option("auto", help="cpu, gpu or auto."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last saved state, with its stored recipe."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Train one model and write RUN_DIR/model.safetensors, config.json and history.json."""
+    """Train one model and write RUN_DIR/model.safetensors, config.json and history.json.
+
+    The training state is saved in RUN_DIR/checkpoints/ after every epoch and on SIGUSR1;
+    `--resume RUN_DIR` continues from it.
+    """
     from .data import load_dataset
     from .model import create_model
-    from .train import TrainConfig, fit, seed_all
+    from .train import TrainConfig, fit, is_global_zero, latest_state, seed_all
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, seed=seed)
-    bb_kw, head_kw = _json_object(backbone_kwargs, "--backbone-kwargs"), _json_object(head_kwargs, "--head-kwargs")
-    train_set = load_dataset(data, "train", train_size, seed=seed, size=image_size)
-    val_set = load_dataset(data, "val", val_size, seed=seed, size=image_size)
-    seed_all(seed)
-    model = create_model(method, backbone, train_set.num_classes, train_set.in_chans, bb_kw, **head_kw)
-    history = fit(model, train_set, val_set, cfg, out, progress=not quiet,
-                  extra_config={"data": {"name": data, "size": image_size}})  # fmt: skip
+    o = dict(ctx.params)
+    if resume is not None:
+        state = latest_state(resume)
+        if state is None:
+            if not (resume / "config.json").is_file():
+                raise CheckpointError(f"{resume}: nothing to resume (no checkpoints/ and no finished run)")
+            console.print(f"{resume}: training already finished; nothing to resume")
+            return
+        o.update(_resumed_options(ctx, state))
+    elif method is None or out is None:
+        raise typer.BadParameter("--method and --out are required unless you --resume a run")
+    cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
+                      seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"])  # fmt: skip
+    bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
+    train_set = load_dataset(o["data"], "train", o["train_size"], seed=cfg.seed, size=o["image_size"])
+    val_set = load_dataset(o["data"], "val", o["val_size"], seed=cfg.seed, size=o["image_size"])
+    seed_all(cfg.seed)
+    model = create_model(o["method"], o["backbone"], train_set.num_classes, train_set.in_chans, bb_kw, **head_kw)
+    extra = {"data": {"name": o["data"], "size": train_set.size, "train_size": len(train_set), "val_size": len(val_set),
+                      "mean": list(train_set.mean), "std": list(train_set.std), "class_names": list(train_set.class_names)}}  # fmt: skip
+    history = fit(model, train_set, val_set, cfg, o["out"], progress=not quiet, extra_config=extra, resume=resume is not None)
     last = history[-1] if history else {}
-    console.print(f"{method} on {backbone}: val_acc {last.get('val_acc', float('nan')):.3f}; wrote {out}")
+    if is_global_zero():
+        console.print(f"{o['method']} on {o['backbone']}: val_acc {last.get('val_acc', float('nan')):.3f}; wrote {o['out']}")
+
+
+def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
+    """The stored recipe of a resumed run as `train` options; options given on the command line must agree."""
+    m, t, d = state.model, state.train, state.extra.get("data", {})
+    stored = {"method": m.method, "backbone": m.backbone, "backbone_kwargs": json.dumps(m.backbone_kwargs),
+              "head_kwargs": json.dumps(m.head_kwargs), "data": d.get("name"), "image_size": d.get("size"),
+              "train_size": d.get("train_size"), "val_size": d.get("val_size"), "out": ctx.params["resume"],
+              **{k: getattr(t, k) for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes")}}  # fmt: skip
+
+    def same(key: str, given: Any) -> bool:
+        if key.endswith("_kwargs"):
+            return _json_object(given, f"--{key.replace('_', '-')}") == json.loads(stored[key])
+        return Path(given).resolve() == Path(stored[key]).resolve() if key == "out" else given == stored[key]
+
+    clash = [f"--{k.replace('_', '-')} {v} (the run has {stored[k]})" for k, v in ctx.params.items()
+             if k in stored and getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE" and not same(k, v)]  # fmt: skip
+    if clash:
+        raise ConfigError(f"--resume {ctx.params['resume']} continues the stored recipe; these options differ: {', '.join(clash)}")
+    if stored["data"] is None:
+        raise ConfigError(f"{ctx.params['resume']}: no data entry in its state (not started by `selfcam train`); resume it with selfcam.fit(..., resume=True)")
+    return stored
 
 
 @app.command()
 def evaluate(
     checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="Run directory; repeat for several runs."),
-    data: str = typer.Option("cluttered-digits", "--data", help="Dataset name."),
-    split: str = typer.Option("test", help="Dataset split."),
+    data: str = typer.Option("cluttered-digits", "--data", help=_DATA_HELP),
+    split: str = typer.Option("test", help="Dataset split: train, val or test."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images (dataset default if unset)."),
     methods: str = typer.Option("self", help="Comma-separated: self, cam, gradcam, gradcam++, scorecam, rise, lime."),
     metrics: str = typer.Option("all", help="Comma-separated metric names, or 'all'."),
@@ -152,10 +221,13 @@ def evaluate(
     sanity_images: int = typer.Option(0, help="Images for the cascading-randomization check (0: skip)."),
     seed: int = typer.Option(0, help="Seed of the generated data."),
     out: Path = typer.Option(..., "--out", help="Directory for evaluation.json."),
+    devices: int = typer.Option(1, help="Processes to share the images (contiguous shards; same numbers as one)."),
+    accelerator: str = typer.Option("cpu", help="cpu, gpu or auto (gpu with --devices N: one GPU per process)."),
 ) -> None:
     """Score the maps of one or more trained runs with every metric; write OUT/evaluation.json."""
     from dataclasses import asdict
 
+    import torch
     from rich.progress import track
 
     from .data import load_dataset
@@ -164,26 +236,114 @@ def evaluate(
 
     cfg = EvalConfig(methods=_names(methods), metrics=METRICS if metrics == "all" else _names(metrics),
                      batch_size=batch_size, steps=steps, sanity_images=sanity_images)  # fmt: skip
+    if accelerator not in ("cpu", "gpu", "auto"):
+        raise ConfigError(f"--accelerator must be cpu, gpu or auto, got {accelerator!r}")
+    device = "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     runs, size = {}, None
     for path in checkpoint:
-        model, doc = load_checkpoint(path)
+        model, doc = load_checkpoint(path, device)
         name = path.name if path.name not in runs else str(path)
         runs[name] = model
         size = size or doc.get("data", {}).get("size")
-    dataset = load_dataset(data, split, n, seed=seed, size=size or 64)
+    dataset = load_dataset(data, split, n, seed=seed, size=size)  # the runs' size, else the dataset's own
     for name, model in runs.items():
         if (model.config.num_classes, model.config.in_chans) != (dataset.num_classes, dataset.in_chans):
             raise ConfigError(
                 f"checkpoint {name} has {model.config.num_classes} classes / {model.config.in_chans} channels, "
                 f"dataset {data} has {dataset.num_classes} / {dataset.in_chans}"
             )
-    result = evaluate_runs(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"))
+    result = evaluate_runs(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
     doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(doc, indent=2, default=list))
     rows = {f"{run}/{m}": r for run, v in result["runs"].items() for m, r in v["results"].items()}
     console.print(_table(f"{data} ({split}, {result['n_images']} images)", rows))
     console.print(f"wrote {out / 'evaluation.json'}")
+
+
+@app.command()
+def explain(
+    images: list[Path] = typer.Argument(..., help="Image files, or directories searched recursively."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run directory written by `selfcam train`."),
+    out: Path = typer.Option(..., "--out", help="Directory for one PNG per image and predictions.json."),
+    methods: str = typer.Option("", "--methods", help="Comma-separated post-hoc maps to add: cam, gradcam, gradcam++, scorecam, rise, lime."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the image in the overlay (grad-cam's image_weight)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels (default: the run's training size)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Explain image files: input, the model's own map and post-hoc maps side by side, one PNG each."""
+    from rich.progress import track
+
+    from .explain import explain_files, find_images
+    from .model import CONFIG, load_checkpoint
+
+    files, skipped = find_images(images)
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        err_console.print(f"warning: skipped {len(skipped)} non-image file(s): {shown}", markup=False, highlight=False,
+                          soft_wrap=True)  # fmt: skip
+    model, doc = load_checkpoint(checkpoint)
+    bar = None if quiet or not any(p.is_dir() for p in images) else (
+        lambda it, total: track(it, total=total, description="explaining", console=err_console))  # fmt: skip
+    records = explain_files(model, doc, files, out, _names(methods), batch_size=batch_size, alpha=alpha, size=size,
+                            progress=bar, source=str(checkpoint / CONFIG))  # fmt: skip
+    console.print(f"explained {len(records)} image(s); wrote {out}/*.png and {out / 'predictions.json'}",
+                  markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@app.command()
+def report(
+    sources: list[Path] = typer.Argument(..., help="Run (config.json), evaluation (evaluation.json) or demo (metrics.json + runs/) directories."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    title: Optional[str] = typer.Option(None, "--title", help="Page title."),
+    per_class: int = typer.Option(2, "--per-class", help="Gallery images per class (0: no gallery)."),
+    methods: str = typer.Option("", "--methods", help="Post-hoc maps added to the gallery for plain runs, e.g. gradcam."),
+) -> None:
+    """One self-contained HTML page (images embedded) from runs, evaluations and demos."""
+    from .errors import require_int
+    from .posthoc import POSTHOC_METHODS
+    from .report import build_report
+
+    require_int("--per-class", per_class, 0)
+    unknown = [m for m in _names(methods) if m not in POSTHOC_METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown post-hoc method(s) {', '.join(unknown)}; choose from {', '.join(POSTHOC_METHODS)}")
+    path = build_report(sources, out, title=title, per_class=per_class, methods=_names(methods))
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run directory written by `selfcam train`."),
+    out: Path = typer.Option(..., "--out", help="The model file to write, e.g. model.onnx."),
+    format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset, 11 to 20."),
+    size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels (default: the run's training size)."),
+) -> None:
+    """Export a run to ONNX: input `image` (dynamic batch), outputs `logits` and `heatmap` (input size)."""
+    from .explain import Preprocess
+    from .export import export_onnx, onnx_parity
+    from .model import CONFIG, load_checkpoint
+
+    if format != "onnx":
+        raise ConfigError(f"--format: unknown export format {format!r}; choose onnx")
+    model, doc = load_checkpoint(checkpoint)
+    prep = Preprocess.from_config(doc, size, str(checkpoint / CONFIG))
+    data = doc.get("data") or {}
+    meta: dict[str, Any] = {"preprocess": {"size": prep.size, "channels": prep.in_chans, "mean": prep.mean, "std": prep.std}}
+    if isinstance(data.get("class_names"), list):
+        meta["class_names"] = data["class_names"]
+    path = export_onnx(model, out, prep.size, opset=opset, metadata=meta)
+    line = f"wrote {path} (opset {opset}, input image (N, {prep.in_chans}, {prep.size}, {prep.size}))"
+    try:
+        import torch
+
+        diff = onnx_parity(model, path, torch.randn(2, prep.in_chans, prep.size, prep.size))
+        line += f"; onnxruntime vs PyTorch max |diff|: logits {diff['logits']:.1e}, heatmap {diff['heatmap']:.1e}"
+    except ConfigError:  # onnxruntime not installed: the file is written and checked, just not compared
+        line += "; onnxruntime not installed, parity not checked"
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _names(text: str) -> tuple[str, ...]:

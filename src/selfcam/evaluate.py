@@ -9,6 +9,7 @@ running sums: memory does not grow with the number of images.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,11 +17,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import metrics as M
 from .data import box_mask
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, require_int
 from .model import SelfExplainer
 from .posthoc import POSTHOC_METHODS, posthoc_map
 
@@ -74,8 +75,19 @@ def explain_batch(model: SelfExplainer, x: Tensor, method: str = "self", **optio
 
 def _batch_scores(model: SelfExplainer, x: Tensor, y: Tensor, masks: Tensor | None, logits: Tensor,
                   maps: Tensor, cfg: EvalConfig) -> dict[str, Tensor]:  # fmt: skip
-    """Per-sample values ``(N,)`` of every requested metric for one batch (maps explain the predicted class)."""
+    """Per-sample values ``(N,)`` of every requested metric for one batch (maps explain the predicted class).
+
+    With ``deletion_auc`` / ``insertion_auc`` also their curves ``(N, steps + 1)`` as
+    ``deletion_curve`` / ``insertion_curve`` (averaged into ``evaluation.json``'s ``"curves"``).
+    """
     pred = logits.argmax(dim=1)
+    curves: dict[str, Tensor] = {}
+
+    def auc(kind: str, curve: Callable[..., Tensor], baseline: str) -> Tensor:
+        """:func:`metrics.deletion_auc` / ``insertion_auc``, keeping the curve it integrates."""
+        curves[f"{kind}_curve"] = c = curve(model, x, maps, pred, cfg.steps, baseline)
+        return torch.trapezoid(c, dx=1 / cfg.steps, dim=1)
+
     fns: dict[str, Callable[[], Tensor]] = {
         "accuracy": lambda: M.accuracy(logits, y),
         "pointing_game": lambda: M.pointing_game(maps, masks, cfg.tolerance),
@@ -84,12 +96,13 @@ def _batch_scores(model: SelfExplainer, x: Tensor, y: Tensor, masks: Tensor | No
         "dice": lambda: M.dice(maps, masks, cfg.threshold),
         "average_drop": lambda: M.average_drop(model, x, maps, pred),
         "increase_in_confidence": lambda: M.increase_in_confidence(model, x, maps, pred),
-        "deletion_auc": lambda: M.deletion_auc(model, x, maps, pred, cfg.steps, cfg.deletion_baseline),
-        "insertion_auc": lambda: M.insertion_auc(model, x, maps, pred, cfg.steps, cfg.insertion_baseline),
+        "deletion_auc": lambda: auc("deletion", M.deletion_curve, cfg.deletion_baseline),
+        "insertion_auc": lambda: auc("insertion", M.insertion_curve, cfg.insertion_baseline),
         "road_morf": lambda: M.road(model, x, maps, pred, order="morf").mean(dim=1),
         "road_lerf": lambda: M.road(model, x, maps, pred, order="lerf").mean(dim=1),
     }
-    return {name: fns[name]() for name in cfg.metrics if masks is not None or name not in LOCALIZATION}
+    scores = {name: fns[name]() for name in cfg.metrics if masks is not None or name not in LOCALIZATION}
+    return {**scores, **curves}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -102,27 +115,83 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class _Sums:
+    """Running sums of one pass over (part of) the data: per (run, method) metric sums and seconds,
+    per method stability sums (IoU, Dice times images), and the image count. Shards add up."""
+
+    sums: dict[tuple[str, str], dict[str, float]]
+    seconds: dict[tuple[str, str], float]
+    stab: dict[str, dict[str, float]]
+    n: int = 0
+
+    @classmethod
+    def zero(cls, pairs: list[tuple[str, str]], methods: Sequence[str], stability: bool) -> "_Sums":
+        return cls({p: {} for p in pairs}, {p: 0.0 for p in pairs}, {m: {"iou": 0.0, "dice": 0.0} for m in methods} if stability else {})
+
+    def __add__(self, other: "_Sums") -> "_Sums":
+        sums = {p: {k: v + other.sums[p][k] for k, v in d.items()} for p, d in self.sums.items()}
+        seconds = {p: v + other.seconds[p] for p, v in self.seconds.items()}
+        stab = {m: {k: v + other.stab[m][k] for k, v in d.items()} for m, d in self.stab.items()}
+        return _Sums(sums, seconds, stab, self.n + other.n)
+
+
 def evaluate_runs(
     models: dict[str, SelfExplainer],
     dataset: Dataset,
     cfg: EvalConfig,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+    devices: int = 1,
 ) -> dict[str, Any]:
     """Score every model with every method on ``dataset`` (items ``(image, label[, box])``).
 
     Returns ``{"n_images", "runs": {RUN: {"params", "results": {METHOD: {metric: mean}}}},
-    "stability": {METHOD: {"iou", "dice"}}`` (when there are several runs),
+    "stability": {METHOD: {"iou", "dice", "iou_matrix", "dice_matrix"}}`` (when there are several
+    runs; matrices ``R x R`` in the order of ``models``), ``"curves": {RUN: {METHOD: {"deletion",
+    "insertion"}}}`` (mean curves, ``steps + 1`` points, when those AUCs are computed),
     ``"sanity": {RUN: {METHOD: [[layer, mean rho], ...]}}`` (when ``cfg.sanity_images``)}``.
+    ``devices > 1`` splits the images into as many contiguous shards of whole batches, scores
+    them in as many processes (on ``cuda:i`` when the models are on a GPU) and adds up their
+    sums: the means are those of one process, up to the order of float additions.
     """
     if not models:
         raise ConfigError("no models to evaluate")
+    require_int("devices", devices)
     for model in models.values():
         model.eval()
+    total = _score(models, dataset, cfg, progress) if devices == 1 else _score_sharded(models, dataset, cfg, devices)
+    n = total.n
+    if n == 0:
+        raise InputError("the dataset is empty: nothing to evaluate")
+    runs: dict[str, Any] = {run: {"params": count_params(m), "results": {}} for run, m in models.items()}
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for (run, method), sums in total.sums.items():
+        means = {k: _mean(v, n) for k, v in sums.items()}
+        kept = {k.removesuffix("_curve"): means.pop(k) for k in list(means) if k.endswith("_curve")}
+        if kept:
+            curves.setdefault(run, {})[method] = kept
+        runs[run]["results"][method] = {**means, "map_ms_per_image": 1000 * total.seconds[run, method] / n}
+    result: dict[str, Any] = {"n_images": n, "runs": runs}
+    if curves:
+        result["curves"] = curves
+    if total.stab:
+        result["stability"] = {m: {k: _mean(v, n) for k, v in d.items()} for m, d in total.stab.items() if d["iou"] or d["dice"]}
+    if cfg.sanity_images > 0:
+        result["sanity"] = _sanity(models, dataset, cfg)
+    return result
+
+
+def _mean(total: float | Tensor, n: int) -> float | list:
+    """A running sum over ``n`` images as a JSON-ready mean (a float, or nested lists for curves and matrices)."""
+    return total / n if isinstance(total, float) else (total / n).tolist()
+
+
+def _score(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig,
+           progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None) -> _Sums:  # fmt: skip
+    """One pass over ``dataset`` in batches of ``cfg.batch_size``: every metric's sums."""
     pairs = [(run, method) for run in models for method in cfg.methods if _applicable(models[run], method)]
-    sums: dict[tuple[str, str], dict[str, float]] = {p: {} for p in pairs}
-    seconds = {p: 0.0 for p in pairs}
-    stab = {m: {"iou": 0.0, "dice": 0.0} for m in cfg.methods} if len(models) > 1 else {}
-    n = 0
+    total = _Sums.zero(pairs, cfg.methods, stability=len(models) > 1)
+    sums, seconds, stab = total.sums, total.seconds, total.stab
     loader = DataLoader(dataset, batch_size=cfg.batch_size)
     batches = progress(loader, len(loader)) if progress else loader
     for batch in batches:
@@ -138,27 +207,51 @@ def evaluate_runs(
                 if not torch.isfinite(maps).all():
                     raise InputError(f"{run}/{method} produced a map with NaN or inf values")
                 for name, values in _batch_scores(model, x, y, masks, logits, maps, cfg).items():
-                    sums[run, method][name] = sums[run, method].get(name, 0.0) + values.sum().item()
+                    batch_sum = values.sum().item() if values.dim() == 1 else values.sum(dim=0).double().cpu()  # curves
+                    sums[run, method][name] = sums[run, method].get(name, 0.0) + batch_sum
                 batch_maps[method].append(maps.cpu())
         for method, maps_per_run in batch_maps.items():
             if method in stab and len(maps_per_run) > 1:
                 s = M.stability(torch.stack(maps_per_run), cfg.stability_threshold)
                 stab[method]["iou"] += s["iou"] * len(batch[0])
                 stab[method]["dice"] += s["dice"] * len(batch[0])
-        n += len(batch[0])
-    if n == 0:
-        raise InputError("the dataset is empty: nothing to evaluate")
-    runs: dict[str, Any] = {run: {"params": count_params(m), "results": {}} for run, m in models.items()}
-    for run, method in pairs:
-        row = {k: v / n for k, v in sums[run, method].items()}
-        row["map_ms_per_image"] = 1000 * seconds[run, method] / n
-        runs[run]["results"][method] = row
-    result: dict[str, Any] = {"n_images": n, "runs": runs}
-    if stab:
-        result["stability"] = {m: {k: v / n for k, v in d.items()} for m, d in stab.items() if d["iou"] or d["dice"]}
-    if cfg.sanity_images > 0:
-        result["sanity"] = _sanity(models, dataset, cfg)
-    return result
+                for key in ("iou_matrix", "dice_matrix"):  # (R, R), runs in the order of ``models``
+                    stab[method][key] = stab[method].get(key, 0.0) + s[key].double() * len(batch[0])
+        total.n += len(batch[0])
+    return total
+
+
+def _shards(n: int, batch_size: int, devices: int) -> list[range]:
+    """Up to ``devices`` contiguous, non-empty index ranges made of whole batches, covering ``range(n)``."""
+    batches = math.ceil(n / batch_size)
+    cuts = [min(n, i * batches // devices * batch_size) for i in range(devices + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
+
+
+def _score_shard(job: tuple[dict[str, SelfExplainer], Dataset, EvalConfig, range, str, int]) -> _Sums:
+    """In a worker process: move the models to the shard's device and score its images."""
+    models, dataset, cfg, shard, device, threads = job
+    torch.set_num_threads(threads)
+    return _score({k: m.to(device).eval() for k, m in models.items()}, Subset(dataset, shard), cfg)
+
+
+def _score_sharded(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig, devices: int) -> _Sums:
+    """Score contiguous shards in ``devices`` spawned processes (``cuda:i`` each when on a GPU) and add the sums."""
+    home = {k: _device(m) for k, m in models.items()}
+    gpu = any(d.type == "cuda" for d in home.values())
+    if gpu and torch.cuda.device_count() < devices:
+        raise ConfigError(f"{devices} devices asked for, {torch.cuda.device_count()} GPU(s) visible")
+    shards = _shards(len(dataset), cfg.batch_size, devices)  # type: ignore[arg-type]
+    threads = max(1, torch.get_num_threads() // max(1, len(shards)))
+    jobs = [({k: m.cpu() for k, m in models.items()}, dataset, cfg, shard, f"cuda:{i}" if gpu else "cpu", threads)
+            for i, shard in enumerate(shards)]  # fmt: skip
+    try:
+        with torch.multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+            parts = pool.map(_score_shard, jobs)
+    finally:
+        for k, m in models.items():
+            m.to(home[k])
+    return sum(parts[1:], parts[0]) if parts else _score(models, Subset(dataset, range(0)), cfg)
 
 
 def _applicable(model: SelfExplainer, method: str) -> bool:

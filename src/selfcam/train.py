@@ -4,34 +4,83 @@
 progress bar, writes ``history.json`` (per-epoch metrics) and the checkpoint
 (``model.safetensors`` + ``config.json``) into ``run_dir``. Datasets yield
 ``(image, label, ...)``; extra items (boxes) are ignored here.
+
+Crash safety: after every epoch (and at the end of a batch when asked with
+:func:`request_checkpoint` or ``SIGUSR1``) the whole training state goes into
+``run_dir/checkpoints/step-NNNNNNNNN/`` (``state.safetensors`` for every tensor,
+``state.json`` for the rest), written under a temporary name, fsynced and renamed,
+so a directory with that name is always complete. ``fit(..., resume=True)``
+continues from the newest one; the data order is a pure function of (seed, epoch),
+so a resumed run repeats an uninterrupted one bit for bit on the CPU.
+Lightning's own checkpoints are pickles and stay off. docs/training.md has the layout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
+from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import ConfigError
-from .model import SelfExplainer, save_checkpoint
+from .errors import CheckpointError, ConfigError, require_int
+from .model import CONFIG, ModelConfig, SelfExplainer, _atomic_write, load_checkpoint, read_config, save_checkpoint
 
-__all__ = ["TrainConfig", "SelfcamModule", "fit", "seed_all"]
+__all__ = [
+    "DivergenceError",
+    "EpochSampler",
+    "SelfcamModule",
+    "TrainConfig",
+    "TrainState",
+    "epoch_seed",
+    "fit",
+    "is_global_zero",
+    "latest_state",
+    "request_checkpoint",
+    "seed_all",
+    "steps_per_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_DIR, STATE_TENSORS, STATE_JSON, HISTORY = "checkpoints", "state.safetensors", "state.json", "history.json"
+STATE_FORMAT, STATE_VERSION = "selfcam-train-state", 1
+RUNTIME_FIELDS = ("accelerator", "num_workers")  # may differ when a run is resumed; every other field must not
+_REQUESTED = threading.Event()
+
+
+class DivergenceError(ConfigError, FloatingPointError):
+    """The loss or the weights stopped being finite (usually: the learning rate is too high)."""
 
 
 @dataclass
 class TrainConfig:
-    """The training recipe (stored in ``config.json`` under ``"train"``)."""
+    """The training recipe (stored in ``config.json`` under ``"train"``).
+
+    ``batch_size`` is per process: with ``devices * num_nodes`` processes a step sees
+    ``batch_size * devices * num_nodes`` images.
+    """
 
     epochs: int = 10
     batch_size: int = 64
@@ -42,6 +91,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -50,28 +101,168 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0:
             raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+            raise ConfigError(f"accelerator must be auto, cpu, gpu, cuda or mps, got {self.accelerator!r}")
+        require_int("devices", self.devices)
+        require_int("num_nodes", self.num_nodes)
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_seed(seed: int, epoch: int, stream: str = "order") -> int:
+    """The seed of one epoch's data order (``stream="order"``) or global generators (``"rng"``):
+    63 bits of SHA-256 over ``"selfcam-{stream}:{seed}:{epoch}"``."""
+    digest = hashlib.sha256(f"selfcam-{stream}:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seed_globals(seed: int) -> None:
+    """Seed torch's (CPU and CUDA), NumPy's and Python's global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps per epoch: each of ``world`` processes reads ``n // world`` samples,
+    dropping the last incomplete batch when there is more than one."""
+    per_rank = n // world
+    return per_rank // batch_size if per_rank > batch_size else 1
+
+
+class EpochSampler(Sampler[int]):
+    """The indices one process reads in one epoch: a pure function of the arguments.
+
+    ``shuffle``: a permutation of ``range(n)`` drawn from
+    ``torch.Generator().manual_seed(epoch_seed(seed, epoch))``; process ``rank`` of ``world``
+    takes every ``world``-th index from ``rank`` on (the first ``n // world`` of them, so every
+    process runs as many batches). Without ``shuffle``: the contiguous shard
+    ``[rank * n // world, (rank + 1) * n // world)``. The first ``skip`` indices are left
+    out (a run resumed in the middle of an epoch).
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1, skip: int = 0) -> None:  # fmt: skip
+        if not 0 <= rank < world or n < world or skip < 0:
+            raise ConfigError(f"cannot share {n} samples among {world} processes (rank {rank}, skip {skip})")
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        self.rank, self.world, self.skip = rank, world, skip
+
+    def indices(self) -> Tensor:
+        """``(len(self),)`` int64."""
+        if self.shuffle:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+            mine = perm[self.rank :: self.world][: self.n // self.world]
+        else:
+            mine = torch.arange(self.rank * self.n // self.world, (self.rank + 1) * self.n // self.world)
+        return mine[self.skip :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        shard = self.n // self.world if self.shuffle else (self.rank + 1) * self.n // self.world - self.rank * self.n // self.world
+        return max(0, shard - self.skip)
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that seeds the global generators from ``reseed`` each time it is iterated.
+
+    Random augmentation in the dataset, worker seeds and dropout then depend on (seed, epoch)
+    only, not on how often Lightning created the iterator before (it does so twice per epoch
+    but once in the first epoch of a ``fit``, which a resumed run would otherwise notice).
+    """
+
+    reseed: int | None = None
+
+    def __iter__(self) -> Any:
+        if self.reseed is not None:
+            _seed_globals(self.reseed)
+        return super().__iter__()
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a run starts: epochs done, batches of the next epoch done, optimizer steps, seconds."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+
+
+class _RunData(L.LightningDataModule):
+    """Loaders rebuilt every epoch: train order from :class:`EpochSampler`, validation sharded over processes."""
+
+    def __init__(self, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, start: _Start) -> None:
+        super().__init__()
+        self.train_set, self.val_set, self.cfg, self.start = train_set, val_set, cfg, start
+
+    def _world(self) -> tuple[int, int]:
+        t = self.trainer
+        if t.world_size != self.cfg.world_size:
+            raise ConfigError(f"running {t.world_size} processes but the recipe says devices * num_nodes = {self.cfg.world_size}")
+        return t.global_rank, t.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        e, c, n = self.start.epoch + self.trainer.current_epoch, self.cfg, len(self.train_set)  # type: ignore[arg-type]
+        skip = self.start.batch * c.batch_size if e == self.start.epoch else 0
+        sampler = EpochSampler(n, seed=c.seed, epoch=e, rank=rank, world=world, skip=skip)
+        loader = _EpochLoader(self.train_set, c.batch_size, sampler=sampler, num_workers=c.num_workers, drop_last=n // world > c.batch_size)  # fmt: skip
+        # mid-epoch resume: the generators continue from the state saved with it instead
+        loader.reseed = epoch_seed(c.seed, e, "rng") + rank if skip == 0 else None
+        return loader
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        val = self.val_set if self.val_set is not None else self.train_set  # no val set: limit_val_batches=0 skips it
+        sampler = EpochSampler(len(val), shuffle=False, rank=rank, world=world)  # type: ignore[arg-type]
+        return DataLoader(val, 256, sampler=sampler, num_workers=self.cfg.num_workers)
+
+
+# ----------------------------------------------------------------------------- the module
 
 
 class SelfcamModule(L.LightningModule):
-    """Lightning wrapper: the head's own loss, AdamW or SGD with a one-cycle schedule, accuracy."""
+    """Lightning wrapper: the head's own loss, AdamW or SGD with a one-cycle schedule, accuracy.
 
-    def __init__(self, model: SelfExplainer, cfg: TrainConfig) -> None:
+    ``total_steps``: the one-cycle length (the whole run's, also when resumed); ``restore``:
+    the optimizer and scheduler state of a resumed run (see :func:`fit`).
+    """
+
+    def __init__(self, model: SelfExplainer, cfg: TrainConfig, total_steps: int | None = None,
+                 restore: tuple[TrainState, dict[str, Tensor]] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.total_steps, self.restore = total_steps, restore
+        self.step_offset, self.epoch_offset = (restore[0].global_step, restore[0].epoch) if restore is not None else (0, 0)
         n = model.config.num_classes
-        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
+        task = getattr(model.head, "task", "multiclass")
+        counts = {"num_labels": n} if task == "multilabel" else {"num_classes": n}
+        self.train_acc = torchmetrics.Accuracy(task=task, **counts)
+        self.val_acc = torchmetrics.Accuracy(task=task, **counts)
 
     def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         x, y = batch[0], batch[1]
         out = self.model(x)
         loss = self.model.loss(out, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{stage} loss is {loss.item()} at step {self.global_step}; lower the learning rate")
+        bad = not torch.isfinite(loss)
+        if stage == "train":  # every process runs as many training steps: when one diverges, all stop
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            step, epoch = self.step_offset + self.global_step, self.epoch_offset + self.current_epoch
+            value = loss.item() if not torch.isfinite(loss) else "not finite in another process"
+            raise DivergenceError(f"{stage} loss is {value} at step {step} (epoch {epoch}); lower the learning rate")
         acc = self.train_acc if stage == "train" else self.val_acc
         acc(out.logits, y)
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
         self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
 
@@ -87,21 +278,389 @@ class SelfcamModule(L.LightningModule):
             opt: torch.optim.Optimizer = torch.optim.SGD(params, c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
         else:
             opt = torch.optim.AdamW(params, c.lr, weight_decay=c.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr, total_steps=self.trainer.estimated_stepping_batches)
+        total = self.total_steps or self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr, total_steps=total)
+        if self.restore is not None:
+            _load_optimizer(opt, sched, *self.restore)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------- training state on disk
+
+
+@dataclass
+class TrainState:
+    """One saved training state (the JSON half; :func:`_read_tensors` gives the tensors).
+
+    ``epoch``: epochs completed; ``batch``: batches of epoch ``epoch`` already done
+    (0 at an epoch boundary); ``global_step``: optimizer steps so far.
+    """
+
+    path: Path
+    epoch: int
+    batch: int
+    global_step: int
+    seconds: float
+    n_train: int
+    model: ModelConfig
+    train: TrainConfig
+    extra: dict[str, Any]
+    history: list[dict[str, float]]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    tensors_sha256: str
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.train.epochs
+
+
+_STATE_SPEC: dict[str, Any] = {
+    "format": str, "version": int, "epoch": int, "batch": int, "global_step": int, "seconds": float, "n_train": int,
+    "model": dict, "train": dict, "extra": dict, "history": list, "optimizer": dict, "scheduler": dict, "rng": dict,
+    "tensors_sha256": str,
+}  # fmt: skip
+_RNG_SPEC: dict[str, Any] = {"numpy": dict, "python": dict, "cuda": int}
+_NUMPY_RNG_SPEC: dict[str, Any] = {"pos": int, "has_gauss": int, "cached_gaussian": float}
+_PYTHON_RNG_SPEC: dict[str, Any] = {"version": int, "gauss_next": (float, type(None))}
+
+
+def _kind_ok(value: Any, kind: Any) -> bool:
+    """JSON type check: bool is not a number, an int is a valid float."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+
+
+def _expect(doc: Any, spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """``doc`` must be an object with exactly ``spec``'s keys, each of its type; else CheckpointError."""
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{where}: expected an object, got {type(doc).__name__}")
+    missing, extra = sorted(spec.keys() - doc.keys()), sorted(doc.keys() - spec.keys())
+    if missing or extra:
+        raise CheckpointError(f"{where}: missing fields {missing} / unknown fields {extra}")
+    for key, kind in spec.items():
+        if not _kind_ok(doc[key], kind):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise CheckpointError(f"{where}: field {key!r} must be {names}, got {doc[key]!r}")
+    return doc
+
+
+def _train_config(d: Any, where: str) -> TrainConfig:
+    spec = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)] for f in fields(TrainConfig)}
+    try:
+        return TrainConfig(**_expect(d, spec, where))
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+def _read_state(path: Path) -> TrainState:
+    """Parse and validate ``path/state.json``."""
+    file = path / STATE_JSON
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{file}: state file not found") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    _expect(doc, _STATE_SPEC, str(file))
+    if doc.pop("format") != STATE_FORMAT or doc.pop("version") != STATE_VERSION:
+        raise CheckpointError(f"{file}: not a selfcam training state of version {STATE_VERSION}")
+    try:
+        doc["model"] = ModelConfig.from_dict(doc["model"], str(file))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    doc["train"] = _train_config(doc["train"], f"{file}: train")
+    for i, row in enumerate(doc["history"]):
+        if not isinstance(row, dict) or not all(_kind_ok(v, float) for v in row.values()):
+            raise CheckpointError(f"{file}: history[{i}] must be an object of numbers, got {row!r}")
+    _expect(doc["optimizer"], {"param_groups": list, "state": dict}, f"{file}: optimizer")
+    rng = _expect(doc["rng"], _RNG_SPEC, f"{file}: rng")
+    _expect(rng["numpy"], _NUMPY_RNG_SPEC, f"{file}: rng.numpy")
+    _expect(rng["python"], _PYTHON_RNG_SPEC, f"{file}: rng.python")
+    if min(doc["epoch"], doc["batch"], doc["global_step"], doc["n_train"]) < 0:
+        raise CheckpointError(f"{file}: negative epoch, batch, step or size")
+    return TrainState(path=path, **doc)
+
+
+def _state_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of the complete states under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def latest_state(run_dir: str | Path) -> TrainState | None:
+    """The newest complete training state of ``run_dir`` (validated), or ``None`` when there is none.
+
+    Directories named ``step-N`` are only ever created by an atomic rename, so a
+    half-written state is never picked; temporary ``.tmp-*`` directories are ignored.
+    """
+    root = Path(run_dir) / STATE_DIR
+    for _ in range(5):
+        dirs = _state_dirs(root)
+        if not dirs:
+            return None
+        try:
+            return _read_state(dirs[0][1])
+        except CheckpointError:
+            if dirs[0][1].exists():
+                raise
+            # pruned by a training process that wrote a newer state meanwhile: look again
+    raise CheckpointError(f"{root}: the training state keeps changing while being read")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_tensors(state: TrainState) -> dict[str, Tensor]:
+    """The tensors of ``state`` after checking they are the ones its JSON was written with."""
+    file = state.path / STATE_TENSORS
+    if not file.is_file():
+        raise CheckpointError(f"{file}: state tensors not found")
+    if _sha256(file) != state.tensors_sha256:
+        raise CheckpointError(f"{file}: does not match the checksum in {STATE_JSON} (corrupt or replaced)")
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+    needed = {"rng.torch", "rng.numpy", "rng.python", *(f"rng.cuda.{i}" for i in range(state.rng["cuda"]))}
+    unknown = [k for k in tensors if k not in needed and not k.startswith(("model.", "optimizer."))]
+    if needed - tensors.keys() or unknown:
+        raise CheckpointError(f"{file}: missing tensors {sorted(needed - tensors.keys())} / unknown tensors {unknown[:3]}")
+    return tensors
+
+
+def _fsync(path: Path) -> None:
+    if path.is_dir() and os.name != "posix":
+        return  # directories cannot be opened for fsync on Windows
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_state(run_dir: Path, tensors: dict[str, Tensor], doc: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step-N/`` atomically (temp dir, fsync, rename, fsync); drop older states."""
+    root = run_dir / STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{doc['global_step']:09d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        doc = {"format": STATE_FORMAT, "version": STATE_VERSION, **doc, "tensors_sha256": _sha256(tmp / STATE_TENSORS)}
+        (tmp / STATE_JSON).write_text(json.dumps(doc, indent=1))
+        for path in (tmp / STATE_TENSORS, tmp / STATE_JSON, tmp):
+            _fsync(path)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for path in root.iterdir():
+        if path != final and (path.name.startswith(".tmp-") or path.name.startswith("step-")):
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _rng_capture() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Python, NumPy, torch CPU (and CUDA) generator states as (tensors, JSON)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(cuda)})
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["rng.python"] = torch.tensor(internal, dtype=torch.int64)
+    meta = {"numpy": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "gauss_next": gauss_next}, "cuda": len(cuda)}  # fmt: skip
+    return tensors, meta
+
+
+def _rng_restore(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if meta["cuda"] and torch.cuda.is_available():
+        if torch.cuda.device_count() == meta["cuda"]:
+            torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(meta["cuda"])])
+        else:
+            log.warning("state holds %d CUDA generator states for %d devices: not restored", meta["cuda"], torch.cuda.device_count())
+    n = meta["numpy"]
+    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(tensors["rng.python"].tolist()), p["gauss_next"]))
+
+
+def _optimizer_capture(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Moment buffers (and step counts) as tensors ``optimizer.{param}.{name}``, the rest as JSON."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        state[str(idx)] = {}
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{idx}.{name}"] = value
+            else:
+                state[str(idx)][name] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": state}
+
+
+def _same_structure(saved: Any, fresh: Any, where: str) -> Any:
+    """Check ``saved`` (from JSON) has ``fresh``'s keys, lengths and value kinds; returns it with tuples restored."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict) or saved.keys() != fresh.keys():
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise CheckpointError(f"{where}: expected fields {sorted(fresh)}, got {got}")
+        return {k: _same_structure(saved[k], fresh[k], f"{where}.{k}") for k in fresh}
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(fresh):
+            raise CheckpointError(f"{where}: expected a list of {len(fresh)}, got {saved!r}")
+        items = [_same_structure(s, f, f"{where}[{i}]") for i, (s, f) in enumerate(zip(saved, fresh))]
+        return tuple(items) if isinstance(fresh, tuple) else items
+    numbers = (int, float)
+    kind = bool if isinstance(fresh, bool) else numbers if isinstance(fresh, numbers) else type(fresh)
+    if not _kind_ok(saved, kind):
+        raise CheckpointError(f"{where}: expected a {type(fresh).__name__}, got {saved!r}")
+    return saved
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, sched: Any, state: TrainState, tensors: dict[str, Tensor]) -> None:
+    """Validate the saved optimizer / scheduler state against fresh ones and load it."""
+    file = state.path / STATE_JSON
+    groups = _same_structure(state.optimizer["param_groups"], opt.state_dict()["param_groups"], f"{file}: optimizer.param_groups")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in state.optimizer["state"].items():
+        if not key.isdigit() or int(key) >= len(params) or not isinstance(value, dict):
+            raise CheckpointError(f"{file}: optimizer.state has an entry {key!r} for no parameter")
+        per_param[int(key)] = dict(value)
+    for key, t in tensors.items():
+        if not key.startswith("optimizer."):
+            continue
+        idx, _, name = key.removeprefix("optimizer.").partition(".")
+        if not idx.isdigit() or int(idx) not in per_param or (t.dim() > 0 and t.shape != params[int(idx)].shape):
+            raise CheckpointError(f"{state.path / STATE_TENSORS}: {key} {tuple(t.shape)} fits no parameter of the model")
+        per_param[int(idx)][name] = t
+    opt.load_state_dict({"state": per_param, "param_groups": groups})
+    fresh = sched.state_dict()
+    saved = _same_structure(state.scheduler, fresh, f"{file}: scheduler")
+    if saved["total_steps"] != fresh["total_steps"]:
+        raise CheckpointError(f"{file}: schedule of {saved['total_steps']} steps, this run has {fresh['total_steps']}")
+    sched.load_state_dict(saved)
+
+
+def _not_finite(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Names of the weights / optimizer tensors holding NaN or infinity."""
+    tensors = {**model.state_dict(), **{f"optimizer.{k}": v for k, v in _optimizer_capture(opt)[0].items()}}
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+# ----------------------------------------------------------------------------- callbacks
 
 
 class _History(L.Callback):
     """Collects the epoch-level metrics Lightning logged, one dict per epoch."""
 
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-        self._t0 = time.perf_counter()
+    def __init__(self, start: _Start, rows: list[dict[str, float]] | None = None) -> None:
+        self.rows: list[dict[str, float]] = list(rows or [])
+        self.start = start
+        self._t0 = time.perf_counter() - start.seconds
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self._t0, 2)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        row = {"epoch": trainer.current_epoch, "seconds": round(time.perf_counter() - self._t0, 2)}
+        row = {"epoch": self.start.epoch + trainer.current_epoch, "seconds": self.seconds()}
         row.update({k: round(float(v), 6) for k, v in trainer.callback_metrics.items()})
         self.rows.append(row)
+
+
+class _StateWriter(L.Callback):
+    """Rank 0 writes the training state after every epoch and, when asked, after a batch."""
+
+    def __init__(self, run_dir: Path, history: _History, meta: dict[str, Any], start: _Start, fresh: bool) -> None:
+        self.run_dir, self.history, self.meta, self.start, self.fresh = run_dir, history, meta, start, fresh
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if self.fresh and trainer.is_global_zero and (self.run_dir / STATE_DIR).exists():
+            log.warning("%s: starting over; the training state of the earlier run there is discarded", self.run_dir)
+            shutil.rmtree(self.run_dir / STATE_DIR, ignore_errors=True)  # it must not be resumed into this run
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if _REQUESTED.is_set() and batch_idx + 1 < trainer.num_training_batches:  # on the last batch: the epoch's own save
+            _REQUESTED.clear()
+            skip = self.start.batch if trainer.current_epoch == 0 else 0
+            self.save(trainer, module, self.start.epoch + trainer.current_epoch, skip + batch_idx + 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        _REQUESTED.clear()
+        self.save(trainer, module, self.start.epoch + trainer.current_epoch + 1, 0)
+
+    def save(self, trainer: L.Trainer, module: L.LightningModule, epoch: int, batch: int) -> None:
+        model: SelfExplainer = module.model  # type: ignore[assignment]
+        step = self.start.step + trainer.global_step
+        bad = _not_finite(model, trainer.optimizers[0])  # every process checks its copy, so all stop together
+        if bad:
+            raise DivergenceError(f"{len(bad)} weight tensor(s) are not finite after step {step} ({bad[0]}, ...); lower the learning rate")
+        if not trainer.is_global_zero:
+            return
+        tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        opt_tensors, opt_json = _optimizer_capture(trainer.optimizers[0])
+        tensors.update({k: v.detach().cpu().clone() for k, v in opt_tensors.items()})
+        rng_tensors, rng_json = _rng_capture()
+        tensors.update(rng_tensors)
+        doc = {"epoch": epoch, "batch": batch, "global_step": step, "seconds": self.history.seconds(), **self.meta,
+               "history": self.history.rows, "optimizer": opt_json,
+               "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(), "rng": rng_json}  # fmt: skip
+        _write_state(self.run_dir, tensors, doc)
+        _atomic_write(self.run_dir / HISTORY, lambda p: Path(p).write_text(json.dumps(self.history.rows, indent=2)))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def request_checkpoint() -> None:
+    """Ask a running :func:`fit` (this process) to write its state at the end of the current batch.
+
+    ``kill -USR1 PID`` does the same from outside. Within the last batch of an epoch the
+    request is served by that epoch's own state.
+    """
+    _REQUESTED.set()
+
+
+@contextmanager
+def _checkpoint_signal() -> Iterator[None]:
+    """While training, SIGUSR1 calls :func:`request_checkpoint` (POSIX, main thread only)."""
+    if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: _REQUESTED.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous if previous is not None else signal.SIG_DFL)
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 of a multi-process run (True when alone): the one that writes files."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    for var in ("RANK", "SLURM_PROCID"):  # torchrun, SLURM
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return os.environ.get("NODE_RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning's launcher
 
 
 def seed_all(seed: int) -> None:
@@ -117,6 +676,46 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _check_same_run(where: Path, stored: tuple[ModelConfig, TrainConfig], model: SelfExplainer, cfg: TrainConfig) -> None:
+    """ConfigError unless ``model`` and ``cfg`` are the run's stored ones (runtime fields aside)."""
+    if _as_json(asdict(stored[0])) != _as_json(asdict(model.config)):
+        raise ConfigError(f"{where}: the run was trained as {stored[0]}, the model given is {model.config}")
+    old, new = asdict(stored[1]), asdict(cfg)
+    diff = [f"{k}: {old[k]!r} stored, {new[k]!r} given" for k in old if k not in RUNTIME_FIELDS and old[k] != new[k]]
+    if diff:
+        raise ConfigError(f"{where}: the resumed run's recipe differs ({'; '.join(diff)})")
+
+
+def _finished(model: SelfExplainer, cfg: TrainConfig, run: Path) -> list[dict[str, float]]:
+    """``resume=True`` on a run with no state left: it finished; load its weights and history."""
+    if not (run / CONFIG).is_file():
+        raise CheckpointError(f"{run}: nothing to resume (no {STATE_DIR}/ and no finished run)")
+    doc = read_config(run)
+    if not isinstance(doc.get("train"), dict):
+        raise CheckpointError(f"{run / CONFIG}: no 'train' entry: not a run written by fit")
+    defaults = asdict(TrainConfig())
+    _check_same_run(run / CONFIG, (doc["model"], TrainConfig(**{**defaults, **doc["train"]})), model, cfg)
+    trained, _ = load_checkpoint(run)
+    model.load_state_dict(trained.state_dict())
+    log.info("%s: training already finished (%d epochs); nothing to resume", run, cfg.epochs)
+    path = run / HISTORY
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _load_model(model: SelfExplainer, tensors: dict[str, Tensor], state: TrainState) -> None:
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    wrong = sorted(expected.keys() ^ weights.keys()) + [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{state.path / STATE_TENSORS}: weights do not fit the model ({len(wrong)} differ, e.g. {wrong[:2]})")
+    model.load_state_dict(weights)
+
+
 def fit(
     model: SelfExplainer,
     train_set: Dataset,
@@ -125,31 +724,84 @@ def fit(
     run_dir: str | Path | None = None,
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns the per-epoch history.
 
-    With ``run_dir`` it also writes ``history.json``, ``model.safetensors`` and
-    ``config.json`` (``extra_config`` is stored beside ``"model"`` and ``"train"``).
+    With ``run_dir`` it writes the training state after every epoch (``checkpoints/``),
+    ``history.json``, and at the end ``model.safetensors`` and ``config.json``
+    (``extra_config`` is stored beside ``"model"`` and ``"train"``), then removes the state.
+    ``resume=True`` continues the run in ``run_dir`` from its newest state; ``model``,
+    ``cfg`` (but ``accelerator`` and ``num_workers``), the training set's size and
+    ``extra_config`` (when given) must be the run's, else :class:`ConfigError`. A finished
+    run is loaded into ``model`` and not trained again. With ``devices * num_nodes > 1``
+    Lightning runs DDP; only rank 0 writes files.
     """
     _quiet_lightning()
+    run = Path(run_dir) if run_dir is not None else None
+    if resume and run is None:
+        raise ConfigError("resume=True needs the run_dir to resume from")
+    extra = _as_json(extra_config or {})
     seed_all(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, generator=gen, num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size)  # fmt: skip
-    val_loader = DataLoader(val_set, 256, num_workers=cfg.num_workers) if val_set is not None else None
-    history = _History()
+    state = latest_state(run) if resume and run is not None else None
+    if resume and run is not None and state is None:
+        return _finished(model, cfg, run)
+    tensors: dict[str, Tensor] = {}
+    if state is not None:
+        _check_same_run(state.path / STATE_JSON, (state.model, state.train), model, cfg)
+        n_train = len(train_set)  # type: ignore[arg-type]
+        if state.n_train != n_train or (extra_config is not None and extra != state.extra):
+            raise ConfigError(f"{state.path / STATE_JSON}: the run had {state.n_train} training samples and extra config "
+                              f"{state.extra}; given {n_train} and {extra}")  # fmt: skip
+        extra = state.extra
+        tensors = _read_tensors(state)
+        _load_model(model, tensors, state)
+    start = _Start(state.epoch, state.batch, state.global_step, state.seconds) if state else _Start()
+    history = _History(start, state.history if state else None)
+    writer = is_global_zero()
+    if state is None or not state.finished:
+        writer = _train(model, train_set, val_set, cfg, run, progress, extra, start, history, state, tensors)
+    model.eval()
+    if run is not None and writer:
+        _atomic_write(run / HISTORY, lambda p: Path(p).write_text(json.dumps(history.rows, indent=2)))
+        save_checkpoint(model, run, train=asdict(cfg), **extra)
+        shutil.rmtree(run / STATE_DIR, ignore_errors=True)
+    return history.rows
+
+
+def _train(model: SelfExplainer, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, run: Path | None,
+           progress: bool, extra: dict[str, Any], start: _Start, history: _History, state: TrainState | None,
+           tensors: dict[str, Tensor]) -> bool:  # fmt: skip
+    """Run Lightning from ``start`` to the last epoch; ``state``/``tensors``: what a resumed run restores.
+    Returns whether this process is rank 0."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    n_train = len(train_set)  # type: ignore[arg-type]
+    total = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.world_size)
     callbacks: list[L.Callback] = [history]
+    if run is not None:
+        meta = {"n_train": n_train, "model": asdict(model.config), "train": asdict(cfg), "extra": extra}
+        callbacks.append(_StateWriter(run, history, meta, start, fresh=state is None))
     if progress:
         callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=True))
     trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=cfg.epochs - start.epoch, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy="ddp" if cfg.world_size > 1 else "auto", use_distributed_sampler=False, reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=1.0 if val_set is not None else 0, logger=False, enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=True, callbacks=callbacks,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=0, default_root_dir=run,
+        # Lightning's SLURM auto-requeue saves pickled checkpoints on SIGUSR1: ours handles SIGUSR1 instead
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
     )  # fmt: skip
-    trainer.fit(SelfcamModule(model, cfg), train_loader, val_loader)
-    model.eval()
-    if run_dir is not None:
-        run = Path(run_dir)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "history.json").write_text(json.dumps(history.rows, indent=2))
-        save_checkpoint(model, run, train=asdict(cfg), **(extra_config or {}))
-    return history.rows
+    if state is not None:
+        _rng_restore(tensors, state.rng)
+    _REQUESTED.clear()
+    try:
+        with _checkpoint_signal():
+            restore = (state, tensors) if state is not None else None
+            trainer.fit(SelfcamModule(model, cfg, total, restore), datamodule=_RunData(train_set, val_set, cfg, start))
+    except DivergenceError as e:
+        last = _state_dirs(run / STATE_DIR) if run is not None else []
+        where = f"; the last good state is {last[0][1]}" if last else ""
+        raise DivergenceError(f"{e}{where}") from None
+    return trainer.is_global_zero
