@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import CheckpointError, ConfigError, DataError, InputError, SelfcamError
+from .errors import CheckpointError, ConfigError, DataError, DivergenceError, InputError, SelfcamError
 from .heads import HEADS, ExplainedOutput, minmax, upsample
 from .model import ModelConfig, SelfExplainer, create_model, list_methods, load_checkpoint, save_checkpoint
 
@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DivergenceError",
     "ExplainedOutput",
     "HEADS",
     "InputError",
@@ -23,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "create_model",
     "fit",
+    "load_dataset",
     "list_methods",
     "load_checkpoint",
     "minmax",
@@ -33,6 +35,10 @@ __all__ = [
 
 
 def __getattr__(name: str):  # heavy imports (Lightning, grad-cam) only when asked for
+    if name == "load_dataset":
+        from .data import load_dataset
+
+        return load_dataset
     if name in ("TrainConfig", "fit"):
         from . import train
 

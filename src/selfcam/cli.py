@@ -32,6 +32,10 @@ class _FriendlyGroup(TyperGroup):
         except (SelfcamError, OSError) as e:
             if _state["debug"]:
                 raise
+            from .train import is_global_zero
+
+            if not is_global_zero():  # the other processes of a DDP run: rank 0 says it once
+                raise typer.Exit(2) from None
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

@@ -23,6 +23,10 @@ class DataError(SelfcamError):
     """A dataset that cannot be read or built."""
 
 
+class DivergenceError(ConfigError, FloatingPointError):
+    """Training stopped: the loss or the weights stopped being finite (usually: the learning rate is too high)."""
+
+
 def require_int(name: str, value: object, low: int = 1) -> None:
     """Raise :class:`ConfigError` unless ``value`` is an ``int`` (not a bool) ``>= low``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import CheckpointError, ConfigError, require_int
+from .errors import CheckpointError, ConfigError, DivergenceError, require_int
 from .model import CONFIG, ModelConfig, SelfExplainer, _atomic_write, load_checkpoint, read_config, save_checkpoint
 
 __all__ = [
@@ -68,10 +68,6 @@ STATE_DIR, STATE_TENSORS, STATE_JSON, HISTORY = "checkpoints", "state.safetensor
 STATE_FORMAT, STATE_VERSION = "selfcam-train-state", 1
 RUNTIME_FIELDS = ("accelerator", "num_workers")  # may differ when a run is resumed; every other field must not
 _REQUESTED = threading.Event()
-
-
-class DivergenceError(ConfigError, FloatingPointError):
-    """The loss or the weights stopped being finite (usually: the learning rate is too high)."""
 
 
 @dataclass
