@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from html.parser import HTMLParser
 
 import matplotlib
@@ -126,3 +127,147 @@ def test_inconsistent_gallery_raises(tmp_path, break_it):
     with pytest.raises(ValueError):
         write_report(tmp_path / "r.html", title="t", metrics=METRICS, gallery=g)
     assert not any(tmp_path.iterdir())
+
+
+# --- write_report: per-class gallery, extra tables and notes ---------------------------------
+
+
+def test_gallery_is_grouped_by_true_class_in_order(tmp_path):
+    g = _gallery(g=5, methods=("cam",))
+    g.labels = torch.tensor([2, 0, 2, 1, 0])
+    html = write_report(tmp_path / "r.html", title="t", metrics={}, gallery=g,
+                        tables=[("Extra table", {"row": {"x": 1.5}})], notes=["a note"]).read_text()
+    headings = [line for line in html.splitlines() if line.startswith("<h3>")]
+    assert headings == ["<h3>class cat</h3>", "<h3>class dog</h3>", "<h3>class bird</h3>"]
+    inputs = [i["alt"] for i in _imgs(html) if i["alt"].startswith("image ")]
+    assert inputs == ["image 1, true class cat", "image 4, true class cat", "image 3, true class dog",
+                      "image 0, true class bird", "image 2, true class bird"]
+    assert "<h2>Extra table</h2>" in html and "1.500" in html and "a note" in html
+
+
+# --- build_report from run, evaluation and demo directories -----------------------------------
+
+
+def _run_dir(path, method, seed=0):
+    from selfcam.model import create_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = create_model(method, "resnet8", 10, 1, {"stem_stride": 2})
+    save_checkpoint(model, path, data={"name": "cluttered-digits", "size": 32}, train={"seed": 0, "epochs": 2})
+    (path / "history.json").write_text(json.dumps(
+        [{"epoch": 0, "train_loss": 2.0, "val_acc": 0.25}, {"epoch": 1, "train_loss": 1.5, "val_acc": 0.5}]))
+    return path
+
+
+def _evaluation_dir(path, with_extras=True):
+    doc = {"dataset": "cluttered-digits", "split": "test", "n_images": 8,
+           "config": {"stability_threshold": 100 / 255},
+           "runs": {"a": {"params": 10, "results": {"self": {"accuracy": 0.75, "deletion_auc": 0.123}}},
+                    "b": {"params": 12, "results": {"self": {"accuracy": 0.5, "deletion_auc": 0.2}}}},
+           "stability": {"self": {"iou": 0.625, "dice": 0.75}}}
+    if with_extras:
+        doc["stability"]["self"].update(iou_matrix=[[1, 0.625], [0.625, 1]], dice_matrix=[[1, 0.75], [0.75, 1]])
+        doc["curves"] = {r: {"self": {"deletion": [0.9, 0.5, 0.1], "insertion": [0.1, 0.6, 0.9]}} for r in "ab"}
+        doc["sanity"] = {"a": {"self": [["fc", 0.5], ["conv", 0.1]]}}
+    path.mkdir(parents=True)
+    (path / "evaluation.json").write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.slow
+def test_build_report_from_runs_evaluation_and_demo(tmp_path):
+    from selfcam.data import load_dataset
+    from selfcam.model import load_checkpoint
+    from selfcam.report import build_report, gallery_from_runs
+
+    a, b = _run_dir(tmp_path / "a", "plain"), _run_dir(tmp_path / "b", "se", seed=1)
+    ev = _evaluation_dir(tmp_path / "ev")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "metrics.json").write_text(json.dumps({"dataset": "cluttered-digits", "models": {"lfi": {"accuracy": 0.875}},
+                                                   "recipe": {"epochs": 5}}))
+    _run_dir(demo / "runs" / "lfi", "lfi")
+    out = build_report([a, b, ev, demo], tmp_path / "report.html", per_class=1, methods=("gradcam",))
+    html = out.read_text(encoding="utf-8")
+    assert "http://" not in html and "https://" not in html and 'src="data:' in html
+    for text in ("ev/a/self", "0.750", "demo/lfi", "0.875", "<h2>Runs</h2>", "best_val_acc", "0.625",
+                 "ev: deletion and insertion curves", "ev: stability matrix (IOU)", "ev: stability matrix (DICE)",
+                 "ev: sanity check", "demo (demo recipe).epochs", "a.model.method", "<h3>class 9</h3>"):
+        assert text in html, text
+    imgs = _imgs(html)
+    columns = ["a (plain)", "a/gradcam", "b (se)", "lfi"]
+    assert all(f"<th>{c}</th>" in html for c in columns)
+    assert len(imgs) == 10 * (1 + len(columns)) + 1 + 4  # gallery, training curves, 4 figures
+    # the gallery shows the first test image of each class and each run's own map of it
+    notes = []
+    g = gallery_from_runs({"a": a}, per_class=1, notes=notes)
+    data = load_dataset("cluttered-digits", "test", 200, seed=0, size=32)
+    first = [int((data.labels == c).nonzero()[0]) for c in range(10)]
+    assert notes == [] and g.labels.tolist() == list(range(10))
+    assert torch.equal(g.images, data.images[first])
+    model, _ = load_checkpoint(a)
+    with torch.no_grad():
+        want = model.explain(data.normalize(data.images[first]))
+    assert torch.allclose(g.maps["a (plain)"], want.heatmap, atol=1e-6)
+    assert torch.equal(g.predictions["a (plain)"], want.logits.argmax(1))
+
+
+def test_build_report_without_gallery_and_old_evaluation_format(tmp_path):
+    from selfcam.report import build_report
+
+    ev = _evaluation_dir(tmp_path / "ev", with_extras=False)
+    run = tmp_path / "run"
+    _run_dir(run, "plain")
+    (run / "model.safetensors").unlink()  # no weights: no gallery, a note says why
+    html = build_report([ev, run], tmp_path / "r.html").read_text()
+    assert "stability across runs" in html and "stability matrix" not in html and "deletion and insertion" not in html
+    assert "gallery: run run left out" in html and "weights file not found" in html
+    assert "<h2>Gallery</h2>" not in html and "<h2>Training curves</h2>" in html
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p.write_text("x"), "not a directory"),
+    (lambda p: p.mkdir(), "not a run, evaluation or demo directory"),
+    (lambda p: (p.mkdir(), (p / "evaluation.json").write_text("{oops")), "evaluation.json: not valid JSON"),
+    (lambda p: (p.mkdir(), (p / "metrics.json").write_text("[]")), "was it written by `selfcam demo`"),
+])
+def test_report_command_errors_name_the_path(tmp_path, setup, message):
+    from typer.testing import CliRunner
+
+    from selfcam.cli import app
+
+    src = tmp_path / "src"
+    setup(src)
+    result = CliRunner().invoke(app, ["report", str(src), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 2 and message in result.output and str(src) in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r.html").exists()
+
+
+def test_evaluation_stores_mean_curves_and_stability_matrices():
+    from selfcam import metrics as M
+    from selfcam.data import load_dataset
+    from selfcam.evaluate import EvalConfig, evaluate_runs
+    from selfcam.model import create_model
+
+    data = load_dataset("cluttered-digits", "test", 6, size=32)
+    torch.manual_seed(0)
+    models = {r: create_model("plain", "resnet8", 10, 1, {"stem_stride": 2}).eval() for r in ("a", "b")}
+    cfg = EvalConfig(metrics=("deletion_auc", "insertion_auc"), batch_size=4, steps=4)
+    result = evaluate_runs(models, data, cfg)
+    x = data.normalize(data.images)
+    with torch.no_grad():
+        out = {r: m.explain(x) for r, m in models.items()}
+    for r, m in models.items():
+        pred = out[r].logits.argmax(1)
+        deletion = M.deletion_curve(m, x, out[r].heatmap, pred, 4, "zero").mean(0)
+        insertion = M.insertion_curve(m, x, out[r].heatmap, pred, 4, "blur").mean(0)
+        stored = result["curves"][r]["self"]
+        assert np.allclose(stored["deletion"], deletion.numpy(), atol=1e-6)
+        assert np.allclose(stored["insertion"], insertion.numpy(), atol=1e-6)
+        auc = result["runs"][r]["results"]["self"]["deletion_auc"]
+        assert auc == pytest.approx(float(torch.trapezoid(deletion, dx=0.25)), abs=1e-6)
+        assert "deletion_curve" not in result["runs"][r]["results"]["self"]
+    s = M.stability(torch.stack([out["a"].heatmap, out["b"].heatmap]), cfg.stability_threshold)
+    assert np.allclose(result["stability"]["self"]["iou_matrix"], s["iou_matrix"].numpy(), atol=1e-6)
+    assert result["stability"]["self"]["iou"] == pytest.approx(s["iou"], abs=1e-6)
+    json.dumps(result)  # JSON-ready

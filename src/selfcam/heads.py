@@ -30,6 +30,7 @@ __all__ = [
     "minmax",
     "upsample",
     "se_select",
+    "MultiLabelSEHead",
 ]
 
 
@@ -217,11 +218,14 @@ def se_select(s: Tensor, factor: float = 1.282) -> Tensor:
     ``std`` is the population standard deviation (the spec does not say; with
     1.282 it marks about the top 10 % of a normal vector). An empty row falls
     back to its arg-max channel. Returns a bool mask ``(N, K)``.
+
+    The fallback is written with boolean ops, not ``torch.where`` on bool tensors:
+    ONNX Runtime has no bool ``Where`` kernel, and this form exports as is.
     """
     threshold = s.mean(dim=1, keepdim=True) + factor * s.std(dim=1, keepdim=True, correction=0)
     mask = s > threshold
     top = F_.one_hot(s.argmax(dim=1), s.shape[1]).bool()
-    return torch.where(mask.any(dim=1, keepdim=True), mask, top)
+    return mask | (top & ~mask.any(dim=1, keepdim=True))
 
 
 @register_head("se")
@@ -317,3 +321,67 @@ class ABNHead(Head):
 
     def reset_classifier(self, num_classes: int) -> None:
         raise ConfigError("ABN's attention branch is built for a fixed class count; create a new model instead")
+
+
+@register_head("se-multilabel")
+class MultiLabelSEHead(Head):
+    """SE-CAM for multi-label attributes (DESIGN.md 2.2 step 6): one SE block per attribute.
+
+    The A attributes share the backbone and ``F``; attribute ``a`` has its own excitation
+    ``e_a = W2_a ReLU(W1_a GAP(F))`` (no biases, as :class:`SEHead`), ``s_a = sigmoid(e_a)`` and
+    logit ``fc_a . GAP(F * s_a) + b_a`` (computed as ``fc_a . (s_a * GAP(F))``, the same value).
+    Heatmap ``(N, A, h, w)``: for each attribute the :class:`SEHead` map from its own vector,
+    ``minmax(mean_{c in S_a} s_ac F_c)`` with ``S_a = se_select(e_a)`` (``space="logit"``) or
+    ``se_select(s_a)`` (``"sigmoid"``). ``channel_weights`` and ``selected`` are ``(N, A, K)``.
+    Loss: binary cross-entropy with logits on float ``{0, 1}`` targets ``(N, A)``.
+    """
+
+    task: ClassVar[str] = "multilabel"
+
+    def __init__(
+        self, in_channels: int, num_classes: int, reduction: int = 16, factor: float = 1.282, space: str = "logit"
+    ) -> None:
+        super().__init__(in_channels, num_classes)
+        if reduction < 1:
+            raise ConfigError(f"SE reduction must be >= 1, got {reduction}")
+        if space not in ("logit", "sigmoid"):
+            raise ConfigError(f"SE selection space must be 'logit' or 'sigmoid', got {space!r}")
+        self.hidden = max(1, in_channels // reduction)
+        self.factor = factor
+        self.space = space
+        self.w1 = nn.Parameter(torch.empty(num_classes, self.hidden, in_channels))
+        self.w2 = nn.Parameter(torch.empty(num_classes, in_channels, self.hidden))
+        self.reset_excitation()
+
+    def reset_excitation(self) -> None:
+        """Initialise every attribute's SE weights as ``nn.Linear`` does: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w in (self.w1, self.w2):
+            nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
+
+    def excitation(self, pooled: Tensor) -> Tensor:
+        """Pre-sigmoid excitation of every attribute's SE block: ``GAP(F)`` ``(N, K)`` -> ``(N, A, K)``."""
+        hidden = F_.relu(torch.einsum("nk,ajk->naj", pooled, self.w1))
+        return torch.einsum("naj,akj->nak", hidden, self.w2)
+
+    def forward(self, features: Tensor, image: Tensor, pre_features: Tensor | None = None) -> ExplainedOutput:
+        pooled = features.mean(dim=(-2, -1))
+        excitation = self.excitation(pooled)
+        s = torch.sigmoid(excitation)
+        logits = torch.einsum("nak,ak->na", s * pooled[:, None], self.fc.weight) + self.fc.bias
+        stat = (excitation if self.space == "logit" else s).detach()
+        selected = se_select(stat.flatten(0, 1), self.factor).view_as(s)
+        heat = torch.einsum("nak,nkhw->nahw", s * selected, features)
+        heat = heat / selected.sum(dim=-1).to(s.dtype)[..., None, None]
+        return ExplainedOutput(logits=logits, heatmap=minmax(heat), channel_weights=s, selected=selected)
+
+    def loss(self, out: ExplainedOutput, target: Tensor) -> Tensor:
+        """Mean binary cross-entropy with logits over samples and attributes."""
+        return F_.binary_cross_entropy_with_logits(out.logits, target.to(out.logits.dtype))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New attribute count: a new classifier and new SE blocks (one per attribute)."""
+        super().reset_classifier(num_classes)
+        device = self.w1.device
+        self.w1 = nn.Parameter(torch.empty(num_classes, self.hidden, self.in_channels, device=device))
+        self.w2 = nn.Parameter(torch.empty(num_classes, self.in_channels, self.hidden, device=device))
+        self.reset_excitation()

@@ -86,9 +86,11 @@ class SelfExplainer(nn.Module):
         return self.head(feats, x, pre)
 
     def explain(self, x: Tensor, mode: str = "bilinear") -> ExplainedOutput:
-        """Like ``forward`` but with the heatmap upsampled to the input size ``(N, H, W)``."""
+        """Like ``forward`` but with the heatmap upsampled to the input size: ``(N, H, W)``
+        (``(N, A, H, W)`` for a multi-label head's one map per attribute)."""
         out = self(x)
-        out.heatmap = upsample(out.heatmap, tuple(x.shape[-2:]), mode)
+        heat, size = out.heatmap, tuple(x.shape[-2:])
+        out.heatmap = upsample(heat.flatten(0, -3), size, mode).view(*heat.shape[:-2], *size)
         return out
 
     def forward_features(self, x: Tensor) -> Tensor:

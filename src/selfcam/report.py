@@ -1,5 +1,7 @@
-"""Self-contained HTML reports: metric table, config, training curves and a CAM gallery.
+"""Self-contained HTML reports: metric tables, config, training curves and a CAM gallery.
 
+:func:`write_report` renders what it is given (the demo calls it); :func:`build_report` gathers
+it from run, evaluation and demo directories (``selfcam report``) and calls :func:`write_report`.
 The page is one file with every image embedded as a base64 PNG data URI, so it opens
 from disk with no network access. Figures are drawn with ``matplotlib.figure.Figure`` and
 ``FigureCanvasAgg`` (no pyplot state is touched); the page is rendered with jinja2 from
@@ -9,19 +11,22 @@ from disk with no network access. Figures are drawn with ``matplotlib.figure.Fig
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import json
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -29,7 +34,7 @@ from PIL import Image
 
 from selfcam.errors import InputError
 
-__all__ = ["Gallery", "overlay", "png_data_uri", "write_report"]
+__all__ = ["Gallery", "Sources", "build_report", "gallery_from_runs", "overlay", "png_data_uri", "read_sources", "write_report"]
 
 _GREEN = np.array([0, 255, 0], dtype=np.uint8)
 _MIN_TILE = 128  # tiles are upscaled (nearest) until their longer side is at least this
@@ -59,10 +64,9 @@ def overlay(image: np.ndarray | torch.Tensor, heatmap: np.ndarray | torch.Tensor
 
     image: (H,W) grayscale or (C,H,W)/(H,W,C), C in {1,3}, values in [0,1].
     heatmap: (h,w) in [0,1]; resized bilinearly to (H,W) when sizes differ.
-    Follows pytorch-grad-cam's ``show_cam_on_image`` (image_weight=alpha, default 0.5):
-    ``cam = (1-alpha)*jet(uint8(255*heatmap)) + alpha*image``, then ``uint8(255*cam/cam.max())``.
-    Uses matplotlib's "jet", which differs slightly from OpenCV's COLORMAP_JET, so pixels
-    can differ from grad-cam's by a few levels.
+    Same pixels as pytorch-grad-cam's ``show_cam_on_image(image, heatmap, use_rgb=True,
+    image_weight=alpha)``: ``cam = (1-alpha)*jet(uint8(255*heatmap))/255 + alpha*image`` in float32
+    with OpenCV's COLORMAP_JET (RGB order), then ``uint8(255*(cam/cam.max()))``.
     """
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must be in [0,1], got {alpha}")
@@ -73,9 +77,18 @@ def overlay(image: np.ndarray | torch.Tensor, heatmap: np.ndarray | torch.Tensor
     if heat.shape != img.shape[:2]:
         heat = F.interpolate(torch.from_numpy(heat)[None, None], size=img.shape[:2], mode="bilinear",
                              align_corners=False)[0, 0].numpy()
-    index = (255 * np.clip(np.nan_to_num(heat), 0, 1)).astype(np.uint8)  # integer input indexes the 256-entry LUT
-    cam = (1 - alpha) * colormaps["jet"](index)[..., :3] + alpha * img
-    return (255 * cam / max(cam.max(), 1e-12)).astype(np.uint8)
+    index = (255 * np.clip(np.nan_to_num(heat), 0, 1)).astype(np.uint8)
+    cam = (1 - alpha) * (_jet()[index].astype(np.float32) / 255) + alpha * img
+    cam = cam / max(cam.max(), np.float32(1e-12))
+    return (255 * cam).astype(np.uint8)
+
+
+@functools.cache
+def _jet() -> np.ndarray:
+    """OpenCV's COLORMAP_JET (what grad-cam colours maps with) as a ``(256, 3)`` uint8 RGB table."""
+    import cv2  # installed with grad-cam
+
+    return cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1].copy()
 
 
 def png_data_uri(rgb: np.ndarray) -> str:
@@ -135,15 +148,17 @@ def _tile(rgb: np.ndarray, box: list[int] | None) -> str:
     return png_data_uri(rgb.repeat(k, axis=0).repeat(k, axis=1))
 
 
-def _gallery_rows(g: Gallery) -> list[list[dict]]:
+def _gallery_groups(g: Gallery) -> list[tuple[str, list[list[dict]]]]:
+    """The gallery's tiles, one row per image, grouped by true class (classes ascending, images in order)."""
     g.check()
     names = g.class_names or []
 
     def cls(i: int) -> str:
         return names[i] if 0 <= i < len(names) else str(i)
 
-    rows = []
-    for i, image in enumerate(g.images):
+    groups: dict[int, list[list[dict]]] = {}
+    for i in sorted(range(len(g.images)), key=lambda i: int(g.labels[i])):
+        image = g.images[i]
         true = int(g.labels[i])
         box = None if g.boxes is None else [int(v) for v in g.boxes[i]]
         row = [dict(src=_tile(np.round(255 * _rgb_float(image)).astype(np.uint8), box),
@@ -153,8 +168,8 @@ def _gallery_rows(g: Gallery) -> list[list[dict]]:
             row.append(dict(src=_tile(overlay(image, maps[i]), box),
                             alt=f"{method} heatmap for image {i}: pred {cls(pred)}, true {cls(true)}",
                             caption=f"pred: {cls(pred)} (true: {cls(true)})", wrong=pred != true))
-        rows.append(row)
-    return rows
+        groups.setdefault(true, []).append(row)
+    return [(cls(label), rows) for label, rows in groups.items()]
 
 
 def _fmt(v: object) -> str:
@@ -170,10 +185,16 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
             (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", str(v))])]
 
 
+def _figure_uri(fig: Figure) -> str:
+    """Draw a matplotlib figure (Agg, no pyplot) and encode it as a PNG data URI."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return png_data_uri(np.asarray(canvas.buffer_rgba())[..., :3])
+
+
 def _curves(history: dict[str, list[dict]]) -> str | None:
     """One figure, two panels: train loss and validation accuracy per model, as a data URI."""
     fig = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
-    canvas = FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     for ax, key, label in zip(axes, ("train_loss", "val_acc"), ("train loss", "val accuracy")):
         for model, epochs in history.items():
@@ -187,33 +208,40 @@ def _curves(history: dict[str, list[dict]]) -> str | None:
             ax.legend(fontsize="small")
     if not any(ax.has_data() for ax in axes):
         return None
-    canvas.draw()
-    return png_data_uri(np.asarray(canvas.buffer_rgba())[..., :3])
+    return _figure_uri(fig)
+
+
+def _table(rows: dict[str, dict]) -> dict:
+    """``{name: {column: value}}`` -> ``{"columns": [...], "rows": [(name, [formatted values])]}``."""
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    return {"columns": columns, "rows": [(name, [_fmt(row.get(c)) for c in columns]) for name, row in rows.items()]}
 
 
 def write_report(path: str | Path, *, title: str, metrics: dict, gallery: Gallery | None = None,
                  config: dict | None = None, history: dict[str, list[dict]] | None = None,
-                 figures: list[tuple[str, str]] | None = None) -> Path:
+                 figures: list[tuple[str, str]] | None = None,
+                 tables: list[tuple[str, dict[str, dict]]] | None = None, notes: list[str] | None = None) -> Path:
     """Render the self-contained HTML report to ``path`` (atomically) and return the path.
 
-    metrics: {"dataset": str, "models": {name: {metric: value}}}; config: key/value dict;
-    history: model -> list of per-epoch dicts ("epoch", "train_loss", "val_acc", ...);
-    figures: extra (caption, image data URI) pairs, shown in order after the gallery.
+    metrics: {"dataset": str, "models": {name: {metric: value}}}; config: key/value dict (nested
+    dicts are flattened to dotted keys); history: model -> list of per-epoch dicts ("epoch",
+    "train_loss", "val_acc", ...); figures: extra (caption, image data URI) pairs, shown in order
+    after the gallery; tables: extra (title, {name: {column: value}}) tables after the metrics;
+    notes: lines shown under the title. The gallery is grouped by true class.
     """
-    models = metrics.get("models", {})
-    columns = list(dict.fromkeys(k for row in models.values() for k in row))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     html = env.get_template("report.html.j2").render(
         title=title,
         generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
         dataset=metrics.get("dataset"),
-        columns=columns,
-        rows=[(name, [_fmt(row.get(c)) for c in columns]) for name, row in models.items()],
+        metrics=_table(metrics.get("models", {})),
+        tables=[(caption, _table(rows)) for caption, rows in tables or [] if rows],
+        notes=notes or [],
         config=_flatten(config or {}),
         curves=_curves(history) if history else None,
         methods=list(gallery.maps) if gallery is not None else [],
-        gallery=_gallery_rows(gallery) if gallery is not None else [],
+        gallery=_gallery_groups(gallery) if gallery is not None else [],
         figures=figures or [],
     )
     path = Path(path)
@@ -225,3 +253,298 @@ def write_report(path: str | Path, *, title: str, metrics: dict, gallery: Galler
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# --- reports from run, evaluation and demo directories ------------------------------------
+
+
+@dataclass
+class Sources:
+    """What :func:`read_sources` found: run directories, ``evaluation.json`` and demo ``metrics.json`` docs.
+
+    runs: name -> run directory (``config.json``, ``history.json``, ``model.safetensors``);
+    evaluations / demos: name -> parsed JSON document. Names are the directory names,
+    made unique with their parent's name when two collide.
+    """
+
+    runs: dict[str, Path]
+    evaluations: dict[str, dict]
+    demos: dict[str, dict]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+
+
+def _unique(path: Path, taken: dict[str, Any]) -> str:
+    """The directory's name (``.`` resolved), or ``parent/name``, or the whole path: the first not taken."""
+    full = path.resolve()
+    for name in (full.name, f"{full.parent.name}/{full.name}"):
+        if name and name not in taken:
+            return name
+    return str(path)
+
+
+def read_sources(paths: Sequence[str | Path]) -> Sources:
+    """Sort directories into runs (``config.json``), evaluations (``evaluation.json``) and demos
+    (``metrics.json`` + ``runs/*``, whose run directories join ``runs``). Anything else raises
+    :class:`InputError` naming the directory."""
+    found = Sources({}, {}, {})
+    if not paths:
+        raise InputError("no run, evaluation or demo directories given")
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise InputError(f"{path}: not a directory (give a run, evaluation or demo directory)")
+        kinds = 0
+        if (path / "evaluation.json").is_file():
+            doc = _read_json(path / "evaluation.json")
+            if not isinstance(doc, dict) or not isinstance(doc.get("runs"), dict):
+                raise InputError(f"{path / 'evaluation.json'}: no 'runs' object; was it written by `selfcam evaluate`?")
+            found.evaluations[_unique(path, found.evaluations)] = doc
+            kinds += 1
+        if (path / "metrics.json").is_file():
+            doc = _read_json(path / "metrics.json")
+            if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
+                raise InputError(f"{path / 'metrics.json'}: no 'models' object; was it written by `selfcam demo`?")
+            found.demos[_unique(path, found.demos)] = doc
+            runs = sorted(r for r in (path / "runs").glob("*") if (r / "config.json").is_file())
+            for run in runs:
+                found.runs[_unique(run, found.runs)] = run
+            kinds += 1
+        if (path / "config.json").is_file():
+            found.runs[_unique(path, found.runs)] = path
+            kinds += 1
+        if not kinds:
+            raise InputError(f"{path}: not a run, evaluation or demo directory "
+                             "(no config.json, evaluation.json or metrics.json)")  # fmt: skip
+    return found
+
+
+def _history(run: Path, notes: list[str]) -> list[dict] | None:
+    path = run / "history.json"
+    if not path.is_file():
+        return None
+    doc = _read_json(path)
+    if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
+        notes.append(f"{path}: not a list of per-epoch objects; its curves are left out")
+        return None
+    return doc
+
+
+def _run_row(doc: dict, history: list[dict] | None) -> dict[str, Any]:
+    """Summary of one run: what it is and where its training ended."""
+    model, data, train = doc["model"], doc.get("data") or {}, doc.get("train") or {}
+    row: dict[str, Any] = {"method": model.method, "backbone": model.backbone, "data": data.get("name"),
+                           "size": data.get("size"), "epochs": len(history) if history else train.get("epochs")}  # fmt: skip
+    if history:
+        last = history[-1]
+        row.update({k: last.get(k) for k in ("train_loss", "val_loss", "val_acc")})
+        accs = [e["val_acc"] for e in history if isinstance(e.get("val_acc"), (int, float))]
+        row["best_val_acc"] = max(accs) if accs else None
+    return row
+
+
+def _line_figure(panels: list[tuple[str, str, str, dict[str, list[float]]]], x: Sequence[float] | None = None,
+                 xticks: Sequence[str] | None = None) -> str:  # fmt: skip
+    """Panels of lines side by side: each ``(title, xlabel, ylabel, {label: values})``; a data URI."""
+    fig = Figure(figsize=(5 * len(panels), 3.6), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (title, xlabel, ylabel, lines) in zip(axes, panels):
+        for label, values in lines.items():
+            xs = x if x is not None and len(x) == len(values) else range(len(values))
+            ax.plot(xs, values, marker="o", markersize=2, label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        if xticks is not None:
+            ax.set_xticks(range(len(xticks)), xticks, rotation=90, fontsize="x-small")
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize="small")
+    return _figure_uri(fig)
+
+
+def _matrix_figure(matrices: dict[str, list[list[float]]], labels: list[str], what: str) -> str:
+    """One annotated ``R x R`` matrix per method (values in [0, 1]); a data URI."""
+    fig = Figure(figsize=(max(3.5, 0.6 * len(labels) + 2) * len(matrices), max(3.2, 0.5 * len(labels) + 2)),
+                 dpi=100, layout="constrained")  # fmt: skip
+    axes = np.atleast_1d(fig.subplots(1, len(matrices)))
+    for ax, (method, m) in zip(axes, matrices.items()):
+        values = np.asarray(m, dtype=float)
+        im = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize="small")
+        ax.set_yticks(range(len(labels)), labels, fontsize="small")
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small", color="white" if v < 0.6 else "black")
+        ax.set_title(f"{method}: pairwise {what}")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return _figure_uri(fig)
+
+
+def _evaluation_parts(name: str, doc: dict, prefix: str) -> tuple[dict, list, list]:
+    """Rows, tables and figures of one ``evaluation.json``."""
+    rows = {f"{prefix}{run}/{method}": r for run, v in doc["runs"].items() if isinstance(v, dict)
+            for method, r in (v.get("results") or {}).items() if isinstance(r, dict)}  # fmt: skip
+    tables: list[tuple[str, dict]] = []
+    figures: list[tuple[str, str]] = []
+    curves = doc.get("curves") or {}
+    lines = {kind: {f"{run}/{method}": c[kind] for run, per in curves.items() for method, c in per.items()
+                    if isinstance(c.get(kind), list) and c[kind]} for kind in ("deletion", "insertion")}  # fmt: skip
+    if any(lines.values()):
+        panels = [(f"{kind} (mean over images)", "fraction of pixels " + ("removed" if kind == "deletion" else "inserted"),
+                   "target probability", lines[kind]) for kind in ("deletion", "insertion") if lines[kind]]  # fmt: skip
+        steps = max(len(v) for d in lines.values() for v in d.values())
+        figures.append((f"{name}: deletion and insertion curves", _line_figure(panels, np.linspace(0, 1, steps))))
+    stability = doc.get("stability") or {}
+    if stability:
+        tables.append((f"{name}: stability across runs (mean pairwise IoU and Dice{_threshold(doc)})",
+                       {m: {"iou": v.get("iou"), "dice": v.get("dice")} for m, v in stability.items()}))  # fmt: skip
+        run_names = list(doc["runs"])
+        for what in ("iou", "dice"):
+            mats = {m: v[f"{what}_matrix"] for m, v in stability.items() if isinstance(v.get(f"{what}_matrix"), list)}
+            if mats:
+                figures.append((f"{name}: stability matrix ({what.upper()})", _matrix_figure(mats, run_names, what.upper())))
+    sanity = doc.get("sanity") or {}
+    lines = {f"{run}/{method}": [float(rho) for _, rho in steps] for run, per in sanity.items()
+             for method, steps in per.items() if steps}  # fmt: skip
+    if lines:
+        layers = [str(layer) for layer, _ in next(iter(next(iter(sanity.values())).values()))]
+        figures.append((f"{name}: sanity check (cascading randomization)", _line_figure(
+            [("rank correlation with the trained model's map", "randomized up to layer", "Spearman rho", lines)],
+            xticks=layers if all(len(v) == len(layers) for v in lines.values()) else None)))  # fmt: skip
+    return rows, tables, figures
+
+
+def _threshold(doc: dict) -> str:
+    t = (doc.get("config") or {}).get("stability_threshold")
+    return f" of maps >= {t:.3f}" if isinstance(t, (int, float)) else ""
+
+
+def _raw_image(data: Any, i: int) -> torch.Tensor:
+    """Item ``i`` of a dataset in [0, 1] (``raw(i)`` of the on-disk datasets, ``images[i]`` of the generator)."""
+    return data.raw(i) if hasattr(data, "raw") else data.images[i]
+
+
+def _pick(labels: torch.Tensor, per_class: int) -> list[int]:
+    """The first ``per_class`` indices of each class, classes ascending."""
+    picked: dict[int, list[int]] = {}
+    for i, c in enumerate(labels.tolist()):
+        if len(picked.setdefault(c, [])) < per_class:
+            picked[c].append(i)
+    return [i for c in sorted(picked) for i in picked[c]]
+
+
+def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequence[str] = (),
+                      notes: list[str] | None = None) -> Gallery | None:  # fmt: skip
+    """A per-class gallery for the run directories that share the most common dataset and size.
+
+    Test images come from ``load_dataset(data.name, "test", ...)`` (the generator with the run's
+    training seed); each run adds its own map (column ``RUN (HEAD)``, or ``RUN`` when the run is
+    named after its head), and each ``plain`` run the post-hoc ``methods`` (``RUN/METHOD``). Runs that cannot be loaded or do not fit the data are skipped with a note in
+    ``notes``; returns ``None`` when no gallery can be made.
+    """
+    from .data import load_dataset
+    from .errors import SelfcamError
+    from .evaluate import explain_batch
+    from .model import load_checkpoint
+
+    notes = notes if notes is not None else []
+    loaded: dict[tuple, dict[str, Any]] = {}
+    for name, path in runs.items():
+        try:
+            model, doc = load_checkpoint(path)
+        except SelfcamError as e:
+            notes.append(f"gallery: run {name} left out ({e})")
+            continue
+        data, train = doc.get("data") or {}, doc.get("train") or {}
+        if not data.get("name") or getattr(model.head, "task", "multiclass") != "multiclass":
+            notes.append(f"gallery: run {name} left out (no dataset name recorded, or a multi-label head)")
+            continue
+        key = (data["name"], data.get("size"), train.get("seed", 0))
+        loaded.setdefault(key, {})[name] = model
+    if not loaded or per_class < 1:
+        return None
+    (spec, size, seed), models = max(loaded.items(), key=lambda kv: len(kv[1]))
+    for key, other in loaded.items():
+        if key != (spec, size, seed):
+            notes.append(f"gallery: runs {', '.join(other)} left out (trained on {key[0]} at {key[1]} px; "
+                         f"the gallery shows {spec} at {size} px)")  # fmt: skip
+    try:
+        n = 20 * per_class * max(m.config.num_classes for m in models.values()) if spec == "cluttered-digits" else None
+        data = load_dataset(spec, "test", n, seed=seed, size=size)
+        idx = _pick(torch.as_tensor(data.labels), per_class)
+        items = [data[i] for i in idx]
+        images = torch.stack([_raw_image(data, i) for i in idx])
+    except (SelfcamError, OSError) as e:
+        notes.append(f"gallery: test images of {spec} unavailable ({e})")
+        return None
+    x = torch.stack([it[0] for it in items])
+    labels = torch.stack([torch.as_tensor(it[1]) for it in items])
+    boxes = torch.stack([it[2] for it in items]) if len(items[0]) > 2 else None
+    maps, preds = {}, {}
+    for name, model in models.items():
+        if model.config.in_chans != x.shape[1]:
+            notes.append(f"gallery: run {name} left out (takes {model.config.in_chans} channels, {spec} has {x.shape[1]})")
+            continue
+        for method in ("self", *(methods if model.config.method == "plain" else ())):
+            logits, m = explain_batch(model, x, method)
+            head = model.config.method
+            column = (name if name == head else f"{name} ({head})") if method == "self" else f"{name}/{method}"
+            maps[column], preds[column] = m.cpu(), logits.argmax(dim=1).cpu()
+    if not maps:
+        return None
+    return Gallery(images=images, labels=labels, maps=maps, predictions=preds, boxes=boxes,
+                   class_names=list(getattr(data, "class_names", []) or []) or None)  # fmt: skip
+
+
+def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | None = None, per_class: int = 2,
+                 methods: Sequence[str] = ()) -> Path:  # fmt: skip
+    """One self-contained HTML page from run, evaluation and demo directories (see :func:`read_sources`).
+
+    Metrics: each demo's ``metrics.json`` models and each evaluation's ``RUN/METHOD`` results
+    (prefixed with the directory name when there are several sources). Tables: one summary row per
+    run; stability per method. Configuration: every run's ``config.json`` and every evaluation's
+    settings. Figures: training curves (``history.json``), deletion / insertion curves, stability
+    matrices and the sanity check when the evaluation stored them, and a per-class gallery
+    (``per_class`` images, 0: none; see :func:`gallery_from_runs`). Writes ``out``.
+    """
+    from .model import read_config
+
+    src = read_sources(paths)
+    several = len(src.evaluations) + len(src.demos) > 1
+    notes: list[str] = []
+    models: dict[str, dict] = {}
+    tables: list[tuple[str, dict]] = []
+    figures: list[tuple[str, str]] = []
+    config: dict[str, Any] = {}
+    datasets = []
+    for name, doc in src.demos.items():
+        prefix = f"{name}/" if several else ""
+        models.update({f"{prefix}{m}": r for m, r in doc["models"].items() if isinstance(r, dict)})
+        datasets.append(doc.get("dataset"))
+        if isinstance(doc.get("recipe"), dict):
+            config[f"{name} (demo recipe)"] = doc["recipe"]
+    for name, doc in src.evaluations.items():
+        rows, more_tables, more_figures = _evaluation_parts(name, doc, f"{name}/" if several else "")
+        models.update(rows)
+        tables += more_tables
+        figures += more_figures
+        datasets.append(doc.get("dataset"))
+        config[f"{name} (evaluation)"] = {k: doc.get(k) for k in ("dataset", "split", "n_images", "config") if k in doc}
+    run_rows, history = {}, {}
+    for name, path in src.runs.items():
+        doc = read_config(path)
+        h = _history(path, notes)
+        if h:
+            history[name] = h
+        run_rows[name] = _run_row(doc, h)
+        config[name] = {**doc, "model": asdict(doc["model"])}
+    tables.insert(0, ("Runs", run_rows))
+    gallery = gallery_from_runs(src.runs, per_class, methods, notes) if src.runs and per_class > 0 else None
+    names = [*src.demos, *src.evaluations, *src.runs]
+    return write_report(out, title=title or f"selfcam report: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}",
+                        metrics={"dataset": ", ".join(dict.fromkeys(str(d) for d in datasets if d)) or None,
+                                 "models": models},
+                        gallery=gallery, config=config, history=history or None, figures=figures, tables=tables,
+                        notes=notes)  # fmt: skip
