@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, check_options
 
 __all__ = ["Backbone", "create_backbone", "list_backbones", "CIFAR_DEPTHS"]
 
@@ -207,6 +207,7 @@ def create_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
         if name.startswith("timm:"):
             return timm_backbone(name[5:], in_chans, **kwargs)
         if match and (match[2] or int(match[1]) in CIFAR_DEPTHS):
+            check_options(cifar_resnet, kwargs, f"backbone {name!r}")
             return cifar_resnet(int(match[1]), in_chans, bottleneck=bool(match[2]), **kwargs)
         return torchvision_backbone(name.removeprefix("torchvision:"), in_chans, **kwargs)
     except TypeError as e:

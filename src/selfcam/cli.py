@@ -36,8 +36,13 @@ class _FriendlyGroup(TyperGroup):
 
             if not is_global_zero():  # the other processes of a DDP run: rank 0 says it once
                 raise typer.Exit(2) from None
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a file name...) and undecodable bytes escaped as ``repr`` does."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 app = typer.Typer(cls=_FriendlyGroup, add_completion=False, no_args_is_help=True,
@@ -250,12 +255,6 @@ def evaluate(
         runs[name] = model
         size = size or doc.get("data", {}).get("size")
     dataset = load_dataset(data, split, n, seed=seed, size=size)  # the runs' size, else the dataset's own
-    for name, model in runs.items():
-        if (model.config.num_classes, model.config.in_chans) != (dataset.num_classes, dataset.in_chans):
-            raise ConfigError(
-                f"checkpoint {name} has {model.config.num_classes} classes / {model.config.in_chans} channels, "
-                f"dataset {data} has {dataset.num_classes} / {dataset.in_chans}"
-            )
     result = evaluate_runs(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
     doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+import types
+from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
+
+# the JSON scalar annotations check_options understands, and the Python types that satisfy each
+_SCALARS: dict[Any, Any] = {int: numbers.Integral, float: numbers.Real, str: str, bool: bool, type(None): type(None)}
+
 
 class SelfcamError(Exception):
     """Base class of every error selfcam raises on purpose."""
@@ -25,6 +32,31 @@ class DataError(SelfcamError):
 
 class DivergenceError(ConfigError, FloatingPointError):
     """Training stopped: the loss or the weights stopped being finite (usually: the learning rate is too high)."""
+
+
+def check_options(fn: Callable[..., Any], options: dict[str, Any], what: str) -> None:
+    """Raise :class:`ConfigError` when an option for ``fn`` has the wrong JSON type.
+
+    Checks each given keyword against ``fn``'s annotation when that is made of ``int``, ``float``,
+    ``str``, ``bool`` and ``None`` (an int passes for a float, a bool never for a number); other
+    annotations and unknown names are left to ``fn`` itself.
+    """
+    try:
+        hints = get_type_hints(fn)
+    except (NameError, TypeError):  # annotations that do not resolve at run time: nothing to check
+        return
+    for key, value in options.items():
+        hint = hints.get(key)
+        kinds = get_args(hint) if isinstance(hint, types.UnionType) or get_origin(hint) is Union else (hint,)
+        if not kinds or not all(k in _SCALARS for k in kinds):
+            continue
+        if isinstance(value, bool):
+            ok = bool in kinds
+        else:
+            ok = any(isinstance(value, _SCALARS[k]) for k in kinds)
+        if not ok:
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ConfigError(f"{what} option {key!r} must be {names}, got {value!r}")
 
 
 def require_int(name: str, value: object, low: int = 1) -> None:

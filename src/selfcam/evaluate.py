@@ -25,7 +25,7 @@ from .errors import ConfigError, InputError, require_int
 from .model import SelfExplainer
 from .posthoc import POSTHOC_METHODS, posthoc_map
 
-__all__ = ["METRICS", "EvalConfig", "explain_batch", "evaluate", "evaluate_runs", "count_params"]
+__all__ = ["METRICS", "EvalConfig", "check_fits", "explain_batch", "evaluate", "evaluate_runs", "count_params"]
 
 LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
 FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
@@ -136,6 +136,17 @@ class _Sums:
         return _Sums(sums, seconds, stab, self.n + other.n)
 
 
+def check_fits(models: dict[str, SelfExplainer], dataset: Dataset) -> None:
+    """Raise :class:`ConfigError` naming the run and the data when a model's class or channel count is not the dataset's."""
+    want = getattr(dataset, "num_classes", None), getattr(dataset, "in_chans", None)
+    source = getattr(dataset, "source", "") or type(dataset).__name__
+    for name, model in models.items():
+        have = model.config.num_classes, model.config.in_chans
+        if None not in want and have != want:
+            raise ConfigError(f"run {name} has {have[0]} classes / {have[1]} input channel(s) but dataset {source} has "
+                              f"{want[0]} / {want[1]}: evaluate a run on data like the data it was trained on")  # fmt: skip
+
+
 def evaluate_runs(
     models: dict[str, SelfExplainer],
     dataset: Dataset,
@@ -157,6 +168,7 @@ def evaluate_runs(
     if not models:
         raise ConfigError("no models to evaluate")
     require_int("devices", devices)
+    check_fits(models, dataset)
     for model in models.values():
         model.eval()
     total = _score(models, dataset, cfg, progress) if devices == 1 else _score_sharded(models, dataset, cfg, devices)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .data import MEAN as DIGITS_MEAN
 from .data import STD as DIGITS_STD
+from .data.base import image_pixels, image_problem
 from .data.transforms import Transform
 from .errors import ConfigError, InputError, require_int
 from .evaluate import explain_batch
@@ -55,16 +56,6 @@ _TILE = 128  # tiles are upscaled (nearest, integer factor) until their longer s
 _GAP, _FONT_SIZE = 6, 13
 
 
-def _readable(path: Path) -> str | None:
-    """``None`` when Pillow recognises ``path`` as an image, else the reason it does not."""
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return str(e) or type(e).__name__
-    return None
-
-
 def find_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     """Image files named by ``paths`` (files, or directories searched recursively, sorted).
 
@@ -80,13 +71,13 @@ def find_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
         if given.is_dir():
             found = []
             for f in sorted(p for p in given.rglob("*") if p.is_file()):
-                ok = f.suffix.lower() in IMAGE_SUFFIXES and _readable(f) is None
+                ok = f.suffix.lower() in IMAGE_SUFFIXES and image_problem(f) is None
                 (found if ok else skipped).append(f)
             if not found:
                 raise InputError(f"{given}: directory holds no images ({', '.join(IMAGE_SUFFIXES)})")
             images += found
         elif given.is_file():
-            reason = _readable(given)
+            reason = image_problem(given)
             if reason is not None:
                 raise InputError(f"{given}: not an image file Pillow can read ({reason})")
             images.append(given)
@@ -151,8 +142,7 @@ class Preprocess:
         """One image file -> float32 ``(C, size, size)`` in [0, 1] (not normalized)."""
         try:
             with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("L" if self.in_chans == 1 else "RGB")
-                pixels = np.array(im, dtype=np.uint8)
+                pixels = image_pixels(ImageOps.exif_transpose(im), "L" if self.in_chans == 1 else "RGB")
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise InputError(f"{path}: cannot decode image ({e})") from e
         chw = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1)
@@ -298,16 +288,21 @@ def explain_files(
     label = f"self ({model.config.method})"
     records: list[dict[str, Any]] = []
     starts = range(0, len(files), batch_size)
-    for i in progress(starts, len(starts)) if progress else starts:
-        chunk = files[i : i + batch_size]
-        raw = torch.stack([prep.load(f) for f in chunk])
-        result = explain_images(model, prep.normalize(raw), methods, batch_size=batch_size)
-        for j, f in enumerate(chunk):
-            c, p = int(result.pred[j]), float(result.score[j])
-            name = class_names[c] if c < len(class_names) else str(c)
-            maps = {label if m == "self" else m: v[j] for m, v in result.maps.items()}
-            panel = render_panel(raw[j], maps, f"{f.name}: predicted {name}, softmax {p:.3f}", alpha)
-            Image.fromarray(panel).save(out / outputs[i + j])
-            records.append({"file": str(f), "output": outputs[i + j], "class": c, "class_name": name, "score": p})
-    (out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    try:  # a file that fails to decode half-way: the panels already written go, nothing half-done stays
+        for i in progress(starts, len(starts)) if progress else starts:
+            chunk = files[i : i + batch_size]
+            raw = torch.stack([prep.load(f) for f in chunk])
+            result = explain_images(model, prep.normalize(raw), methods, batch_size=batch_size)
+            for j, f in enumerate(chunk):
+                c, p = int(result.pred[j]), float(result.score[j])
+                name = class_names[c] if c < len(class_names) else str(c)
+                maps = {label if m == "self" else m: v[j] for m, v in result.maps.items()}
+                panel = render_panel(raw[j], maps, f"{f.name}: predicted {name}, softmax {p:.3f}", alpha)
+                records.append({"file": str(f), "output": outputs[i + j], "class": c, "class_name": name, "score": p})
+                Image.fromarray(panel).save(out / outputs[i + j])
+        (out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        for r in records:
+            (out / r["output"]).unlink(missing_ok=True)
+        raise
     return records

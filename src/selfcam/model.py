@@ -10,20 +10,22 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import Tensor, nn
 
 from . import __version__
 from .backbones import Backbone, create_backbone
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError, check_options
 from .heads import HEADS, ABNHead, ExplainedOutput, Head, upsample
 
-__all__ = ["ModelConfig", "SelfExplainer", "create_model", "list_methods", "save_checkpoint", "load_checkpoint"]
+__all__ = ["ModelConfig", "SelfExplainer", "create_model", "list_methods", "save_checkpoint", "load_checkpoint",
+           "read_safetensors"]
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -79,6 +81,11 @@ class SelfExplainer(nn.Module):
             raise InputError(f"model takes {self.config.in_chans} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise InputError(f"expected a floating-point image tensor, got {x.dtype}")
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return  # the value check below would be data-dependent control flow in an exported graph
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise InputError(f"input has {bad} NaN or infinite value(s) of {x.numel()} (shape {tuple(x.shape)})")
 
     def forward(self, x: Tensor) -> ExplainedOutput:
         self.check_input(x)
@@ -127,6 +134,7 @@ def create_model(
     backbone_kwargs = dict(backbone_kwargs or {})
     bb = create_backbone(backbone, in_chans, **backbone_kwargs)
     head_cls = HEADS[method]
+    check_options(head_cls.__init__, head_kwargs, f"method {method!r}")
     extra: dict[str, Any] = {}
     if head_cls is ABNHead and bb.splittable:
         extra["attention_stage"] = bb.last
@@ -163,6 +171,9 @@ def save_checkpoint(model: SelfExplainer, run_dir: str | Path, **extra: Any) -> 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     """Parse and validate ``run_dir/config.json``; ``"model"`` becomes a :class:`ModelConfig`."""
     path = Path(run_dir) / CONFIG
+    if Path(run_dir).is_file():
+        raise CheckpointError(f"{run_dir}: a file, not a run directory (a directory holding {CONFIG} and {WEIGHTS})"
+                              f"{_format_hint(Path(run_dir))}")  # fmt: skip
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: checkpoint directory not found")
     if not path.is_file():
@@ -177,7 +188,70 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
         doc["model"] = ModelConfig.from_dict(doc["model"], str(path))
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
+    if "data" in doc:
+        _check_data(doc["data"], path)
     return doc
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(low: int) -> Callable[[Any], bool]:
+    return lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= low)
+
+
+def _stats(v: Any) -> bool:
+    return _number(v) or (isinstance(v, list) and len(v) > 0 and all(map(_number, v)))
+
+
+_DATA_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # known fields of config.json's optional "data" entry
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "size": (_count(1), "an integer >= 1 (or null)"),
+    "train_size": (_count(0), "an integer >= 0 (or null)"),
+    "val_size": (_count(0), "an integer >= 0 (or null)"),
+    "mean": (_stats, "a number or a non-empty list of numbers"),
+    "std": (_stats, "a number or a non-empty list of numbers"),
+    "class_names": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of strings"),
+}
+
+
+def _check_data(data: Any, path: Path) -> None:
+    """``data`` must be an object whose known fields have their JSON types; other fields are kept as they are."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: 'data' must be an object, got {type(data).__name__}")
+    for key, (ok, what) in _DATA_FIELDS.items():
+        if key in data and not ok(data[key]):
+            raise CheckpointError(f"{path}: data.{key} must be {what}, got {data[key]!r}")
+
+
+def _format_hint(path: Path) -> str:
+    """``"; it is a Python pickle..."`` when the first bytes of ``path`` show a pickle or a torch.save zip, else ``""``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return ""
+    if head == b"PK":
+        what = "a zip archive, as torch.save writes"
+    elif head[:1] == b"\x80" and head[1:] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        what = "a Python pickle"
+    else:
+        return ""
+    return f"; it is {what}, and selfcam never unpickles files: save the weights with safetensors"
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Every tensor of the safetensors file ``path``; :class:`CheckpointError` naming it when it is not one."""
+    path = Path(path)
+    try:
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:  # safetensors opens UTF-8 paths only: hand it the bytes instead
+            return {k: v.to(device) for k, v in load(path.read_bytes()).items()}
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}){_format_hint(path)}") from e
 
 
 def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[SelfExplainer, dict[str, Any]]:
@@ -187,10 +261,7 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
     weights = Path(run_dir) / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file not found")
-    try:
-        state = load_file(str(weights), device=str(map_location))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
+    state = read_safetensors(weights, str(map_location))
     try:
         model = create_model(cfg.method, cfg.backbone, cfg.num_classes, cfg.in_chans, cfg.backbone_kwargs, **cfg.head_kwargs)
     except ConfigError as e:

@@ -40,12 +40,13 @@ import lightning as L
 import numpy as np
 import torch
 import torchmetrics
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import CheckpointError, ConfigError, DivergenceError, require_int
-from .model import CONFIG, ModelConfig, SelfExplainer, _atomic_write, load_checkpoint, read_config, save_checkpoint
+from .model import (CONFIG, ModelConfig, SelfExplainer, _atomic_write, load_checkpoint, read_config, read_safetensors,
+                    save_checkpoint)
 
 __all__ = [
     "DivergenceError",
@@ -424,10 +425,7 @@ def _read_tensors(state: TrainState) -> dict[str, Tensor]:
         raise CheckpointError(f"{file}: state tensors not found")
     if _sha256(file) != state.tensors_sha256:
         raise CheckpointError(f"{file}: does not match the checksum in {STATE_JSON} (corrupt or replaced)")
-    try:
-        tensors = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+    tensors = read_safetensors(file)
     needed = {"rng.torch", "rng.numpy", "rng.python", *(f"rng.cuda.{i}" for i in range(state.rng["cuda"]))}
     unknown = [k for k in tensors if k not in needed and not k.startswith(("model.", "optimizer."))]
     if needed - tensors.keys() or unknown:

@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .transforms import Transform
 
-__all__ = ["SPLITS", "VAL_FRACTION", "ArrayImages", "FileImages", "ImageDataset", "fixed_order", "partition", "take_first"]
+__all__ = ["SPLITS", "VAL_FRACTION", "ArrayImages", "FileImages", "ImageDataset", "fixed_order", "image_pixels",
+           "image_problem", "partition", "take_first"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 VAL_FRACTION = 0.1  # share of the official training set held out as "val" where a format has no val split
@@ -63,6 +64,39 @@ def take_first(index: np.ndarray, n: int | None, what: str) -> np.ndarray:
     if n > len(index):
         raise DataError(f"asked for {n} images but {what} has only {len(index)}")
     return index[:n]
+
+
+def image_problem(path: str | Path) -> str | None:
+    """``None`` when Pillow reads ``path`` as an image, else why not. Checks the header and, where
+    the format allows it without decoding (PNG: every chunk and its checksum), the rest of the file."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for a broken file
+        return str(e) or type(e).__name__
+    return None
+
+
+def image_pixels(im: Image.Image, mode: str) -> np.ndarray:
+    """A Pillow image -> uint8 pixels in ``mode``: ``(h, w)`` for "L", ``(h, w, 3)`` for "RGB".
+
+    Pillow's own conversion clips 16- and 32-bit integer images at 255 and truncates float ones, so
+    those are scaled here: integers from 0..65535, floats ("F") from [0, 1]. ValueError says why a
+    float image with NaN, infinite or out-of-range values cannot be read.
+    """
+    if im.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.rint(np.clip(a, 0, 65535) / 257).astype(np.uint8))
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        bad = int((~np.isfinite(a)).sum())
+        if bad:
+            raise ValueError(f"float image with {bad} NaN or infinite pixel(s)")
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(f"float image with values in [{a.min():.4g}, {a.max():.4g}]; float images must hold "
+                             "intensities in [0, 1] (or save it as 8- or 16-bit)")  # fmt: skip
+        im = Image.fromarray(np.rint(a * 255).astype(np.uint8))
+    return np.array(im.convert(mode))  # a writable copy, as torch.from_numpy wants
 
 
 class ImageDataset(Dataset):
@@ -141,7 +175,7 @@ class FileImages(ImageDataset):
         try:
             with Image.open(path) as im:
                 im.draft(self.mode, (self.size, self.size))  # JPEG: decode at a reduced scale >= size
-                pixels = np.asarray(im.convert(self.mode))
+                pixels = image_pixels(im, self.mode)
         except FileNotFoundError:
             raise DataError(f"{path}: image file is missing (listed in {self.source})") from None
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for a broken file

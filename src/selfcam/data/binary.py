@@ -112,6 +112,8 @@ def idx_files(root: Path) -> dict[tuple[str, str], Path]:
         key = ("train" if m["set"] == "train" else "test", m["what"])
         if key not in files or files[key].suffix == ".gz":
             files[key] = path
+    if not found and not root.exists():
+        raise DataError(f"{root} does not exist, and no idx files in {folder} have names starting with {want!r}")
     if not found:
         raise DataError(f"{root}: no idx files found (expected train-images-idx3-ubyte, train-labels-idx1-ubyte, "
                         "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz)")  # fmt: skip

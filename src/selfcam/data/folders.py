@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, DataError
-from .base import SPLITS, VAL_FRACTION, FileImages, fixed_order, partition, take_first
+from .base import SPLITS, VAL_FRACTION, FileImages, fixed_order, image_problem, partition, take_first
 from .transforms import Transform
 
 __all__ = ["read_celeba", "read_imagefolder"]
@@ -29,8 +29,9 @@ _ATTR_FILE, _PARTITION_FILE, _CELEBA_IMAGES = "list_attr_celeba.txt", "list_eval
 
 
 def _classes(folder: Path) -> list[str]:
-    """Sorted names of the visible sub-folders of ``folder``: the classes."""
-    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    """Sorted names of the visible sub-folders of ``folder`` (not links back to it): the classes."""
+    names = sorted(e.name for e in os.scandir(folder)
+                   if e.is_dir() and not e.name.startswith(".") and not _loops_back(e.path, folder))  # fmt: skip
     if not names:
         raise DataError(f"{folder}: no class folders (an ImageFolder tree holds one folder of images per class)")
     return names
@@ -40,15 +41,18 @@ def _scan(folder: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray, 
     """(image paths, class indices (N,) int64, skipped (path, reason)) under ``folder``'s class folders.
 
     Files count as images by their extension (any format Pillow registers); hidden files and
-    folders (".name") are ignored; symbolic links to folders are not followed, so link loops
-    cannot hang the scan.
+    folders (".name") are ignored; symbolic links to folders inside a class folder are not
+    followed, and a link among the class folders that points back at ``folder`` is no class, so
+    link loops cannot hang the scan; both are listed in skipped.
     """
     extensions = {e.lower() for e in Image.registered_extensions()}
     skipped = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
-        if not entry.is_dir():
+        if _loops_back(entry.path, folder):
+            skipped.append((entry.path, "symbolic link loop, not followed"))
+        elif not entry.is_dir():
             skipped.append((entry.path, "not inside a class folder"))
         elif entry.name not in classes:
             skipped.append((entry.path, "folder of a class the training folder does not have"))
@@ -56,6 +60,8 @@ def _scan(folder: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray, 
     for k, name in enumerate(classes):
         for top, dirs, files in os.walk(folder / name, followlinks=False):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            links = [os.path.join(top, d) for d in dirs if os.path.islink(os.path.join(top, d))]
+            skipped += [(link, "symbolic link to a folder, not followed") for link in links]
             for f in sorted(f for f in files if not f.startswith(".")):
                 path = os.path.join(top, f)
                 if os.path.splitext(f)[1].lower() in extensions:
@@ -67,13 +73,17 @@ def _scan(folder: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray, 
 
 
 def _unreadable(path: str) -> str | None:
-    """Why Pillow cannot open ``path`` (reads the header only), or None."""
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for a broken file
-        return f"unreadable image: {e}"
-    return None
+    """Why Pillow cannot read ``path`` (see :func:`~selfcam.data.base.image_problem`), or None."""
+    problem = image_problem(path)
+    return None if problem is None else f"unreadable image: {problem}"
+
+
+def _loops_back(path: str, folder: Path) -> bool:
+    """Whether the symbolic link ``path`` points at ``folder`` or one of its parents (a link loop)."""
+    if not os.path.islink(path):
+        return False
+    target, root = os.path.realpath(path), os.path.realpath(folder)
+    return root == target or root.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def _warn_skipped(root: Path, skipped: Sequence[tuple[str, str]]) -> None:
@@ -105,7 +115,7 @@ def read_imagefolder(root: Path, split: str, n: int | None, transform: Transform
         raise DataError(f"{folder}: no image files in its class folders")
     order = partition(labels, fractions)[part]
     keep: list[int] = []
-    for i in order:  # header check of the split's files, in order, until n are readable
+    for i in order:  # readability check of the split's files, in order, until n are readable
         if n is not None and len(keep) == n:
             break
         reason = _unreadable(paths[i])

@@ -1,0 +1,872 @@
+"""The bad-input corpus (issue 8, part 1): one table of bad inputs, each written by the test itself.
+
+Every case goes through the Python API and, where one exists, the command line:
+
+- an input selfcam refuses must raise one specific :class:`~selfcam.errors.SelfcamError` subclass
+  whose message names the file and the problem, and the command must exit 2 with exactly one line
+  on stderr, ``error: ...``, naming the file, and no traceback (``--debug`` raises it instead);
+- an input selfcam tolerates (converted, skipped with a warning that lists it) must give the result
+  checked by hand below, and the command must succeed;
+- a command given an ``--out`` leaves nothing half-written there after a failure, no call may hang
+  (each runs under a deadline), and no pickle is ever executed (its payload would create a marker).
+
+docs/bad-inputs.md is the same table in prose; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import traceback
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from PIL import Image
+from typer.testing import CliRunner
+
+from selfcam import metrics
+from selfcam.cli import app
+from selfcam.data import load_dataset
+from selfcam.errors import CheckpointError, ConfigError, DataError, InputError, SelfcamError
+from selfcam.evaluate import EvalConfig, evaluate_runs
+from selfcam.explain import Preprocess, explain_files, find_images
+from selfcam.model import create_model, load_checkpoint, save_checkpoint
+from selfcam.train import latest_state
+
+runner = CliRunner()
+SIZE = 16  # the runs' image side: 16 x 16 files are fed as they are, so pixel values can be checked by hand
+DEADLINE_S = 30  # any call running longer is taken for a hang (a followed link loop...)
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the cases share, built once per module: two untrained runs and a crashed training run."""
+
+    run: Path  # se on resnet8, 1 channel, 10 classes, 16 px
+    rgb: Path  # plain on resnet8, 3 channels, 2 classes, 16 px
+    crashed: Path  # `selfcam train` that saved its state after epoch 0 and crashed in epoch 1
+
+
+def _crashed_run(run: Path) -> Path:
+    from selfcam import train as T
+
+    original = T.SelfcamModule.training_step
+
+    def crash_in_epoch_1(self: Any, batch: Any, batch_idx: int) -> Any:
+        if self.step_offset + self.global_step >= 1:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T.SelfcamModule, "training_step", crash_in_epoch_1)
+        result = runner.invoke(app, ["train", "--method", "se", "--backbone", "resnet8", "--epochs", "2", "--train-size", "8",
+                                     "--val-size", "4", "--image-size", str(SIZE), "--batch-size", "8", "--out", str(run),
+                                     "--quiet"])  # fmt: skip
+    assert isinstance(result.exception, RuntimeError), result.output
+    assert latest_state(run) is not None
+    return run
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    root = tmp_path_factory.mktemp("corpus")
+    torch.manual_seed(0)
+    data = {"name": "idx", "size": SIZE, "mean": [0.5], "std": [0.5], "class_names": [f"c{k}" for k in range(10)]}
+    run = save_checkpoint(create_model("se", "resnet8", 10, 1), root / "run", data=data)
+    rgb = save_checkpoint(create_model("plain", "resnet8", 2, 3), root / "rgb", data={"size": SIZE})
+    return Env(run, rgb, _crashed_run(root / "crashed"))
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+
+def _png(path: Path, pixels: np.ndarray, **save: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, **save)
+    return path
+
+
+def _noise(seed: int, shape: tuple[int, ...] = (SIZE, SIZE, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _cut(path: Path, fraction: float = 0.5) -> Path:
+    blob = path.read_bytes()
+    path.write_bytes(blob[: int(len(blob) * fraction)])
+    return path
+
+
+def _broken_images(folder: Path) -> list[Path]:
+    """An empty PNG, a PNG cut in half and random bytes named .jpg in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    truncated = _cut(_png(folder / "truncated.png", _noise(1, (64, 64, 3))))
+    corrupt = folder / "corrupt.jpg"
+    corrupt.write_bytes(np.random.default_rng(2).bytes(300))
+    return [empty, truncated, corrupt]
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """An idx file of a uint8 array: magic 0x0000 08 <ndim>, big-endian dims, the bytes."""
+    return struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def _write_idx(folder: Path, train_labels: list[int], test_labels: list[int]) -> Path:
+    folder.mkdir(parents=True)
+    for part, labels in (("train", train_labels), ("t10k", test_labels)):
+        (folder / f"{part}-images-idx3-ubyte").write_bytes(_idx(_noise(len(labels), (len(labels), 8, 8))))
+        (folder / f"{part}-labels-idx1-ubyte").write_bytes(_idx(np.array(labels, np.uint8)))
+    return folder
+
+
+def _write_cifar10(folder: Path, test_labels: list[int]) -> Path:
+    """CIFAR-10 binary: 5 training batches of labels 0..9 and a test batch of ``test_labels`` (byte + 3072 pixels)."""
+    folder.mkdir(parents=True)
+    for name, labels in [(f"data_batch_{k}.bin", list(range(10))) for k in range(1, 6)] + [("test_batch.bin", test_labels)]:
+        records = np.zeros((len(labels), 3073), np.uint8)
+        records[:, 0] = labels
+        (folder / name).write_bytes(records.tobytes())
+    return folder
+
+
+def _image_tree(root: Path, classes: dict[str, dict[str, int]]) -> Path:
+    """``root/SPLIT/CLASS/k.png`` with ``classes[split][class]`` noise images each."""
+    for split, counts in classes.items():
+        for name, count in counts.items():
+            for k in range(count):
+                _png(root / split / name / f"{k}.png", _noise(100 + k))
+    return root
+
+
+def _payload(marker: Path) -> bytes:
+    """Pickle bytes, written opcode by opcode, that create ``marker`` when unpickled: ``open(marker, "w")``."""
+    path = str(marker).encode()
+    return (b"\x80\x02" + b"cbuiltins\nopen\n" + b"X" + struct.pack("<I", len(path)) + path
+            + b"X\x01\x00\x00\x00w" + b"\x86" + b"R" + b".")  # fmt: skip
+
+
+def _torch_zip(path: Path, marker: Path) -> Path:
+    """A file laid out as torch.save writes it (a zip whose data.pkl is the payload)."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", _payload(marker))
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+def _copy_run(src: Path, dst: Path, config: Callable[[dict], Any] | None = None, config_bytes: bytes | None = None,
+              weights: bytes | None = None) -> Path:  # fmt: skip
+    """A copy of run ``src`` at ``dst`` with its config edited or replaced, or its weights replaced."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        doc = json.loads((dst / "config.json").read_text())
+        config(doc)
+        (dst / "config.json").write_text(json.dumps(doc))
+    if config_bytes is not None:
+        (dst / "config.json").write_bytes(config_bytes)
+    if weights is not None:
+        (dst / "model.safetensors").write_bytes(weights)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Bad:
+    """One bad input, written to disk: how to feed it to the API and the CLI, and what to check after."""
+
+    api: Callable[[], Any] | None = None
+    cli: list[list[str]] = field(default_factory=list)  # one or more command lines, each must behave the same
+    names: str | None = None  # the path the error message must name
+    shown: str | None = None  # how the one-line CLI error shows it (default: as ``names``)
+    fresh: list[Path] = field(default_factory=list)  # --out paths given fresh: absent or empty after a failure
+    run: Path | None = None  # a run directory that must hold nothing half-written after a failure
+    marker: Path | None = None  # created if a pickle payload were ever executed
+    check: Callable[[Any, list[str]], None] | None = None  # tolerated inputs: (API result, warnings) by hand
+    cli_check: Callable[[Result, list[str]], None] | None = None  # tolerated inputs: (CLI result, warnings)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    via: str  # "api", "cli" or "api+cli"
+    error: type[SelfcamError] | None  # None: the input is tolerated
+    match: str  # regex the error message must match
+    build: Callable[[Env, Path], Bad]
+
+
+def _explain_cmd(run: Path, out: Path, *files: Path | str, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["explain", "--checkpoint", str(run), *map(str, files), "--out", str(out), "--quiet", *extra]
+
+
+def _evaluate_cmd(run: Path, data: str, out: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--checkpoint", str(run), "--data", data, "--out", str(out), "--metrics", "accuracy", *extra]
+
+
+def _every_command(run: Path, tmp: Path) -> list[list[str]]:
+    """info, evaluate, export and explain of ``run``: every command that opens a checkpoint."""
+    image = _png(tmp / "ok.png", _noise(0, (SIZE, SIZE)))
+    return [["info", str(run)], _evaluate_cmd(run, "cluttered-digits", tmp / "eval", "--n", "4"),
+            ["export", "--checkpoint", str(run), "--out", str(tmp / "model.onnx")], _explain_cmd(run, tmp / "explained", image)]  # fmt: skip
+
+
+def _checkpoint_fresh(tmp: Path) -> list[Path]:
+    return [tmp / "eval", tmp / "model.onnx", tmp / "explained"]
+
+
+def _train_cmd(tmp: Path, *options: str) -> list[str]:
+    return ["train", "--method", "se", "--backbone", "resnet8", "--data", "cluttered-digits", "--train-size", "8",
+            "--val-size", "4", "--image-size", str(SIZE), "--epochs", "1", "--quiet", "--out", str(tmp / "trained"), *options]  # fmt: skip
+
+
+# --- 1. empty, truncated and corrupt image files
+
+
+def _explain_file(env: Env, tmp: Path, make: Callable[[Path], Path]) -> Bad:
+    f = make(tmp)
+    return Bad(api=lambda: find_images([f]), cli=[_explain_cmd(env.run, tmp / "out", f)], names=str(f), fresh=[tmp / "out"])
+
+
+def _truncated_jpeg_second_batch(env: Env, tmp: Path) -> Bad:
+    good = _png(tmp / "a-good.png", _noise(3, (SIZE, SIZE)))
+    jpeg = _cut(_png(tmp / "b-cut.jpg", _noise(4, (64, 64, 3)), quality=95), 0.6)
+
+    def api() -> Any:
+        model, doc = load_checkpoint(env.run)
+        return explain_files(model, doc, [good, jpeg], tmp / "api-out", batch_size=1)
+
+    return Bad(api=api, cli=[_explain_cmd(env.run, tmp / "out", good, jpeg, extra=("--batch-size", "1"))], names=str(jpeg),
+               fresh=[tmp / "out", tmp / "api-out"])  # fmt: skip
+
+
+def _imagefolder_broken(env: Env, tmp: Path) -> Bad:
+    root = _image_tree(tmp / "tree", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    broken = _broken_images(root / "test" / "a")
+
+    def check(ds: Any, warned: list[str]) -> None:
+        assert sorted(ds.paths) == [str(root / "test" / "a" / "0.png"), str(root / "test" / "b" / "0.png")]
+        assert {p: why.split(":")[0] for p, why in ds.skipped} == {str(b): "unreadable image" for b in broken}
+        assert len(warned) == 1 and "skipped 3 file(s)" in warned[0] and all(str(b) in warned[0] for b in broken)
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert any("skipped 3 file(s)" in w and all(str(b) in w for b in broken) for w in warned), warned
+        assert json.loads((tmp / "eval" / "evaluation.json").read_text())["n_images"] == 2
+
+    return Bad(api=lambda: load_dataset(f"imagefolder:{root}", "test", size=SIZE), check=check,
+               cli=[_evaluate_cmd(env.rgb, f"imagefolder:{root}", tmp / "eval", "--split", "test")], cli_check=cli_check)  # fmt: skip
+
+
+def _explain_dir_broken(env: Env, tmp: Path) -> Bad:
+    folder = tmp / "imgs"
+    good = _png(folder / "good.png", _noise(5, (SIZE, SIZE)))
+    broken = _broken_images(folder)
+    (folder / "notes.txt").write_text("not an image")
+    expected_skipped = sorted([*broken, folder / "notes.txt"])
+
+    def check(found: Any, warned: list[str]) -> None:
+        assert found == ([good], expected_skipped)
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert result.stderr.startswith("warning: skipped 4 non-image file(s): ")
+        assert all(str(p) in result.stderr for p in expected_skipped)
+        assert [r["output"] for r in json.loads((tmp / "out" / "predictions.json").read_text())] == ["good.png"]
+
+    return Bad(api=lambda: find_images([folder]), check=check, cli=[_explain_cmd(env.run, tmp / "out", folder)], cli_check=cli_check)
+
+
+# --- 2. NaN / inf pixels
+
+
+def _model_input(values: dict[tuple[int, ...], float] | None = None, shape: tuple[int, ...] = (2, 1, SIZE, SIZE),
+                 explain: bool = False) -> Callable[[Env, Path], Bad]:  # fmt: skip
+    def build(env: Env, tmp: Path) -> Bad:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        for where, v in (values or {}).items():
+            x[where] = v
+
+        def api() -> Any:
+            model, _ = load_checkpoint(env.run)
+            with torch.no_grad():
+                return model.explain(x) if explain else model(x)
+
+        return Bad(api=api)
+
+    return build
+
+
+def _metrics_nan(env: Env, tmp: Path) -> Bad:
+    maps, masks = torch.rand(2, SIZE, SIZE), torch.ones(2, SIZE, SIZE)
+    maps[1, 3, 4] = float("nan")
+    return Bad(api=lambda: metrics.iou(maps, masks))
+
+
+def _float_tiff(values: np.ndarray) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        f = tmp / "float.tif"
+        Image.fromarray(values.astype(np.float32)).save(f)
+        assert Image.open(f).mode == "F"
+
+        def api() -> Any:
+            return Preprocess.from_config(load_checkpoint(env.run)[1]).load(f)
+
+        return Bad(api=api, cli=[_explain_cmd(env.run, tmp / "out", f)], names=str(f), fresh=[tmp / "out"])
+
+    return build
+
+
+_NAN_IMAGE = np.full((SIZE, SIZE), 0.5)
+_NAN_IMAGE[2, 3] = np.nan
+_BIG_IMAGE = np.linspace(0, 255, SIZE * SIZE).reshape(SIZE, SIZE)
+
+
+# --- 3. other image modes, converted by hand
+
+
+def _converted(run_of: Callable[[Env], Path], pixels: Callable[[Path], Path], expected: np.ndarray) -> Callable[[Env, Path], Bad]:
+    """A file in another mode, fed to a run: ``Preprocess.load`` must give ``expected`` (C, H, W) * 255."""
+
+    def build(env: Env, tmp: Path) -> Bad:
+        f = pixels(tmp)
+
+        def check(x: torch.Tensor, warned: list[str]) -> None:
+            np.testing.assert_allclose(x.numpy() * 255, expected, atol=1e-3)
+
+        def cli_check(result: Result, warned: list[str]) -> None:
+            assert [r["output"] for r in json.loads((tmp / "out" / "predictions.json").read_text())] == [f"{f.stem}.png"]
+
+        return Bad(api=lambda: Preprocess.from_config(load_checkpoint(run_of(env))[1]).load(f), check=check,
+                   cli=[_explain_cmd(run_of(env), tmp / "out", f)], cli_check=cli_check)  # fmt: skip
+
+    return build
+
+
+def _halves(left: Any, right: Any, dtype: Any, channels: int | None = None) -> np.ndarray:
+    """A SIZE x SIZE image, ``left`` in the left half and ``right`` in the right half."""
+    shape = (SIZE, SIZE) if channels is None else (SIZE, SIZE, channels)
+    a = np.empty(shape, dtype)
+    a[:, : SIZE // 2], a[:, SIZE // 2 :] = left, right
+    return a
+
+
+def _rgba(tmp: Path) -> Path:  # red, fully opaque | blue, fully transparent
+    return _png(tmp / "rgba.png", _halves((255, 0, 0, 255), (0, 0, 255, 0), np.uint8, 4))
+
+
+def _cmyk(tmp: Path) -> Path:  # no ink (white) | magenta + yellow (red)
+    f = tmp / "cmyk.tif"
+    Image.fromarray(_halves((0, 0, 0, 0), (0, 255, 255, 0), np.uint8, 4), "CMYK").save(f)
+    return f
+
+
+def _sixteen_bit(tmp: Path) -> Path:  # 65535 | 257 * 100
+    f = _png(tmp / "sixteen.png", _halves(65535, 25700, np.uint16))
+    assert Image.open(f).mode.startswith("I;16")
+    return f
+
+
+# ITU-R 601 luma, Pillow's L: 299 R + 587 G + 114 B over 1000; alpha is dropped
+_RGBA_L = _halves(round(0.299 * 255), round(0.114 * 255), np.float64)[None]
+_CMYK_RGB = np.moveaxis(_halves((255, 255, 255), (255, 0, 0), np.float64, 3), -1, 0)
+_SIXTEEN_L = _halves(255, 100, np.float64)[None]
+
+
+# --- 4. and 5. labels out of range, class counts that do not fit
+
+
+def _idx_label_12(env: Env, tmp: Path) -> Bad:
+    d = _write_idx(tmp / "idx", list(range(10)) * 2, [0, 1, 12, 3])
+    return Bad(api=lambda: load_dataset(f"idx:{d}", "test"), cli=[_evaluate_cmd(env.run, f"idx:{d}", tmp / "eval")],
+               names=str(d / "t10k-labels-idx1-ubyte"), fresh=[tmp / "eval"])  # fmt: skip
+
+
+def _cifar_label_200(env: Env, tmp: Path) -> Bad:
+    d = _write_cifar10(tmp / "cifar", [3, 200, 1])
+    return Bad(api=lambda: load_dataset(f"cifar10:{d}", "test"), cli=[_evaluate_cmd(env.rgb, f"cifar10:{d}", tmp / "eval")],
+               names=str(d / "test_batch.bin"), fresh=[tmp / "eval"])  # fmt: skip
+
+
+def _imagefolder_unknown_class(env: Env, tmp: Path) -> Bad:
+    root = _image_tree(tmp / "tree", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1, "c": 2}})
+
+    def check(ds: Any, warned: list[str]) -> None:
+        assert ds.class_names == ["a", "b"] and sorted(ds.labels.tolist()) == [0, 1]
+        assert ds.skipped == ((str(root / "test" / "c"), "folder of a class the training folder does not have"),)
+        assert len(warned) == 1 and str(root / "test" / "c") in warned[0]
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert any(str(root / "test" / "c") in w for w in warned), warned
+
+    return Bad(api=lambda: load_dataset(f"imagefolder:{root}", "test", size=SIZE), check=check,
+               cli=[_evaluate_cmd(env.rgb, f"imagefolder:{root}", tmp / "eval", "--split", "test")], cli_check=cli_check)  # fmt: skip
+
+
+def _class_mismatch(env: Env, tmp: Path) -> Bad:
+    d = _write_idx(tmp / "idx3", [0, 1, 2] * 4, [0, 1, 2, 1])
+
+    def api() -> Any:
+        model, _ = load_checkpoint(env.run)
+        return evaluate_runs({"run": model}, load_dataset(f"idx:{d}", "test", size=SIZE), EvalConfig(metrics=("accuracy",)))
+
+    return Bad(api=api, cli=[_evaluate_cmd(env.run, f"idx:{d}", tmp / "eval")], names=str(d), fresh=[tmp / "eval"])
+
+
+# --- 6. odd file and directory names
+
+_ODD_NAMES = [b"caf\xe9.png", b"with space.png", "ünï©ødé.png".encode(), b"-dash.png", b"new\nline.png"]
+
+
+def _odd_names(env: Env, tmp: Path) -> Bad:
+    folder = tmp / "odd"
+    folder.mkdir()
+    for k, name in enumerate(_ODD_NAMES):
+        Image.fromarray(_noise(10 + k, (SIZE, SIZE))).save(os.fsdecode(os.path.join(os.fsencode(folder), name)))
+    files = sorted(folder / os.fsdecode(n) for n in _ODD_NAMES)
+    # one panel per file, <stem>.png, the name kept byte for byte (the non-UTF-8 byte 0xe9 included)
+    expected = sorted(["caf\udce9.png", "with space.png", "ünï©ødé.png", "-dash.png", "new\nline.png"])
+
+    def api() -> Any:
+        model, doc = load_checkpoint(env.run)
+        return explain_files(model, doc, find_images([folder])[0], tmp / "api-out")
+
+    def check(records: Any, warned: list[str]) -> None:
+        assert sorted(r["file"] for r in records) == sorted(map(str, files))
+        assert sorted(r["output"] for r in records) == expected
+        assert sorted(p.name for p in (tmp / "api-out").iterdir()) == sorted([*expected, "predictions.json"])
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        out = tmp / "out"
+        assert sorted(p.name for p in out.iterdir()) == sorted([*expected, "predictions.json"])
+        assert sorted(r["file"] for r in json.loads((out / "predictions.json").read_text())) == sorted(map(str, files))
+
+    # the folder, and each odd file given by name (absolute paths: a relative "-dash.png" needs "--" before it)
+    return Bad(api=api, check=check, cli=[_explain_cmd(env.run, tmp / "out", folder), _explain_cmd(env.run, tmp / "out", *files)],
+               cli_check=cli_check)  # fmt: skip
+
+
+def _odd_run_dir(tmp: Path, env: Env) -> Path:
+    return _copy_run(env.run, Path(os.fsdecode(os.path.join(os.fsencode(tmp), b"r\xe9n\nx"))))
+
+
+def _odd_run(env: Env, tmp: Path) -> Bad:
+    run = _odd_run_dir(tmp, env)
+
+    def check(loaded: Any, warned: list[str]) -> None:
+        assert loaded[1]["model"].num_classes == 10
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert json.loads(result.stdout)["model"]["num_classes"] == 10
+
+    return Bad(api=lambda: load_checkpoint(run), check=check, cli=[["info", str(run)]], cli_check=cli_check)
+
+
+def _odd_run_broken(env: Env, tmp: Path) -> Bad:
+    run = _odd_run_dir(tmp, env)
+    (run / "model.safetensors").write_bytes(b"")
+    return Bad(api=lambda: load_checkpoint(run), cli=[["info", str(run)]], names=str(run / "model.safetensors"),
+               shown=f"{tmp}/r\\udce9n\\nx/model.safetensors")  # fmt: skip
+
+
+# --- 7. config files
+
+
+def _config(edit: Callable[[dict], Any] | None = None, raw: bytes | None = None) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        run = _copy_run(env.run, tmp / "run", config=edit, config_bytes=raw)
+        return Bad(api=lambda: load_checkpoint(run), cli=_every_command(run, tmp), names=str(run / "config.json"),
+                   fresh=_checkpoint_fresh(tmp))  # fmt: skip
+
+    return build
+
+
+def _train_options(api: Callable[[], Any] | None, *options: str) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        return Bad(api=api, cli=[_train_cmd(tmp, *options)], fresh=[tmp / "trained"])
+
+    return build
+
+
+# --- 8. and 9. weights files: truncated, wrong shape, empty, pickles
+
+
+def _weights(make: Callable[[Env, Path], bytes], command: str = "info") -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        run = _copy_run(env.run, tmp / "run", weights=make(env, tmp))
+        cli = {c[0]: c for c in _every_command(run, tmp)}[command]
+        return Bad(api=lambda: load_checkpoint(run), cli=[cli], names=str(run / "model.safetensors"),
+                   fresh=_checkpoint_fresh(tmp), marker=tmp / "PWNED")  # fmt: skip
+
+    return build
+
+
+def _half_weights(env: Env, tmp: Path) -> bytes:
+    blob = (env.run / "model.safetensors").read_bytes()
+    return blob[: len(blob) // 2]
+
+
+def _wrong_shape_weights(env: Env, tmp: Path) -> bytes:
+    from safetensors.torch import save
+
+    model, _ = load_checkpoint(env.run)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["head.fc.weight"] = torch.zeros(7, state["head.fc.weight"].shape[1])
+    return save(state)
+
+
+def _checkpoint_file(name: str, make: Callable[[Path, Path], Any], command: str) -> Callable[[Env, Path], Bad]:
+    """--checkpoint given a file (``name``) instead of a run directory."""
+
+    def build(env: Env, tmp: Path) -> Bad:
+        f = tmp / name
+        make(f, tmp / "PWNED")
+        cli = {c[0]: c for c in _every_command(f, tmp)}[command]
+        return Bad(api=lambda: load_checkpoint(f), cli=[cli], names=str(f), fresh=_checkpoint_fresh(tmp), marker=tmp / "PWNED")
+
+    return build
+
+
+# --- 10. symbolic-link loops
+
+
+def _imagefolder_loop(env: Env, tmp: Path) -> Bad:
+    root = _image_tree(tmp, {"tree": {"a": 3, "b": 3}}) / "tree"
+    os.symlink(root, root / "loop")  # among the class folders
+    os.symlink(root, root / "a" / "sub")  # inside a class folder
+
+    def check(ds: Any, warned: list[str]) -> None:
+        assert ds.class_names == ["a", "b"]
+        assert not any("loop" in p or "sub" in p for p in ds.paths)
+        assert set(ds.skipped) == {(str(root / "loop"), "symbolic link loop, not followed"),
+                                   (str(root / "a" / "sub"), "symbolic link to a folder, not followed")}  # fmt: skip
+
+    return Bad(api=lambda: load_dataset(f"imagefolder:{root}", "train", size=SIZE), check=check)
+
+
+def _explain_loop(env: Env, tmp: Path) -> Bad:
+    folder = tmp / "imgs"
+    images = [_png(folder / "a.png", _noise(20, (SIZE, SIZE))), _png(folder / "sub" / "b.png", _noise(21, (SIZE, SIZE)))]
+    os.symlink(folder, folder / "sub" / "loop")
+
+    def check(found: Any, warned: list[str]) -> None:
+        assert found == (images, [])
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert [r["output"] for r in json.loads((tmp / "out" / "predictions.json").read_text())] == ["a.png", "b.png"]
+
+    return Bad(api=lambda: find_images([folder]), check=check, cli=[_explain_cmd(env.run, tmp / "out", folder)], cli_check=cli_check)
+
+
+# --- 11. a damaged training state
+
+
+def _resume(damage: str) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        run = Path(shutil.copytree(env.crashed, tmp / "run"))
+        (state,) = (run / "checkpoints").glob("step-*")
+        damaged = _cut(state / damage)
+        return Bad(api=(lambda: latest_state(run)) if damage == "state.json" else None, cli=[["train", "--resume", str(run)]],
+                   names=str(damaged), run=run)  # fmt: skip
+
+    return build
+
+
+# --- 12. missing paths
+
+
+def _missing_data(kind: str) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        spec = f"{kind}:{tmp / 'missing'}"
+        return Bad(api=lambda: load_dataset(spec, "test"), cli=[_evaluate_cmd(env.run, spec, tmp / "eval")],
+                   names=str(tmp / "missing"), fresh=[tmp / "eval"])  # fmt: skip
+
+    return build
+
+
+def _missing_checkpoint(env: Env, tmp: Path) -> Bad:
+    run = tmp / "no-such-run"
+    return Bad(api=lambda: load_checkpoint(run), cli=_every_command(run, tmp), names=str(run), fresh=_checkpoint_fresh(tmp))
+
+
+def _missing_image(env: Env, tmp: Path) -> Bad:
+    f = tmp / "no-such.png"
+    return Bad(api=lambda: find_images([f]), cli=[_explain_cmd(env.run, tmp / "out", f)], names=str(f), fresh=[tmp / "out"])
+
+
+# --- 13. export of a config that does not match its weights
+
+
+def _export_mismatch(env: Env, tmp: Path) -> Bad:
+    run = _copy_run(env.run, tmp / "run", config=lambda d: d["model"].update(method="lfi"))
+    return Bad(api=lambda: load_checkpoint(run), cli=[["export", "--checkpoint", str(run), "--out", str(tmp / "m.onnx")]],
+               names=str(run / "model.safetensors"), fresh=[tmp / "m.onnx"])  # fmt: skip
+
+
+UNREADABLE = r"not an image file Pillow can read \(.+\)"
+CASES = [
+    # 1. empty, truncated, corrupt image files
+    Case("explain-empty-file", "api+cli", InputError, UNREADABLE,
+         lambda env, tmp: _explain_file(env, tmp, lambda t: _broken_images(t)[0])),
+    Case("explain-truncated-png", "api+cli", InputError, UNREADABLE,
+         lambda env, tmp: _explain_file(env, tmp, lambda t: _broken_images(t)[1])),
+    Case("explain-corrupt-jpg", "api+cli", InputError, UNREADABLE,
+         lambda env, tmp: _explain_file(env, tmp, lambda t: _broken_images(t)[2])),
+    Case("explain-truncated-jpg-in-second-batch", "api+cli", InputError, r"cannot decode image \(image file is truncated",
+         _truncated_jpeg_second_batch),
+    Case("imagefolder-broken-files", "api+cli", None, "", _imagefolder_broken),
+    Case("explain-folder-with-broken-files", "api+cli", None, "", _explain_dir_broken),
+    # 2. NaN / inf
+    Case("model-nan-input", "api", InputError, r"input has 1 NaN or infinite value\(s\) of 512",
+         _model_input({(1, 0, 2, 3): float("nan")})),
+    Case("model-explain-inf-input", "api", InputError, r"input has 2 NaN or infinite value\(s\) of 512",
+         _model_input({(0, 0, 0, 0): float("inf"), (1, 0, 5, 5): -float("inf")}, explain=True)),
+    Case("metrics-nan-maps", "api", InputError, r"NaN or inf values in maps \(1 of 512\)", _metrics_nan),
+    Case("explain-float-tiff-nan", "api+cli", InputError, r"cannot decode image \(float image with 1 NaN or infinite pixel",
+         _float_tiff(_NAN_IMAGE)),
+    Case("explain-float-tiff-out-of-range", "api+cli", InputError, r"float image with values in \[0, 255\]",
+         _float_tiff(_BIG_IMAGE)),
+    # 3. ranks, channel counts, image modes
+    Case("model-rank-3", "api", InputError, r"expected input of shape \(N, C, H, W\), got rank 3",
+         _model_input(shape=(1, SIZE, SIZE))),
+    Case("model-rank-5", "api", InputError, r"got rank 5", _model_input(shape=(1, 1, 1, SIZE, SIZE))),
+    Case("model-3-channels-to-1", "api", InputError, r"model takes 1 input channel\(s\), got 3",
+         _model_input(shape=(2, 3, SIZE, SIZE))),
+    Case("explain-rgba-png-1-channel", "api+cli", None, "", _converted(lambda e: e.run, _rgba, _RGBA_L)),
+    Case("explain-cmyk-tiff-3-channels", "api+cli", None, "", _converted(lambda e: e.rgb, _cmyk, _CMYK_RGB)),
+    Case("explain-16-bit-png", "api+cli", None, "", _converted(lambda e: e.run, _sixteen_bit, _SIXTEEN_L)),
+    # 4. labels out of range
+    Case("idx-label-12-of-10", "api+cli", DataError, r"labels must lie in 0\.\.9, found 0\.\.12", _idx_label_12),
+    Case("cifar10-label-200", "api+cli", DataError, r"labels must lie in 0\.\.9, found 1\.\.200", _cifar_label_200),
+    Case("imagefolder-test-class-not-in-train", "api+cli", None, "", _imagefolder_unknown_class),
+    # 5. class count of the data vs the checkpoint
+    Case("evaluate-class-count-mismatch", "api+cli", ConfigError,
+         r"run \S+ has 10 classes / 1 input channel\(s\) but dataset \S+idx3 has 3 / 1", _class_mismatch),
+    # 6. odd names
+    Case("explain-odd-file-names", "api+cli", None, "", _odd_names),
+    Case("run-dir-odd-name", "api+cli", None, "", _odd_run),
+    Case("run-dir-odd-name-broken-weights", "api+cli", CheckpointError, r"not a readable safetensors file", _odd_run_broken),
+    # 7. config.json, --head-kwargs, --backbone-kwargs
+    Case("config-missing-field", "api+cli", CheckpointError, r"missing fields \['num_classes'\]",
+         _config(lambda d: d["model"].pop("num_classes"))),
+    Case("config-extra-field", "api+cli", CheckpointError, r"unknown fields \['colour'\]",
+         _config(lambda d: d["model"].update(colour="red"))),
+    Case("config-wrong-type", "api+cli", CheckpointError, r"model\.num_classes must be int, got '10'",
+         _config(lambda d: d["model"].update(num_classes="10"))),
+    Case("config-head-kwargs-wrong-type", "api+cli", CheckpointError, r"method 'se' option 'reduction' must be int, got 'x'",
+         _config(lambda d: d["model"].update(head_kwargs={"reduction": "x"}))),
+    Case("config-data-size-wrong-type", "api+cli", CheckpointError, r"data\.size must be an integer >= 1 \(or null\), got '16'",
+         _config(lambda d: d["data"].update(size="16"))),
+    Case("config-data-not-an-object", "api+cli", CheckpointError, r"'data' must be an object, got list",
+         _config(lambda d: d.update(data=[SIZE]))),
+    Case("config-invalid-json", "api+cli", CheckpointError, r"not valid JSON \(Expecting", _config(raw=b'{"model": {"method": ')),
+    Case("config-non-utf8", "api+cli", CheckpointError, r"not valid JSON \('utf-8' codec can't decode byte 0xe9",
+         _config(raw=b'{"model": {"method": "caf\xe9"}}')),
+    Case("config-not-an-object", "api+cli", CheckpointError, r"no 'model' entry", _config(raw=b"[1, 2, 3]")),
+    Case("train-head-kwargs-unknown", "api+cli", ConfigError, r"bad option for method 'se': .*unexpected keyword argument 'bogus'",
+         _train_options(lambda: create_model("se", "resnet8", 10, 1, bogus=1), "--head-kwargs", '{"bogus": 1}')),
+    Case("train-head-kwargs-wrong-type", "api+cli", ConfigError, r"method 'se' option 'reduction' must be int, got 'x'",
+         _train_options(lambda: create_model("se", "resnet8", 10, 1, reduction="x"), "--head-kwargs", '{"reduction": "x"}')),
+    Case("train-backbone-kwargs-unknown", "api+cli", ConfigError, r"bad option for backbone 'resnet8': .*unexpected keyword argument 'bogus'",
+         _train_options(lambda: create_model("se", "resnet8", 10, 1, {"bogus": 1}), "--backbone-kwargs", '{"bogus": 1}')),
+    Case("train-backbone-kwargs-wrong-type", "api+cli", ConfigError, r"backbone 'resnet8' option 'stem_stride' must be int, got '2'",
+         _train_options(lambda: create_model("se", "resnet8", 10, 1, {"stem_stride": "2"}), "--backbone-kwargs", '{"stem_stride": "2"}')),
+    Case("train-kwargs-not-json", "cli", ConfigError, r"--head-kwargs is not valid JSON",
+         _train_options(None, "--head-kwargs", "{reduction: 2")),
+    # 8. weights files
+    Case("weights-truncated", "api+cli", CheckpointError, r"not a readable safetensors file \(.+\)$", _weights(_half_weights)),
+    Case("weights-empty", "api+cli", CheckpointError, r"not a readable safetensors file \(.+\)$",
+         _weights(lambda env, tmp: b"", "evaluate")),
+    Case("weights-wrong-shape", "api+cli", CheckpointError, r"weights do not match config .*head\.fc\.weight \(7, 64\) vs \(10, 64\)",
+         _weights(_wrong_shape_weights, "explain")),
+    # 9. pickles where safetensors or a run directory belongs; the payload must never run
+    Case("weights-are-a-pickle", "api+cli", CheckpointError,
+         r"not a readable safetensors file .*it is a Python pickle, and selfcam never unpickles files",
+         _weights(lambda env, tmp: _payload(tmp / "PWNED"), "explain")),
+    Case("weights-are-a-torch-save-zip", "api+cli", CheckpointError,
+         r"not a readable safetensors file .*it is a zip archive, as torch.save writes, and selfcam never unpickles",
+         _weights(lambda env, tmp: _torch_zip(tmp / "w.zip", tmp / "PWNED").read_bytes(), "export")),
+    Case("checkpoint-is-a-model-pt-file", "api+cli", CheckpointError, r"a file, not a run directory .*zip archive",
+         _checkpoint_file("model.pt", _torch_zip, "explain")),
+    Case("checkpoint-is-a-ckpt-pickle", "api+cli", CheckpointError, r"a file, not a run directory .*Python pickle",
+         _checkpoint_file("last.ckpt", lambda f, marker: f.write_bytes(_payload(marker)), "evaluate")),
+    # 10. symbolic-link loops
+    Case("imagefolder-symlink-loop", "api", None, "", _imagefolder_loop),
+    Case("explain-symlink-loop", "api+cli", None, "", _explain_loop),
+    # 11. a damaged training state
+    Case("resume-truncated-state-json", "api+cli", CheckpointError, r"not valid JSON", _resume("state.json")),
+    Case("resume-truncated-state-tensors", "cli", CheckpointError, r"does not match the checksum", _resume("state.safetensors")),
+    # 12. missing paths
+    Case("data-idx-missing-path", "api+cli", DataError, r"does not exist", _missing_data("idx")),
+    Case("data-cifar10-missing-path", "api+cli", DataError, r"does not exist", _missing_data("cifar10")),
+    Case("checkpoint-missing", "api+cli", CheckpointError, r"checkpoint directory not found", _missing_checkpoint),
+    Case("explain-missing-file", "api+cli", InputError, r"no such file or directory", _missing_image),
+    # 13. export
+    Case("export-config-does-not-match-weights", "api+cli", CheckpointError, r"weights do not match config \(lfi on resnet8\)",
+         _export_mismatch),
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the checks
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float = DEADLINE_S) -> Iterator[None]:
+    """Raise TimeoutError in the main thread when the block runs longer than ``seconds`` (no hang)."""
+
+    def fail(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def _warnings() -> Iterator[list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        messages: list[str] = []
+        yield messages
+    messages += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def _leftovers(bad: Bad) -> list[Path]:
+    """Files a failed call left behind: anything in a fresh --out; temporary or orphaned files in a run."""
+    left = []
+    for out in bad.fresh:
+        left += [out] if out.is_file() else sorted(out.rglob("*")) if out.is_dir() else []
+    if bad.run is not None:
+        left += [p for p in bad.run.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+        left += [p for p in bad.run.rglob("model.safetensors") if not (p.parent / "config.json").is_file()]
+    return left
+
+
+def _by_via(kind: str) -> list[Any]:
+    return [pytest.param(c, id=c.id) for c in CASES if kind in c.via.split("+")]
+
+
+def _invoke(args: list[str]) -> tuple[Result, list[str]]:
+    with _warnings() as warned, _deadline():
+        result = runner.invoke(app, args)
+    return result, warned
+
+
+def test_the_table_is_sound() -> None:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) and all(re.fullmatch(r"[a-z0-9-]+", i) for i in ids)
+    for c in CASES:
+        assert c.via in ("api", "cli", "api+cli")
+        assert c.error is None or (issubclass(c.error, SelfcamError) and c.match), c.id
+
+
+@pytest.mark.parametrize("case", _by_via("api"))
+def test_api(case: Case, env: Env, tmp_path: Path) -> None:
+    bad = case.build(env, tmp_path)
+    assert bad.api is not None
+    with _warnings() as warned, _deadline():
+        if case.error is None:
+            value = bad.api()
+        else:
+            with pytest.raises(SelfcamError) as e:
+                bad.api()
+    if case.error is None:
+        assert bad.check is not None
+        bad.check(value, warned)
+    else:
+        assert type(e.value) is case.error, f"{type(e.value).__name__}: {e.value}"
+        message = str(e.value)
+        assert re.search(case.match, message), message
+        assert bad.names is None or bad.names in message, message
+    assert _leftovers(bad) == []
+    assert bad.marker is None or not bad.marker.exists(), "a pickle payload was executed"
+
+
+@pytest.mark.parametrize("case", _by_via("cli"))
+def test_cli(case: Case, env: Env, tmp_path: Path) -> None:
+    bad = case.build(env, tmp_path)
+    assert bad.cli
+    for args in bad.cli:
+        result, warned = _invoke(args)
+        if case.error is None:
+            assert result.exit_code == 0, (args, result.output, result.exception)
+            assert bad.cli_check is not None
+            bad.cli_check(result, warned)
+            continue
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+        assert re.search(case.match, lines[0]), lines[0]
+        shown = bad.shown or bad.names
+        assert shown is None or shown in lines[0], (shown, lines[0])
+        assert "Traceback" not in result.output
+        assert _leftovers(bad) == [], args
+    assert bad.marker is None or not bad.marker.exists(), "a pickle payload was executed"
+
+
+@pytest.mark.parametrize("case", [p for p in _by_via("cli") if p.values[0].error is not None])
+def test_cli_debug_raises_instead(case: Case, env: Env, tmp_path: Path) -> None:
+    bad = case.build(env, tmp_path)
+    result, _ = _invoke(["--debug", *bad.cli[0]])
+    assert result.exit_code == 1 and type(result.exception) is case.error, (result.output, result.exception)
+    assert re.search(case.match, str(result.exception))
+    trace = "".join(traceback.format_exception(*result.exc_info))  # what the terminal shows
+    assert trace.startswith("Traceback") and f"selfcam.errors.{case.error.__name__}: " in trace
+
+
+# ---------------------------------------------------------------------------------------------- beyond the table
+
+
+def test_the_pickle_payloads_are_live(tmp_path: Path) -> None:
+    """The payloads of the pickle rows do run when unpickled: the rows' 'no marker' checks can fail."""
+    import pickle
+
+    marker = tmp_path / "ran-raw"
+    pickle.loads(_payload(marker)).close()  # noqa: S301 -- the point of this test
+    assert marker.exists()
+    zipped = _torch_zip(tmp_path / "model.pt", tmp_path / "ran-zip")
+    with contextlib.suppress(Exception):  # what the payload returns is no tensor; it has run by then
+        torch.load(zipped, weights_only=False)  # noqa: S614
+    assert (tmp_path / "ran-zip").exists()
+
+
+@pytest.mark.slow
+def test_real_console_script_in_the_c_locale(env: Env, tmp_path: Path) -> None:
+    """``python -m selfcam`` with ASCII stdio: the broken run with a non-UTF-8 and newline name is one escaped line."""
+    bad = _odd_run_broken(env, tmp_path)
+    environ = {**os.environ, "LC_ALL": "C", "LANG": "C", "OMP_NUM_THREADS": "1"}
+    environ.pop("PYTHONUTF8", None)
+    environ.pop("PYTHONIOENCODING", None)
+    proc = subprocess.run([sys.executable, "-m", "selfcam", *bad.cli[0]], capture_output=True, env=environ, timeout=300)
+    lines = [line for line in proc.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and bad.shown in lines[0] and "not a readable safetensors file" in lines[0], lines[0]
+
+
+def test_every_case_is_in_the_doc() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M))
+    assert rows == {c.id for c in CASES}, f"missing: {sorted({c.id for c in CASES} - rows)}, stale: {sorted(rows - {c.id for c in CASES})}"
+    assert f"**{len(CASES)} bad inputs**" in text
