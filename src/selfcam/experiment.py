@@ -336,8 +336,7 @@ def _bar_plot(path: Path, groups: dict[str, dict[str, tuple[float, float]]], yla
         vals = [g[method] for g in groups.values() if method in g]
         ax.bar(xs, [v for v, _ in vals], width, yerr=[e for _, e in vals], label=method, capsize=2)
     ax.set_xticks(range(len(groups)), list(groups))
-    low = min((v - e for g in groups.values() for v, e in g.values()), default=0)
-    ax.set(ylabel=ylabel, title=title, ylim=(max(0.0, low - 0.05 * abs(low) - 0.01), None))
+    ax.set(ylabel=ylabel, title=title, ylim=(0.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncols=len(methods))
     path.parent.mkdir(parents=True, exist_ok=True)
