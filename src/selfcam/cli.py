@@ -187,7 +187,7 @@ def train(
     val_set = load_dataset(o["data"], "val", o["val_size"], seed=cfg.seed, size=o["image_size"])
     seed_all(cfg.seed)
     model = create_model(o["method"], o["backbone"], train_set.num_classes, train_set.in_chans, bb_kw, **head_kw)
-    extra = {"data": {"name": o["data"], "size": train_set.size, "train_size": len(train_set), "val_size": len(val_set),
+    extra = {"data": {"name": o["data"], "size": train_set.size, "seed": cfg.seed, "train_size": len(train_set), "val_size": len(val_set),
                       "mean": list(train_set.mean), "std": list(train_set.std), "class_names": list(train_set.class_names)}}  # fmt: skip
     history = fit(model, train_set, val_set, cfg, o["out"], progress=not quiet, extra_config=extra, resume=resume is not None)
     last = history[-1] if history else {}

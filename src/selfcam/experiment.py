@@ -145,7 +145,7 @@ class _Runner:
         model = create_model(method, r.backbone, self.test.num_classes, self.test.in_chans, r.backbone_kwargs,
                              **r.head_kwargs.get(method, {}))  # fmt: skip
         fit(model, self.train, self.val, cfg, run_dir, self.progress,
-            extra_config={"data": {"name": self.data, "size": r.image_size}})  # fmt: skip
+            extra_config={"data": {"name": self.data, "size": self.test.size, "seed": 0}})  # fmt: skip
         return model.cpu().eval()
 
     def train_config(self, setting: Setting) -> TrainConfig:

@@ -208,6 +208,7 @@ def _stats(v: Any) -> bool:
 _DATA_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # known fields of config.json's optional "data" entry
     "name": (lambda v: isinstance(v, str), "a string"),
     "size": (_count(1), "an integer >= 1 (or null)"),
+    "seed": (_count(0), "an integer >= 0 (or null)"),
     "train_size": (_count(0), "an integer >= 0 (or null)"),
     "val_size": (_count(0), "an integer >= 0 (or null)"),
     "mean": (_stats, "a number or a non-empty list of numbers"),

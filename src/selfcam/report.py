@@ -461,15 +461,15 @@ def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequen
         if not data.get("name") or getattr(model.head, "task", "multiclass") != "multiclass":
             notes.append(f"gallery: run {name} left out (no dataset name recorded, or a multi-label head)")
             continue
-        key = (data["name"], data.get("size"), train.get("seed", 0))
+        key = (data["name"], data.get("size"), data.get("seed", train.get("seed", 0)))  # the generator's seed
         loaded.setdefault(key, {})[name] = model
     if not loaded or per_class < 1:
         return None
     (spec, size, seed), models = max(loaded.items(), key=lambda kv: len(kv[1]))
     for key, other in loaded.items():
         if key != (spec, size, seed):
-            notes.append(f"gallery: runs {', '.join(other)} left out (trained on {key[0]} at {key[1]} px; "
-                         f"the gallery shows {spec} at {size} px)")  # fmt: skip
+            notes.append(f"gallery: runs {', '.join(other)} left out (trained on {key[0]} at {key[1]} px, data seed "
+                         f"{key[2]}; the gallery shows {spec} at {size} px, data seed {seed})")  # fmt: skip
     try:
         n = 20 * per_class * max(m.config.num_classes for m in models.values()) if spec == "cluttered-digits" else None
         data = load_dataset(spec, "test", n, seed=seed, size=size)
