@@ -1,0 +1,363 @@
+"""Audio-visual SE-CAM (selfcam.asd) and the synthetic speaker clips (selfcam.data.speakers)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from selfcam.asd import (
+    AUDIO_SCALE,
+    LOG_EPS,
+    ASDConfig,
+    ASDModel,
+    ASDRecipe,
+    evaluate_asd,
+    fit_asd,
+    importance_by_class,
+    load_asd,
+    log_mel,
+    mel_filterbank,
+    modality_importance,
+    run_asd_demo,
+    save_asd,
+)
+from selfcam.data.digits import box_mask
+from selfcam.data.speakers import KINDS, SpeakerClips, draw_faces
+from selfcam.errors import CheckpointError, ConfigError, DataError, InputError
+from selfcam.train import TrainConfig
+
+SMALL = dict(frames=4, backbone_kwargs={"stem_stride": 2})
+
+
+@pytest.fixture(scope="module")
+def clips() -> SpeakerClips:
+    return SpeakerClips("train", 60, frames=8, size=48, seed=5)
+
+
+# --- the generator ----------------------------------------------------------------------------
+
+
+def test_shapes_labels_and_determinism(clips: SpeakerClips) -> None:
+    assert clips.frames.shape == (60, 8, 3, 48, 48) and clips.frames.dtype == torch.uint8
+    assert clips.waves.shape == (60, 8 * 640) and clips.waves.dtype == torch.float32
+    assert clips.mouth_boxes.shape == (60, 8, 4) and clips.frame_labels.shape == (60, 8)
+    assert set(clips.kinds.tolist()) == set(range(len(KINDS)))
+    speaking = clips.kinds == KINDS.index("speaking")
+    assert torch.equal(clips.labels, speaking.long())
+    assert (clips.frame_labels[~speaking] == 0).all()
+    assert (clips.frame_labels[speaking].sum(1) >= 4).all()  # at least ceil(T / 2) speaking frames
+    frames, wave, label, frame_labels, boxes = clips[3]
+    assert frames.shape == (8, 3, 48, 48) and frames.dtype == torch.float32 and wave.shape == (5120,)
+    again = SpeakerClips("train", 60, frames=8, size=48, seed=5)
+    assert torch.equal(again.frames, clips.frames) and torch.equal(again.waves, clips.waves)
+    assert not torch.equal(SpeakerClips("val", 60, frames=8, size=48, seed=5).waves, clips.waves)
+
+
+def test_generator_rejects_bad_arguments() -> None:
+    with pytest.raises(DataError, match="split"):
+        SpeakerClips("dev", 4)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="frames must be an integer >= 2"):
+        SpeakerClips("train", 4, frames=1)
+    with pytest.raises(DataError, match="multiple of fps"):
+        SpeakerClips("train", 4, sample_rate=16001)
+
+
+def test_mouth_box_covers_the_drawn_mouth_in_every_frame(clips: SpeakerClips) -> None:
+    _, mouth = draw_faces(clips.params, 48, torch.Generator().manual_seed(0))
+    inside = box_mask(clips.mouth_boxes.flatten(0, 1), 48)
+    drawn = mouth > 0
+    assert drawn.flatten(1).any(1).all()  # a mouth in every frame
+    assert not (drawn & ~inside).any()
+    # and the box is not the whole face: at most a fifth of the frame
+    assert (inside.flatten(1).float().mean(1) < 0.2).all()
+
+
+def _per_frame(x: Tensor, frames: int) -> Tensor:
+    return x.view(len(x), frames, -1)
+
+
+def _corr(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation per row, 0 where a row is constant."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    den = (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
+    return torch.where((a.norm(dim=1) > 1e-6) & (b.norm(dim=1) > 1e-6), (a * b).sum(1) / den, torch.zeros(len(a)))
+
+
+def test_speaking_mouths_follow_the_audio_and_others_do_not(clips: SpeakerClips) -> None:
+    _, mouth = draw_faces(clips.params, 48, torch.Generator().manual_seed(0))
+    area = mouth.view(60, 8, -1).sum(2)  # drawn mouth area per frame (pixels)
+    rms = _per_frame(clips.waves, 8).square().mean(2).sqrt()  # audio loudness per frame
+    r = _corr(area, rms)
+    kinds = clips.kinds
+    assert r[kinds == KINDS.index("speaking")].min() > 0.8
+    desync = r[kinds == KINDS.index("desync")]
+    assert desync.max() < 0.5 and desync.mean().abs() < 0.25  # no positive sync (anti-sync is allowed)
+    for still in ("still", "silent"):
+        a = area[kinds == KINDS.index(still)]
+        assert (a.std(1) < 0.01 * a.mean(1)).all()  # the mouth does not move (the head jitters by subpixels)
+    a = area[kinds == KINDS.index("speaking")]
+    assert (a.std(1) > 0.2 * a.mean(1)).all()
+    # the distractor: in some "still" clips the eyes, not the mouth, move with the voice
+    eyes = clips.params["eye_open"].view(60, 8)
+    synced = clips.eye_sync
+    assert synced.any() and (kinds[synced] == KINDS.index("still")).all()
+    assert _corr(1 - eyes[synced], rms[synced]).min() > 0.8
+    loud = rms > 0.02
+    assert (loud[kinds == KINDS.index("silent")] == 0).all()
+    speaking = kinds == KINDS.index("speaking")
+    assert (clips.frame_labels[speaking][loud[speaking]] == 1).all()  # every voiced frame is labelled speaking
+
+
+# --- audio features -----------------------------------------------------------------------------
+
+
+def _mel_reference(n_freqs: int, n_mels: int, rate: int) -> np.ndarray:
+    """Loop version of the HTK triangular filterbank, from the definition."""
+    to_mel = lambda f: 2595 * math.log10(1 + f / 700)  # noqa: E731
+    to_hz = lambda m: 700 * (10 ** (m / 2595) - 1)  # noqa: E731
+    pts = [to_hz(to_mel(rate / 2) * i / (n_mels + 1)) for i in range(n_mels + 2)]
+    fb = np.zeros((n_freqs, n_mels))
+    for k in range(n_freqs):
+        f = k * (rate / 2) / (n_freqs - 1)
+        for m in range(n_mels):
+            lo, c, hi = pts[m], pts[m + 1], pts[m + 2]
+            if lo <= f <= c:
+                fb[k, m] = (f - lo) / (c - lo)
+            elif c < f <= hi:
+                fb[k, m] = (hi - f) / (hi - c)
+    return fb
+
+
+def test_mel_filterbank_against_the_definition() -> None:
+    fb = mel_filterbank(257, 10, 16000)
+    assert fb.shape == (257, 10)
+    np.testing.assert_allclose(fb.numpy(), _mel_reference(257, 10, 16000), atol=1e-6)
+
+
+@pytest.mark.parametrize("band", [3, 12, 25])
+def test_a_sine_lands_in_its_mel_bin(band: int) -> None:
+    # centre of mel band `band` of 40 on 0..8000 Hz
+    mels = np.linspace(0, 2595 * math.log10(1 + 8000 / 700), 42)
+    centre = 700 * (10 ** (mels[band + 1] / 2595) - 1)
+    t = torch.arange(5120, dtype=torch.float64) / 16000
+    wave = (0.5 * torch.sin(2 * math.pi * centre * t)).float()[None]
+    m = log_mel(wave)
+    assert m.shape == (1, 40, 32)
+    assert int(m[0].mean(1).argmax()) == band
+
+
+def test_silence_gives_a_zero_audio_embedding() -> None:
+    model = ASDModel(ASDConfig(**SMALL))
+    mel = model.mel(torch.zeros(2, 2560))
+    assert torch.equal(mel, torch.zeros(2, 40, 16))
+    assert torch.equal(model.audio(mel, 4), torch.zeros(2, 64, 4))
+    assert model.audio(model.mel(0.1 * torch.randn(2, 2560)), 4).abs().sum() > 0
+
+
+def test_log_mel_of_silence_and_bad_input() -> None:
+    m = log_mel(torch.zeros(2, 1280))
+    assert m.shape == (2, 40, 8)
+    torch.testing.assert_close(m, torch.full_like(m, math.log(LOG_EPS)))
+    with pytest.raises(InputError, match="float tensor"):
+        log_mel(torch.zeros(1280))
+
+
+# --- importance -------------------------------------------------------------------------------
+
+
+def test_modality_importance_by_hand() -> None:
+    s = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.5], [1.0, 1.0, 0.4, 0.0, 0.2]])
+    imp = modality_importance(s, {"audio": 3, "face": 2})
+    torch.testing.assert_close(imp["audio"], torch.tensor([0.2, 0.8]))
+    torch.testing.assert_close(imp["face"], torch.tensor([0.7, 0.1]))
+    by_class = importance_by_class(imp, torch.tensor([1, 0]))
+    assert by_class["speaking"] == pytest.approx({"audio": 0.2, "face": 0.7})
+    assert by_class["not_speaking"] == pytest.approx({"audio": 0.8, "face": 0.1})
+    with pytest.raises(InputError, match="do not split"):
+        modality_importance(s, {"audio": 2, "face": 2})
+
+
+def test_model_output_shapes_and_importance_slices() -> None:
+    model = ASDModel(ASDConfig(**SMALL)).eval()
+    frames, wave = torch.randn(3, 4, 3, 32, 32), 0.1 * torch.randn(3, 4 * 640)
+    out = model(frames, wave)
+    assert out.logits.shape == (3, 2) and out.frame_logits.shape == (3, 4, 2)
+    assert out.heatmap.shape == (3, 4, 4, 4) and out.heatmap.min() >= 0 and out.heatmap.max() <= 1
+    assert out.se_weights.shape == (3, 64 + 64) and out.face_weights.shape == (3, 64)
+    torch.testing.assert_close(out.importance["audio"], out.se_weights[:, :64].mean(1))
+    torch.testing.assert_close(out.importance["face"], out.se_weights[:, 64:].mean(1))
+    torch.testing.assert_close(out.score, out.logits[:, 1] - out.logits[:, 0])
+    assert model.explain(frames, wave).heatmap.shape == (3, 4, 32, 32)
+
+
+def test_gate_l1_adds_the_mean_fusion_weight() -> None:
+    from dataclasses import replace
+
+    model = ASDModel(ASDConfig(**SMALL)).eval()
+    out = model(torch.randn(2, 4, 3, 32, 32), 0.1 * torch.randn(2, 2560))
+    y, fy = torch.tensor([1, 0]), torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
+    plain = model.loss(out, y, fy)
+    model.config = replace(model.config, gate_l1=0.5)
+    torch.testing.assert_close(model.loss(out, y, fy), plain + 0.5 * out.se_weights.mean())
+    with pytest.raises(ConfigError, match="gate_l1"):
+        ASDConfig(gate_l1=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("frames", "wave", "kw", "message"),
+    [
+        ((2, 5, 3, 32, 32), (2, 2560), {}, "clips of 4 frames"),
+        ((2, 4, 1, 32, 32), (2, 2560), {}, "3 channel"),
+        ((2, 3, 32, 32), (2, 2560), {}, "rank 4"),
+        ((2, 4, 3, 32, 32), (2, 2000), {}, r"expected \(N, samples\) = \(2, 2560\)"),
+        ((2, 4, 3, 32, 32), (2560,), {}, "float waveforms"),
+        ((2, 4, 3, 32, 32), (2, 2560), {"sample_rate": 44100}, "16000 Hz audio, got 44100 Hz"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(frames: tuple[int, ...], wave: tuple[int, ...], kw: dict, message: str) -> None:
+    model = ASDModel(ASDConfig(**SMALL))
+    with pytest.raises(InputError, match=message):
+        model(torch.randn(*frames), torch.randn(*wave), **kw)
+
+
+# --- the silence check on a model constructed so that it must hold (or must not) ---------------
+
+
+class _Loudness(nn.Module):
+    """Stand-in audio encoder: every channel holds ReLU(mean normalized log-mel over the mel axis - 0.001),
+    pooled to T; silence (zeros, normalized log-mel 0) gives exactly 0."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, mel: Tensor, frames: int) -> Tensor:
+        level = torch.relu(mel.mean(1) - 1e-3)  # (N, A)
+        return nn.functional.adaptive_avg_pool1d(level[:, None], frames).expand(-1, self.dim, -1)
+
+
+def _constructed(sign: float) -> ASDModel:
+    """Fusion SE with one hidden unit reading the mean audio embedding; audio gates get ``sign * 5`` of it,
+    face gates 0: s_audio = sigmoid(sign * 5 * z_audio), s_face = 0.5."""
+    model = ASDModel(ASDConfig(frames=8, audio_dim=16, fusion_reduction=8)).eval()
+    model.audio = _Loudness(16)
+    w1, w2 = model.fusion_se.excite[0].weight, model.fusion_se.excite[2].weight  # (10, 80), (80, 10)
+    with torch.no_grad():
+        w1.zero_()
+        w1[0, :16] = 1 / 16
+        w2.zero_()
+        w2[:16, 0] = sign * 5
+    return model
+
+
+def test_silence_check_on_a_constructed_model(clips: SpeakerClips) -> None:
+    data = torch.utils.data.Subset(clips, range(12))
+    # by hand: z_audio = mean over time of the stand-in's level; s_audio = sigmoid(5 z_audio) with sound, 0.5 with silence
+    mel = (log_mel(clips.waves[:12]) - math.log(LOG_EPS)) / AUDIO_SCALE
+    z = torch.relu(mel.mean(1) - 1e-3).mean(1)
+    expected = torch.sigmoid(5 * z).mean().item()
+    m = evaluate_asd(_constructed(+1.0), data, batch_size=6)["silence_check"]
+    assert m["audio_importance"] == pytest.approx(expected, abs=1e-5)
+    assert m["audio_importance_silent"] == pytest.approx(0.5, abs=1e-6)
+    assert m["face_importance"] == pytest.approx(0.5) and m["face_importance_silent"] == pytest.approx(0.5)
+    assert m["audio_importance_falls"] is True
+    flipped = evaluate_asd(_constructed(-1.0), data, batch_size=6)["silence_check"]
+    assert flipped["audio_importance"] == pytest.approx(torch.sigmoid(-5 * z).mean().item(), abs=1e-5)
+    assert flipped["audio_importance_falls"] is False  # the check can fail
+
+
+class _FixedPeak(nn.Module):
+    """A stand-in model whose every frame map peaks at pixel (x, y) of the input; scores are 0."""
+
+    sizes = {"audio": 1, "face": 1}
+
+    def __init__(self, x: int, y: int) -> None:
+        super().__init__()
+        self.x, self.y = x, y
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, frames: Tensor, wave: Tensor):  # type: ignore[no-untyped-def]
+        from selfcam.asd import ASDOutput
+
+        n, t, _, h, w = frames.shape
+        heat = torch.zeros(n, t, h, w)
+        heat[:, :, self.y, self.x] = 1.0
+        half = torch.full((n,), 0.5)
+        return ASDOutput(torch.zeros(n, 2), torch.zeros(n, t, 2), heat, torch.zeros(n, 2), torch.zeros(n, 1),
+                         torch.zeros(n, 1, dtype=torch.bool), {"audio": half, "face": half})  # fmt: skip
+
+
+def test_pointing_game_plumbing_against_the_boxes(clips: SpeakerClips) -> None:
+    from selfcam.asd import predict_asd
+
+    b = clips.mouth_boxes
+    x, y = 24, int(b[..., 3].float().median())  # on the lower edge of about half the boxes
+    p = predict_asd(_FixedPeak(x, y), clips, batch_size=7)  # type: ignore[arg-type]
+    inside = (b[..., 0] <= x) & (x < b[..., 2]) & (b[..., 1] <= y) & (y < b[..., 3])
+    assert inside.any() and not inside.all()
+    assert torch.equal(p["pointing"], inside.float())
+    tol = round(15 * 48 / 224)  # 3 px: distance from (x, y) to the box
+    dx = (b[..., 0] - x).clamp(min=0) + (x - (b[..., 2] - 1)).clamp(min=0)
+    dy = (b[..., 1] - y).clamp(min=0) + (y - (b[..., 3] - 1)).clamp(min=0)
+    assert torch.equal(p["pointing_tol"], (dx**2 + dy**2 <= tol**2).float())
+
+
+def test_evaluate_metrics_by_hand_on_a_stub(clips: SpeakerClips) -> None:
+    """A model whose frame score is the frame label (perfect) except where told: mAP, accuracy, pointing."""
+    from selfcam.asd import _scores
+
+    p = {
+        "score": torch.tensor([2.0, -1.0, 0.5]), "labels": torch.tensor([1, 0, 0]),
+        "frame_score": torch.tensor([[1.0, 2.0], [-1.0, 3.0], [-2.0, -2.0]]), "frame_labels": torch.tensor([[1, 1], [0, 0], [0, 0]]),
+        "pointing": torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]),
+        "pointing_tol": torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]),
+    }  # fmt: skip
+    s = _scores(p)
+    # frame scores sorted: 3 (neg), 2 (pos), 1 (pos), ... -> precision at the two positives 1/2, 2/3
+    assert s["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert s["clip_AP"] == pytest.approx(1.0)
+    assert s["frame_accuracy"] == pytest.approx(5 / 6) and s["clip_accuracy"] == pytest.approx(2 / 3)
+    assert s["mouth_pointing_game"] == pytest.approx(0.5)  # speaking frames of speaking clips only
+    assert s["mouth_pointing_game_15px"] == pytest.approx(1.0)
+
+
+# --- training, checkpoints, the demo ------------------------------------------------------------
+
+
+def test_fit_runs_and_checkpoint_round_trip(tmp_path: Path) -> None:
+    data = SpeakerClips("train", 16, frames=4, size=32, seed=1)
+    model = ASDModel(ASDConfig(**SMALL))
+    history = fit_asd(model, data, data, TrainConfig(epochs=1, batch_size=8, seed=0), progress=False)
+    assert len(history) == 1 and {"train_loss", "val_loss", "val_acc"} <= history[0].keys()
+    save_asd(model, tmp_path / "run")
+    loaded, doc = load_asd(tmp_path / "run")
+    assert doc["kind"] == "asd" and doc["asd"]["frames"] == 4
+    frames, wave = torch.stack([data[i][0] for i in range(4)]), data.waves[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(frames, wave).logits, model.eval()(frames, wave).logits)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"asd": {"frames": 0}}))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_asd(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_demo_writes_metrics_and_report(tmp_path: Path) -> None:
+    recipe = ASDRecipe(frames=4, size=32, train_size=24, val_size=8, test_size=24, epochs=1, batch_size=8)
+    metrics = run_asd_demo(tmp_path, recipe, progress=False, log=lambda s: None)
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc == json.loads(json.dumps(metrics))
+    for key in ("mAP", "frame_accuracy", "mouth_pointing_game", "modality_importance", "silence_check", "recipe", "train_seconds"):
+        assert key in doc
+    assert set(doc["modality_importance"]) == {"speaking", "not_speaking"}
+    assert set(doc["modality_importance"]["speaking"]) == {"audio", "face"}
+    assert 0 <= doc["mAP"] <= 1 and 0 <= doc["mouth_pointing_game"] <= 1
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/gif;base64,") == 1 and html.count("data:image/png;base64,") >= 5
+    assert "audio replaced by silence" in html
+    assert (tmp_path / "model" / "model.safetensors").is_file()
