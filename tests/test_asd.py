@@ -196,6 +196,33 @@ def test_model_output_shapes_and_importance_slices() -> None:
     assert model.explain(frames, wave).heatmap.shape == (3, 4, 32, 32)
 
 
+def test_audio_dropout_silences_whole_clips_in_training_only() -> None:
+    from selfcam.asd import ASDModule
+
+    model = ASDModel(ASDConfig(**SMALL, audio_dropout=0.5))
+    seen: list[Tensor] = []
+    model.forward = lambda frames, wave: seen.append(wave) or ASDModel.forward(model, frames, wave)  # type: ignore[method-assign]
+    module = ASDModule(model, TrainConfig())
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    wave = 0.1 * torch.randn(64, 2560) + 0.5
+    batch = (torch.randn(64, 4, 3, 32, 32), wave, torch.zeros(64, dtype=torch.long), torch.zeros(64, 4, dtype=torch.long))
+    torch.manual_seed(0)
+    module._step(batch, "train")
+    silent = (seen[-1] == 0).all(1)
+    assert 10 < int(silent.sum()) < 54  # about half of the 64 clips
+    assert torch.equal(seen[-1][~silent], wave[~silent])  # the others are untouched
+    module._step(batch, "val")
+    assert torch.equal(seen[-1], wave)  # never at evaluation
+    with pytest.raises(ConfigError, match="audio_dropout"):
+        ASDConfig(audio_dropout=1.0)
+
+
+def test_fusion_bias_option() -> None:
+    with_bias = ASDModel(ASDConfig(**SMALL, fusion_bias=True)).fusion_se.excite
+    assert with_bias[0].bias is not None and with_bias[2].bias is not None
+    assert ASDModel(ASDConfig(**SMALL)).fusion_se.excite[0].bias is None
+
+
 def test_gate_l1_adds_the_mean_fusion_weight() -> None:
     from dataclasses import replace
 

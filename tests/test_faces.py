@@ -19,6 +19,7 @@ from selfcam.data.faces import (
 from selfcam.errors import ConfigError, DataError
 from selfcam.faces import FacesRecipe, attribute_scores, evaluate_attributes, run_faces_demo
 from selfcam.heads import ExplainedOutput, MultiLabelSEHead, SEHead
+from selfcam.metrics import zhang_tolerance
 from selfcam.model import create_model, load_checkpoint, save_checkpoint
 from selfcam.train import TrainConfig, fit
 
@@ -316,6 +317,18 @@ def test_attribute_scores_by_hand() -> None:
     assert s["pointing_game"][0].tolist() == [1.0, 0.0]
     assert s["iou"][0].tolist() == pytest.approx([0.2, 0.0])
     assert s["present"].tolist() == [[True, True], [False, False]]
+    assert s["pointing_game_15px"].tolist() == s["pointing_game"].tolist()  # 4 px images: tolerance round(15 * 4 / 224) = 0
+
+
+def test_pointing_game_15px_allows_zhangs_tolerance() -> None:
+    assert [zhang_tolerance(h) for h in (224, 64, 32, 7)] == [15, 4, 2, 0]
+    masks = torch.zeros(1, 3, 64, 64, dtype=torch.bool)
+    masks[0, :, 10, 10] = True
+    maps = torch.zeros(1, 3, 64, 64)
+    maps[0, 0, 10, 10] = maps[0, 1, 10, 14] = maps[0, 2, 13, 14] = 1.0  # distance 0, 4 and 5 pixels
+    s = attribute_scores(torch.ones(1, 3), torch.ones(1, 3), maps, masks)
+    assert s["pointing_game"].tolist() == [[1.0, 0.0, 0.0]]
+    assert s["pointing_game_15px"].tolist() == [[1.0, 1.0, 0.0]]
 
 
 class _ConstantModel(torch.nn.Module):
@@ -339,6 +352,8 @@ def test_evaluate_attributes_aggregates_over_present_images() -> None:
         assert row["accuracy"] == pytest.approx(float(ds.labels[:, a].mean()))
         assert row["present"] == int(present[:, a].sum())
         assert row["pointing_game"] == pytest.approx(float(masks[present[:, a], a, 0, 0].float().mean()))
+        near = masks[present[:, a], a, :5, :5].flatten(1)[:, [i * 5 + j for i in range(5) for j in range(5) if i * i + j * j <= 16]]
+        assert row["pointing_game_15px"] == pytest.approx(float(near.any(1).float().mean()))  # within 4 px of (0, 0)
         assert row["iou"] == 0.0  # nothing reaches the 0.5 threshold
     assert result["mean"]["accuracy"] == pytest.approx(float(ds.labels.mean()))
 
@@ -366,7 +381,7 @@ def test_faces_demo_writes_metrics_and_report(tmp_path: Path) -> None:
     assert doc == metrics and set(doc) == {"attributes", "mean", "recipe", "train_seconds"}
     assert list(doc["attributes"]) == list(ATTRIBUTES) and doc["recipe"]["train_size"] == 64
     for row in doc["attributes"].values():
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["pointing_game"] <= 1 and 0 <= row["iou"] <= 1
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["pointing_game"] <= row["pointing_game_15px"] <= 1 and 0 <= row["iou"] <= 1
     html = (tmp_path / "report.html").read_text()
     assert "Wearing_Earrings" in html and html.count("data:image/png;base64,") >= 2
     assert (tmp_path / "run" / "model.safetensors").is_file() and lines

@@ -28,6 +28,29 @@ def test_cifar_resnet_depths_follow_the_paper(depth: int, bottleneck: bool, bloc
     assert f.shape == (2, channels, 8, 8)
 
 
+@pytest.mark.parametrize(("stem", "output_stride", "side"), [(1, None, 16), (1, 2, 32), (1, 1, 64), (2, 4, 16), (2, None, 8)])
+def test_output_stride_gives_finer_maps_with_the_same_weights(stem: int, output_stride: int | None, side: int) -> None:
+    torch.manual_seed(0)
+    reference = cifar_resnet(8, 3, stem_stride=stem).eval()
+    bb = cifar_resnet(8, 3, stem_stride=stem, output_stride=output_stride).eval()
+    assert {k: v.shape for k, v in bb.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    bb.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    f = bb(x)
+    assert f.shape == (2, 64, side, side)
+    step = 4 * stem // (output_stride or 4 * stem)
+    # strides turned into dilations: the default map is the fine map at every step-th pixel
+    torch.testing.assert_close(f[..., ::step, ::step], reference(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output_stride", [8, 3, 0])
+def test_bad_output_stride(output_stride: int) -> None:
+    with pytest.raises(ConfigError, match="output_stride must be 1, 2 or 4 with stem_stride=1"):
+        cifar_resnet(8, output_stride=output_stride)
+    with pytest.raises(ConfigError, match="output_stride' must be int or null"):
+        create_backbone("resnet8", 3, output_stride="2")
+
+
 def test_bad_cifar_depth() -> None:
     with pytest.raises(ConfigError, match="6n\\+2"):
         cifar_resnet(21)

@@ -57,6 +57,23 @@ def test_per_frame_maps_by_hand() -> None:
     torch.testing.assert_close(heat[0, 1, 0], torch.tensor([1.0, 0.0, 0.0]))
 
 
+def test_se_biases_by_hand() -> None:
+    # bias=True (torchvision's and timm's SE): e = W2 ReLU(W1 z + b1) + b2; with W1 = W2 = I,
+    # b1 = (-1, 1), b2 = (0.5, -2) and z = (3, -4): ReLU(2, -3) = (2, 0), e = (2.5, -2)
+    se = SqueezeExcite(2, reduction=1, bias=True)
+    assert [p.shape for p in se.parameters()] == [(2, 2), (2,), (2, 2), (2,)]
+    with torch.no_grad():
+        se.excite[0].weight.copy_(torch.eye(2))
+        se.excite[2].weight.copy_(torch.eye(2))
+        se.excite[0].bias.copy_(torch.tensor([-1.0, 1.0]))
+        se.excite[2].bias.copy_(torch.tensor([0.5, -2.0]))
+    x = torch.tensor([3.0, -4.0]).view(1, 2, 1).expand(1, 2, 5)  # (N, D, T) constant over T
+    out = se(x)
+    torch.testing.assert_close(out.excitation, torch.tensor([[2.5, -2.0]]))
+    torch.testing.assert_close(out.weights, torch.sigmoid(torch.tensor([[2.5, -2.0]])))
+    assert [p.shape for p in SqueezeExcite(2, reduction=1).parameters()] == [(2, 2), (2, 2)]  # no biases by default
+
+
 def test_selection_in_sigmoid_space_falls_back_to_argmax() -> None:
     f = torch.rand(2, 8, 3, 2, 2)
     out = SqueezeExcite(8, reduction=2, space="sigmoid")(f)

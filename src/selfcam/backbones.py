@@ -61,11 +61,12 @@ class Backbone(nn.Module):
 class _Basic(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, dilation: int = 1, first_dilation: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        d, d1 = dilation, first_dilation
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, d1, d1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, d, d, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(cin, planes * self.expansion, stride)
 
@@ -77,12 +78,12 @@ class _Basic(nn.Module):
 class _Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, dilation: int = 1, first_dilation: int = 1) -> None:
         super().__init__()
         out = planes * self.expansion
         self.body = nn.Sequential(
             nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
-            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
+            nn.Conv2d(planes, planes, 3, stride, first_dilation, first_dilation, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
             nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out),
         )  # fmt: skip
         self.shortcut = _shortcut(cin, out, stride)
@@ -98,25 +99,38 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
 
-def cifar_resnet(depth: int, in_chans: int = 3, bottleneck: bool = False, stem_stride: int = 1) -> Backbone:
+def cifar_resnet(depth: int, in_chans: int = 3, bottleneck: bool = False, stem_stride: int = 1,
+                 output_stride: int | None = None) -> Backbone:  # fmt: skip
     """CIFAR ResNet: 3x3 stem (16), three stages of widths 16/32/64 (x4 for bottleneck), strides 1/2/2.
 
     ``stem_stride=2`` halves the input in the stem (our option, not the paper's): a
     64 px canvas then costs what a 32 px CIFAR image costs, with an 8x8 feature map.
+    ``output_stride`` (default ``4 * stem_stride``; ``stem_stride`` or ``2 * stem_stride``) gives
+    a finer feature map: the stages past it keep stride 1 and dilate their 3x3 convolutions
+    instead (as timm's ``output_stride``): the weights are the same, and the map at every other
+    pixel is exactly the default one.
     """
     if stem_stride not in (1, 2):
         raise ConfigError(f"stem_stride must be 1 or 2, got {stem_stride}")
+    total = 4 * stem_stride if output_stride is None else output_stride
+    if total not in (stem_stride, 2 * stem_stride, 4 * stem_stride):
+        raise ConfigError(f"output_stride must be {stem_stride}, {2 * stem_stride} or {4 * stem_stride} "
+                          f"with stem_stride={stem_stride}, got {output_stride}")  # fmt: skip
     per = 9 if bottleneck else 6
     if (depth - 2) % per or depth < per + 2:
         raise ConfigError(f"CIFAR ResNet depth must be {per}n+2 for {'bottleneck' if bottleneck else 'basic'} blocks, got {depth}")
     n = (depth - 2) // per
     block = _Bottleneck if bottleneck else _Basic
     stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-    stages, cin = [], 16
+    stages, cin, reached, dilation = [], 16, stem_stride, 1
     for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        first_dilation = dilation  # the stage's first conv sees what the strided one saw (timm's first_dilation)
+        if reached * stride > total:
+            stride, dilation = 1, dilation * stride
+        reached *= stride
         blocks = []
         for i in range(n):
-            blocks.append(block(cin, planes, stride if i == 0 else 1))
+            blocks.append(block(cin, planes, stride if i == 0 else 1, dilation, first_dilation if i == 0 else dilation))
             cin = planes * block.expansion
         stages.append(nn.Sequential(*blocks))
     for m in [stem, *stages]:

@@ -31,6 +31,7 @@ from .errors import ConfigError, InputError
 __all__ = [
     "accuracy",
     "pointing_game",
+    "zhang_tolerance",
     "iou",
     "dice",
     "energy_pointing_game",
@@ -161,6 +162,11 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     xs = torch.arange(w, device=maps.device).view(1, 1, w)
     near = (ys - py.view(n, 1, 1)) ** 2 + (xs - px.view(n, 1, 1)) ** 2 <= tolerance**2
     return (near & masks).flatten(1).any(dim=1).float()
+
+
+def zhang_tolerance(height: int) -> int:
+    """Zhang et al.'s (2016) pointing-game tolerance, 15 px at 224 px, scaled to an image ``height``."""
+    return round(15 * height / 224)
 
 
 def _overlap(maps: Tensor, masks: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:

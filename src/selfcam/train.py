@@ -226,6 +226,15 @@ class _RunData(L.LightningDataModule):
 # ----------------------------------------------------------------------------- the module
 
 
+def make_optimizer(params: Any, cfg: TrainConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The recipe's optimizer (AdamW, or SGD with Nesterov momentum) and its one-cycle schedule over ``total_steps``."""
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=int(total_steps))
+
+
 class SelfcamModule(L.LightningModule):
     """Lightning wrapper: the head's own loss, AdamW or SGD with a one-cycle schedule, accuracy.
 
@@ -270,13 +279,7 @@ class SelfcamModule(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
-        params, c = self.model.parameters(), self.cfg
-        if c.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(params, c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
-        else:
-            opt = torch.optim.AdamW(params, c.lr, weight_decay=c.weight_decay)
-        total = self.total_steps or self.trainer.estimated_stepping_batches
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr, total_steps=total)
+        opt, sched = make_optimizer(self.model.parameters(), self.cfg, self.total_steps or self.trainer.estimated_stepping_batches)
         if self.restore is not None:
             _load_optimizer(opt, sched, *self.restore)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -84,19 +84,19 @@ class SEOutput:
 class SqueezeExcite(nn.Module):
     """SE over every axis after the channel one: ``x (N, K, *rest)``, e.g. ``(N, K, T, h, w)`` or ``(N, D, T)``.
 
-    ``s = sigmoid(W2 ReLU(W1 mean(x)))`` with no biases, hidden width ``max(1, K // reduction)``,
-    as :class:`~selfcam.heads.SEHead`; the selection rule runs on ``e`` (``space="logit"``) or
-    on ``s`` (``"sigmoid"``, DESIGN.md's literal rule) with ``factor`` (1.282: about the top 10 %).
+    ``s = sigmoid(W2 ReLU(W1 mean(x)))`` with no biases, as :class:`~selfcam.heads.SEHead` (``bias=True``:
+    ``W1 z + b1`` and ``W2 h + b2``, as torchvision's and timm's SE), hidden width ``max(1, K // reduction)``;
+    the selection rule runs on ``e`` (``space="logit"``) or on ``s`` (``"sigmoid"``, DESIGN.md's literal rule) with ``factor`` (1.282: about the top 10 %).
     """
 
-    def __init__(self, channels: int, reduction: int = 16, factor: float = 1.282, space: str = "logit") -> None:
+    def __init__(self, channels: int, reduction: int = 16, factor: float = 1.282, space: str = "logit", bias: bool = False) -> None:
         super().__init__()
         if channels < 1 or reduction < 1:
             raise ConfigError(f"SE channels and reduction must be >= 1, got {channels}, {reduction}")
         if space not in ("logit", "sigmoid"):
             raise ConfigError(f"SE selection space must be 'logit' or 'sigmoid', got {space!r}")
         hidden = max(1, channels // reduction)
-        self.excite = nn.Sequential(nn.Linear(channels, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, channels, bias=False))
+        self.excite = nn.Sequential(nn.Linear(channels, hidden, bias=bias), nn.ReLU(), nn.Linear(hidden, channels, bias=bias))
         self.channels, self.factor, self.space = channels, factor, space
 
     def forward(self, x: Tensor) -> SEOutput:
