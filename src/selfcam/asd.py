@@ -32,7 +32,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F_
-import torchmetrics
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -49,7 +48,7 @@ from .heads import minmax
 from .metrics import pointing_game, zhang_tolerance
 from .model import _atomic_write
 from .report import overlay, png_data_uri, write_report
-from .train import TrainConfig, _quiet_lightning, make_optimizer, seed_all
+from .train import SelfcamModule, TrainConfig, _History, _quiet_lightning, _Start, seed_all
 from .video import SqueezeExcite, VideoBackbone, check_clip, upsample_clip
 
 __all__ = [
@@ -317,53 +316,18 @@ class ASDModel(nn.Module):
 # --- training -----------------------------------------------------------------------------
 
 
-class ASDModule(L.LightningModule):
-    """Lightning wrapper mirroring :class:`~selfcam.train.SelfcamModule`: the model's loss, AdamW or SGD
-    with a one-cycle schedule, clip accuracy; batches are ``(frames, wave, label, frame_labels, ...)``."""
+class ASDModule(SelfcamModule):
+    """:class:`~selfcam.train.SelfcamModule` for :class:`ASDModel`: batches are
+    ``(frames, wave, label, frame_labels, ...)``, the loss is :meth:`ASDModel.loss`, accuracy is on the
+    clip logits, and in training ``audio_dropout`` of the clips are heard as silence."""
 
-    def __init__(self, model: ASDModel, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.model, self.cfg = model, cfg
-        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=2)
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=2)
-
-    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+    def forward_loss(self, batch: tuple[Tensor, ...], stage: str) -> tuple[Tensor, Tensor, Tensor]:
         frames, wave, y, fy = batch[:4]
         p = self.model.config.audio_dropout
         if stage == "train" and p:  # modality dropout: these clips are heard as silence, labels unchanged
             wave = wave * (torch.rand(len(wave), 1, device=wave.device) >= p)
         out = self.model(frames, wave)
-        loss = self.model.loss(out, y, fy)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{stage} loss is {loss.item()} at step {self.global_step}; lower the learning rate")
-        acc = self.train_acc if stage == "train" else self.val_acc
-        acc(out.logits, y)
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        opt, sched = make_optimizer(self.model.parameters(), self.cfg, self.trainer.estimated_stepping_batches)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class _EpochLog(L.Callback):
-    """One dict per epoch: epoch, seconds since the start, and the metrics Lightning logged."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        row = {"epoch": trainer.current_epoch, "seconds": round(time.perf_counter() - self._t0, 2)}
-        row.update({k: round(float(v), 6) for k, v in trainer.callback_metrics.items()})
-        self.rows.append(row)
+        return out.logits, self.model.loss(out, y, fy), y
 
 
 def fit_asd(model: ASDModel, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, progress: bool = True) -> list[dict[str, float]]:
@@ -374,7 +338,7 @@ def fit_asd(model: ASDModel, train_set: Dataset, val_set: Dataset | None, cfg: T
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, generator=gen, num_workers=cfg.num_workers,
                               drop_last=len(train_set) > cfg.batch_size)  # fmt: skip
     val_loader = DataLoader(val_set, 128, num_workers=cfg.num_workers) if val_set is not None else None
-    history = _EpochLog()
+    history = _History(_Start())
     callbacks: list[L.Callback] = [history]
     if progress:
         callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=True))

@@ -212,6 +212,14 @@ class LFILightHead(LFIHead):
         super().__init__(in_channels, num_classes, fin="light", fin_width=fin_width)
 
 
+def check_se_options(reduction: int, space: str) -> None:
+    """Raise :class:`ConfigError` unless ``reduction >= 1`` and ``space`` is ``"logit"`` or ``"sigmoid"``."""
+    if reduction < 1:
+        raise ConfigError(f"SE reduction must be >= 1, got {reduction}")
+    if space not in ("logit", "sigmoid"):
+        raise ConfigError(f"SE selection space must be 'logit' or 'sigmoid', got {space!r}")
+
+
 def se_select(s: Tensor, factor: float = 1.282) -> Tensor:
     """SE-CAM channel selection: ``s_c > mean(s) + factor * std(s)`` per row of ``s`` ``(N, K)``.
 
@@ -248,10 +256,7 @@ class SEHead(Head):
         self, in_channels: int, num_classes: int, reduction: int = 16, factor: float = 1.282, space: str = "logit"
     ) -> None:
         super().__init__(in_channels, num_classes)
-        if reduction < 1:
-            raise ConfigError(f"SE reduction must be >= 1, got {reduction}")
-        if space not in ("logit", "sigmoid"):
-            raise ConfigError(f"SE selection space must be 'logit' or 'sigmoid', got {space!r}")
+        check_se_options(reduction, space)
         hidden = max(1, in_channels // reduction)
         self.excite = nn.Sequential(
             nn.Linear(in_channels, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, in_channels, bias=False)
@@ -342,10 +347,7 @@ class MultiLabelSEHead(Head):
         self, in_channels: int, num_classes: int, reduction: int = 16, factor: float = 1.282, space: str = "logit"
     ) -> None:
         super().__init__(in_channels, num_classes)
-        if reduction < 1:
-            raise ConfigError(f"SE reduction must be >= 1, got {reduction}")
-        if space not in ("logit", "sigmoid"):
-            raise ConfigError(f"SE selection space must be 'logit' or 'sigmoid', got {space!r}")
+        check_se_options(reduction, space)
         self.hidden = max(1, in_channels // reduction)
         self.factor = factor
         self.space = space

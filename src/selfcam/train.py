@@ -226,15 +226,6 @@ class _RunData(L.LightningDataModule):
 # ----------------------------------------------------------------------------- the module
 
 
-def make_optimizer(params: Any, cfg: TrainConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """The recipe's optimizer (AdamW, or SGD with Nesterov momentum) and its one-cycle schedule over ``total_steps``."""
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    else:
-        opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
-    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=int(total_steps))
-
-
 class SelfcamModule(L.LightningModule):
     """Lightning wrapper: the head's own loss, AdamW or SGD with a one-cycle schedule, accuracy.
 
@@ -250,15 +241,19 @@ class SelfcamModule(L.LightningModule):
         self.total_steps, self.restore = total_steps, restore
         self.step_offset, self.epoch_offset = (restore[0].global_step, restore[0].epoch) if restore is not None else (0, 0)
         n = model.config.num_classes
-        task = getattr(model.head, "task", "multiclass")
+        task = getattr(getattr(model, "head", None), "task", "multiclass")
         counts = {"num_labels": n} if task == "multilabel" else {"num_classes": n}
         self.train_acc = torchmetrics.Accuracy(task=task, **counts)
         self.val_acc = torchmetrics.Accuracy(task=task, **counts)
 
-    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+    def forward_loss(self, batch: tuple[Tensor, ...], stage: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits, loss, targets)`` of one batch ``(x, y, ...)``; subclasses change what a batch holds."""
         x, y = batch[0], batch[1]
         out = self.model(x)
-        loss = self.model.loss(out, y)
+        return out.logits, self.model.loss(out, y), y
+
+    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+        logits, loss, y = self.forward_loss(batch, stage)
         bad = not torch.isfinite(loss)
         if stage == "train":  # every process runs as many training steps: when one diverges, all stop
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -267,9 +262,9 @@ class SelfcamModule(L.LightningModule):
             value = loss.item() if not torch.isfinite(loss) else "not finite in another process"
             raise DivergenceError(f"{stage} loss is {value} at step {step} (epoch {epoch}); lower the learning rate")
         acc = self.train_acc if stage == "train" else self.val_acc
-        acc(out.logits, y)
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
-        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
+        acc(logits, y)
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
@@ -279,7 +274,13 @@ class SelfcamModule(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
-        opt, sched = make_optimizer(self.model.parameters(), self.cfg, self.total_steps or self.trainer.estimated_stepping_batches)
+        params, c = self.model.parameters(), self.cfg
+        if c.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(params, c.lr, weight_decay=c.weight_decay)
+        total = self.total_steps or self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr, total_steps=total)
         if self.restore is not None:
             _load_optimizer(opt, sched, *self.restore)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .backbones import create_backbone
 from .errors import ConfigError, InputError
-from .heads import ExplainedOutput, minmax, se_select, upsample
+from .heads import ExplainedOutput, check_se_options, minmax, se_select, upsample
 
 __all__ = [
     "SEOutput",
@@ -91,10 +91,9 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, factor: float = 1.282, space: str = "logit", bias: bool = False) -> None:
         super().__init__()
-        if channels < 1 or reduction < 1:
-            raise ConfigError(f"SE channels and reduction must be >= 1, got {channels}, {reduction}")
-        if space not in ("logit", "sigmoid"):
-            raise ConfigError(f"SE selection space must be 'logit' or 'sigmoid', got {space!r}")
+        if channels < 1:
+            raise ConfigError(f"SE channels must be >= 1, got {channels}")
+        check_se_options(reduction, space)
         hidden = max(1, channels // reduction)
         self.excite = nn.Sequential(nn.Linear(channels, hidden, bias=bias), nn.ReLU(), nn.Linear(hidden, channels, bias=bias))
         self.channels, self.factor, self.space = channels, factor, space
