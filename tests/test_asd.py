@@ -18,19 +18,17 @@ from selfcam.asd import (
     ASDModel,
     ASDRecipe,
     evaluate_asd,
-    fit_asd,
     importance_by_class,
-    load_asd,
     log_mel,
     mel_filterbank,
     modality_importance,
     run_asd_demo,
-    save_asd,
 )
+from selfcam.checkpoint import load_checkpoint, save_checkpoint
 from selfcam.data.digits import box_mask
 from selfcam.data.speakers import KINDS, SpeakerClips, draw_faces
 from selfcam.errors import CheckpointError, ConfigError, DataError, InputError
-from selfcam.train import TrainConfig
+from selfcam.train import TrainConfig, fit
 
 SMALL = dict(frames=4, backbone_kwargs={"stem_stride": 2})
 
@@ -197,20 +195,17 @@ def test_model_output_shapes_and_importance_slices() -> None:
 
 
 def test_audio_dropout_silences_whole_clips_in_training_only() -> None:
-    from selfcam.asd import ASDModule
-
     model = ASDModel(ASDConfig(**SMALL, audio_dropout=0.5))
     seen: list[Tensor] = []
-    model.forward = lambda frames, wave: seen.append(wave) or ASDModel.forward(model, frames, wave)  # type: ignore[method-assign]
-    module = ASDModule(model, TrainConfig())
+    model.mel.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # the waveform the model hears
     wave = 0.1 * torch.randn(64, 2560) + 0.5
-    batch = (torch.randn(64, 4, 3, 32, 32), wave, torch.zeros(64, dtype=torch.long), torch.zeros(64, 4, dtype=torch.long))
+    frames = torch.randn(64, 4, 3, 32, 32)
     torch.manual_seed(0)
-    module.forward_loss(batch, "train")
+    model.train()(frames, wave)
     silent = (seen[-1] == 0).all(1)
     assert 10 < int(silent.sum()) < 54  # about half of the 64 clips
     assert torch.equal(seen[-1][~silent], wave[~silent])  # the others are untouched
-    module.forward_loss(batch, "val")
+    model.eval()(frames, wave)
     assert torch.equal(seen[-1], wave)  # never at evaluation
     with pytest.raises(ConfigError, match="audio_dropout"):
         ASDConfig(audio_dropout=1.0)
@@ -359,17 +354,28 @@ def test_evaluate_metrics_by_hand_on_a_stub(clips: SpeakerClips) -> None:
 def test_fit_runs_and_checkpoint_round_trip(tmp_path: Path) -> None:
     data = SpeakerClips("train", 16, frames=4, size=32, seed=1)
     model = ASDModel(ASDConfig(**SMALL))
-    history = fit_asd(model, data, data, TrainConfig(epochs=1, batch_size=8, seed=0), progress=False)
+    history = fit(model, data, data, TrainConfig(epochs=1, batch_size=8, seed=0), tmp_path / "run", progress=False)
     assert len(history) == 1 and {"train_loss", "val_loss", "val_acc"} <= history[0].keys()
-    save_asd(model, tmp_path / "run")
-    loaded, doc = load_asd(tmp_path / "run")
-    assert doc["kind"] == "asd" and doc["asd"]["frames"] == 4
+    loaded, doc = load_checkpoint(tmp_path / "run")
+    assert doc["task"] == "asd" and doc["model"] == model.config and doc["format_version"] == 2
+    assert doc["data"]["name"] == "speaker-clips" and doc["data"]["frames"] == 4 and doc["data"]["sample_rate"] == 16000
     frames, wave = torch.stack([data[i][0] for i in range(4)]), data.waves[:4]
     with torch.no_grad():
         torch.testing.assert_close(loaded(frames, wave).logits, model.eval()(frames, wave).logits)
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"asd": {"frames": 0}}))
-    with pytest.raises(CheckpointError, match="config.json"):
-        load_asd(tmp_path / "run")
+    raw = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**raw, "model": {**raw["model"], "frames": 0}}))
+    with pytest.raises(CheckpointError, match="config.json.*frames must be an integer >= 1"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_asd_runs_of_the_format_before_tasks_still_load(tmp_path: Path) -> None:
+    """selfcam 0.1 before format 2 wrote ASD runs as {"kind": "asd", "asd": CONFIG}: they load as they are."""
+    model = ASDModel(ASDConfig(**SMALL)).eval()
+    save_checkpoint(model, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"selfcam_version": "0.1.0", "kind": "asd", "asd": raw["model"]}))
+    loaded, doc = load_checkpoint(tmp_path)
+    assert doc["task"] == "asd" and isinstance(loaded, ASDModel) and loaded.config == model.config
 
 
 @pytest.mark.slow

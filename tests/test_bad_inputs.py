@@ -45,7 +45,8 @@ from selfcam.data import load_dataset
 from selfcam.errors import CheckpointError, ConfigError, DataError, InputError, SelfcamError
 from selfcam.evaluate import EvalConfig, evaluate_runs
 from selfcam.explain import Preprocess, explain_files, find_images
-from selfcam.model import create_model, load_checkpoint, save_checkpoint
+from selfcam.model import create_model
+from selfcam.checkpoint import load_checkpoint, save_checkpoint
 from selfcam.train import latest_state
 
 runner = CliRunner()

@@ -24,7 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfcam.model import create_model, save_checkpoint
+from selfcam.model import create_model
+from selfcam.checkpoint import save_checkpoint
 from selfcam.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from selfcam.cli import app
-from selfcam.model import load_checkpoint
+from selfcam.checkpoint import load_checkpoint
 
 runner = CliRunner()
 

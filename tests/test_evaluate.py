@@ -15,7 +15,8 @@ from selfcam.data import box_mask, load_dataset
 from selfcam.errors import ConfigError, InputError
 from selfcam.evaluate import METRICS, EvalConfig, evaluate_runs
 from selfcam.metrics import iou, pointing_game
-from selfcam.model import create_model, save_checkpoint
+from selfcam.model import create_model
+from selfcam.checkpoint import save_checkpoint
 
 
 def _model(method: str = "plain", seed: int = 0) -> torch.nn.Module:

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from selfcam.cli import app
 from selfcam.errors import ConfigError, InputError
 from selfcam.explain import Preprocess, explain_images, find_images, render_panel
-from selfcam.model import create_model, load_checkpoint, save_checkpoint
+from selfcam.model import create_model
+from selfcam.checkpoint import load_checkpoint, save_checkpoint
 from selfcam.posthoc import posthoc_map
 from selfcam.report import overlay
 

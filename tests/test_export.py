@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from selfcam.cli import app
 from selfcam.export import export_onnx
 from selfcam.heads import se_select
-from selfcam.model import SelfExplainer, create_model, save_checkpoint
+from selfcam.model import SelfExplainer, create_model
+from selfcam.checkpoint import save_checkpoint
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -20,7 +20,8 @@ from selfcam.errors import ConfigError, DataError
 from selfcam.faces import FacesRecipe, attribute_scores, evaluate_attributes, run_faces_demo
 from selfcam.heads import ExplainedOutput, MultiLabelSEHead, SEHead
 from selfcam.metrics import zhang_tolerance
-from selfcam.model import create_model, load_checkpoint, save_checkpoint
+from selfcam.model import create_model
+from selfcam.checkpoint import load_checkpoint, save_checkpoint
 from selfcam.train import TrainConfig, fit
 
 
@@ -277,7 +278,7 @@ def test_bce_loss_by_hand() -> None:
 def test_model_shapes_explain_and_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model("se-multilabel", "resnet8", num_classes=3, in_chans=3, reduction=4).eval()
-    assert model.head.task == "multilabel"
+    assert model.head.task == model.task == "attributes"
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
     assert out.logits.shape == (2, 3) and out.heatmap.shape == (2, 3, 8, 8) and out.selected.shape == (2, 3, 64)
@@ -369,7 +370,7 @@ def test_training_smoke_through_fit(tmp_path: Path) -> None:
     assert len(history) == 2 and all(math.isfinite(h["train_loss"]) for h in history)
     assert 0 <= history[-1]["val_acc"] <= 1 and history[-1]["train_loss"] < 0.8  # BCE starts near log 2 = 0.69 + noise
     loaded, _ = load_checkpoint(tmp_path / "run")
-    assert loaded.head.task == "multilabel"
+    assert loaded.task == "attributes"
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import torch
 
 from selfcam.backbones import cifar_resnet, create_backbone
 from selfcam.errors import CheckpointError, ConfigError, InputError
-from selfcam.model import create_model, load_checkpoint, save_checkpoint
+from selfcam.model import create_model
+from selfcam.checkpoint import load_checkpoint, save_checkpoint
 
 METHODS = ["plain", "lfi", "lfi-light", "se", "abn"]
 

@@ -149,7 +149,8 @@ def test_gallery_is_grouped_by_true_class_in_order(tmp_path):
 
 
 def _run_dir(path, method, seed=0):
-    from selfcam.model import create_model, save_checkpoint
+    from selfcam.model import create_model
+    from selfcam.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     model = create_model(method, "resnet8", 10, 1, {"stem_stride": 2})
@@ -177,7 +178,7 @@ def _evaluation_dir(path, with_extras=True):
 @pytest.mark.slow
 def test_build_report_from_runs_evaluation_and_demo(tmp_path):
     from selfcam.data import load_dataset
-    from selfcam.model import load_checkpoint
+    from selfcam.checkpoint import load_checkpoint
     from selfcam.report import build_report, gallery_from_runs
 
     a, b = _run_dir(tmp_path / "a", "plain"), _run_dir(tmp_path / "b", "se", seed=1)

@@ -28,7 +28,8 @@ from selfcam.cli import app
 from selfcam.data import load_dataset
 from selfcam.errors import CheckpointError, ConfigError, SelfcamError
 from selfcam.evaluate import _shards
-from selfcam.model import SelfExplainer, create_model, load_checkpoint
+from selfcam.model import SelfExplainer, create_model
+from selfcam.checkpoint import load_checkpoint
 from selfcam.train import (
     DivergenceError,
     EpochSampler,

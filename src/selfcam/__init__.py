@@ -7,8 +7,10 @@
 __version__ = "0.1.0"
 
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, InputError, SelfcamError
-from .heads import HEADS, ExplainedOutput, minmax, upsample
-from .model import ModelConfig, SelfExplainer, create_model, list_methods, load_checkpoint, save_checkpoint
+from .heads import HEADS, ExplainedOutput, minmax, register_head, upsample
+from .model import ModelConfig, SelfExplainer, create_model, list_methods
+from .checkpoint import load_checkpoint, save_checkpoint
+from .tasks import TASKS, get_task, list_tasks, register_task
 
 __all__ = [
     "CheckpointError",
@@ -18,17 +20,22 @@ __all__ = [
     "ExplainedOutput",
     "HEADS",
     "InputError",
+    "TASKS",
     "ModelConfig",
     "SelfExplainer",
     "SelfcamError",
     "TrainConfig",
     "create_model",
     "fit",
+    "get_task",
     "load_dataset",
     "list_methods",
+    "list_tasks",
     "load_checkpoint",
     "minmax",
     "posthoc_map",
+    "register_head",
+    "register_task",
     "save_checkpoint",
     "upsample",
 ]

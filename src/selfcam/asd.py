@@ -1,4 +1,4 @@
-"""Audio-visual active speaker detection with SE-CAM (DESIGN.md 2.2 step 5). Shapes: docs/asd.md.
+"""Audio-visual active speaker detection with SE-CAM (docs/design.md 2.2 step 5). Shapes: docs/asd.md.
 
 ``ASDModel(ASDConfig())`` takes face clips ``(N, T, 3, H, W)`` and 16 kHz waveforms ``(N, T * 640)``:
 
@@ -11,8 +11,9 @@
 
 The importance of a modality is the mean SE weight ``s`` over its slice of the concatenated
 embedding (per clip; :func:`importance_by_class` averages it over a split by class). Training runs
-through Lightning (:class:`ASDModule`, mirroring :class:`~selfcam.train.SelfcamModule`); checkpoints are
-safetensors + JSON (:func:`save_asd` / :func:`load_asd`). :func:`run_asd_demo` trains on
+through :func:`selfcam.train.fit` (the ``asd`` task of :mod:`selfcam.tasks`; in training, ``audio_dropout``
+of the clips are heard as silence) and runs are saved like every other (:mod:`selfcam.checkpoint`).
+:func:`run_asd_demo` trains on
 :class:`~selfcam.data.speakers.SpeakerClips` and writes ``metrics.json`` and ``report.html``.
 """
 
@@ -28,48 +29,39 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F_
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from sklearn.metrics import average_precision_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__
 from .data.digits import box_mask
 from .data.speakers import FPS, FRAME_MEAN, FRAME_STD, KINDS, SpeakerClips
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import ConfigError, InputError
 from .heads import minmax
 from .metrics import pointing_game, zhang_tolerance
-from .model import _atomic_write
 from .report import overlay, png_data_uri, write_report
-from .train import SelfcamModule, TrainConfig, _History, _quiet_lightning, _Start, seed_all
 from .video import SqueezeExcite, VideoBackbone, check_clip, upsample_clip
 
 __all__ = [
     "ASDConfig",
     "ASDModel",
-    "ASDModule",
     "ASDOutput",
     "ASDRecipe",
     "AudioEncoder",
     "LogMel",
     "MODALITIES",
     "evaluate_asd",
-    "fit_asd",
     "importance_by_class",
-    "load_asd",
     "log_mel",
     "mel_filterbank",
     "modality_importance",
     "predict_asd",
     "run_asd_demo",
-    "save_asd",
 ]
 
 MODALITIES: tuple[str, ...] = ("audio", "face")  # order of the slices in the concatenated embedding
@@ -249,6 +241,8 @@ class ASDModel(nn.Module):
     """Audio encoder + face encoder (video backbone with its own SE) + an SE block over the concatenated
     per-frame embeddings + a temporal classifier; see the module docstring for the shapes."""
 
+    task: ClassVar[str] = "asd"
+
     def __init__(self, config: ASDConfig | None = None) -> None:
         super().__init__()
         c = self.config = config or ASDConfig()
@@ -283,6 +277,9 @@ class ASDModel(nn.Module):
 
     def forward(self, frames: Tensor, wave: Tensor, sample_rate: int | None = None) -> ASDOutput:
         self.check_inputs(frames, wave, sample_rate)
+        p = self.config.audio_dropout
+        if self.training and p:  # modality dropout: these clips are heard as silence, labels unchanged
+            wave = wave * (torch.rand(len(wave), 1, device=wave.device) >= p)
         t = frames.shape[1]
         audio = self.audio(self.mel(wave), t)  # (N, D_a, T)
         feats = self.face(frames)  # (N, K, T, h, w)
@@ -311,45 +308,6 @@ class ASDModel(nn.Module):
         ``gate_l1`` times the mean fusion-SE weight (an open gate has to pay for itself)."""
         loss = F_.cross_entropy(out.logits, label) + F_.cross_entropy(out.frame_logits.flatten(0, 1), frame_labels.flatten())
         return loss + self.config.gate_l1 * out.se_weights.mean() if self.config.gate_l1 else loss
-
-
-# --- training -----------------------------------------------------------------------------
-
-
-class ASDModule(SelfcamModule):
-    """:class:`~selfcam.train.SelfcamModule` for :class:`ASDModel`: batches are
-    ``(frames, wave, label, frame_labels, ...)``, the loss is :meth:`ASDModel.loss`, accuracy is on the
-    clip logits, and in training ``audio_dropout`` of the clips are heard as silence."""
-
-    def forward_loss(self, batch: tuple[Tensor, ...], stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        frames, wave, y, fy = batch[:4]
-        p = self.model.config.audio_dropout
-        if stage == "train" and p:  # modality dropout: these clips are heard as silence, labels unchanged
-            wave = wave * (torch.rand(len(wave), 1, device=wave.device) >= p)
-        out = self.model(frames, wave)
-        return out.logits, self.model.loss(out, y, fy), y
-
-
-def fit_asd(model: ASDModel, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, progress: bool = True) -> list[dict[str, float]]:
-    """Train ``model`` in place with Lightning (as :func:`selfcam.train.fit`); returns the per-epoch history."""
-    _quiet_lightning()
-    seed_all(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, generator=gen, num_workers=cfg.num_workers,
-                              drop_last=len(train_set) > cfg.batch_size)  # fmt: skip
-    val_loader = DataLoader(val_set, 128, num_workers=cfg.num_workers) if val_set is not None else None
-    history = _History(_Start())
-    callbacks: list[L.Callback] = [history]
-    if progress:
-        callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=True))
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=progress, enable_model_summary=False, deterministic=True, callbacks=callbacks,
-        num_sanity_val_steps=0,
-    )  # fmt: skip
-    trainer.fit(ASDModule(model, cfg), train_loader, val_loader)
-    model.eval()
-    return history.rows
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -436,47 +394,6 @@ def evaluate_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64) -> dic
         "silent_scores": {k: v for k, v in _scores(silent).items() if not k.startswith("mouth")},
     }  # fmt: skip
     return metrics
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
-def save_asd(model: ASDModel, run_dir: str | Path, **extra: Any) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (``{"kind": "asd", "asd": config, **extra}``)."""
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(run / WEIGHTS, lambda p: save_file(state, p))
-    doc = {"selfcam_version": __version__, "kind": "asd", "asd": asdict(model.config), **extra}
-    _atomic_write(run / CONFIG, lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
-    return run
-
-
-def load_asd(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[ASDModel, dict[str, Any]]:
-    """Rebuild the model :func:`save_asd` wrote; returns ``(model in eval mode, config dict)``."""
-    path, weights = Path(run_dir) / CONFIG, Path(run_dir) / WEIGHTS
-    for p in (path, weights):
-        if not p.is_file():
-            raise CheckpointError(f"{p}: file not found")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        config = ASDConfig(**doc["asd"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not an ASD config ({type(e).__name__}: {e})") from e
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    try:
-        state = load_file(str(weights), device=str(map_location))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
-    model = ASDModel(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{weights}: weights do not match {path}: {str(e).splitlines()[0]}") from e
-    return model.to(map_location).eval(), doc
 
 
 # --- the demo ---------------------------------------------------------------------------------
@@ -611,6 +528,8 @@ def run_asd_demo(
 ) -> dict[str, Any]:
     """Train SE-CAM ASD on synthetic speaker clips, evaluate on the test split, write
     ``metrics.json``, ``report.html`` and the checkpoint under ``model/``; returns the metrics."""
+    from .train import TrainConfig, fit, seed_all
+
     r = recipe or ASDRecipe()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -627,7 +546,7 @@ def run_asd_demo(
     cfg = TrainConfig(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, seed=r.seed)
     log(f"[asd] training {r.backbone} + audio CNN for {r.epochs} epochs")
     t1 = time.perf_counter()
-    history = fit_asd(model, data["train"], data["val"], cfg, progress)
+    history = fit(model, data["train"], data["val"], cfg, out / "model", progress)
     model = model.cpu().eval()
     train_seconds = time.perf_counter() - t1
     test_metrics = evaluate_asd(model, data["test"])
@@ -640,7 +559,6 @@ def run_asd_demo(
         "mouth_pointing_game_15px": test_metrics["mouth_pointing_game_15px"],
         "recipe": asdict(r), "train_seconds": round(train_seconds, 1),
     }  # fmt: skip
-    save_asd(model, out / "model", train=asdict(cfg), data={"name": "speaker-clips", "frames": r.frames, "size": r.size})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     silence = test_metrics["silence_check"]
     table = {

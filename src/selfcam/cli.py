@@ -139,9 +139,12 @@ def demo(
 @app.command()
 def train(
     ctx: typer.Context,
-    method: Optional[str] = typer.Option(None, "--method", help="Head: plain, lfi, lfi-light, se, abn (required unless --resume)."),
+    task: str = typer.Option("image", "--task", help="image, attributes, video or asd (see `selfcam models`)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Head: plain, lfi, lfi-light, se, abn for images (required "
+                                         "unless --resume); attributes, video and asd have one head each, the default."),
     backbone: str = typer.Option("resnet20", "--backbone", help="Backbone name (see `selfcam models`)."),
-    data: str = typer.Option("cluttered-digits", "--data", help=_DATA_HELP),
+    data: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP + " Default: the task's built-in data "
+                                       "(cluttered-digits, synthetic-faces, synthetic-clips, speaker-clips)."),
     epochs: int = typer.Option(10, help="Epochs."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory for the checkpoint and history (required unless --resume)."),
     batch_size: int = typer.Option(64, help="Batch size (per process)."),
@@ -160,13 +163,13 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last saved state, with its stored recipe."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Train one model and write RUN_DIR/model.safetensors, config.json and history.json.
+    """Train one model of any task and write RUN_DIR/model.safetensors, config.json and history.json.
 
     The training state is saved in RUN_DIR/checkpoints/ after every epoch and on SIGUSR1;
     `--resume RUN_DIR` continues from it.
     """
     from .data import load_dataset
-    from .model import create_model
+    from .tasks import get_task
     from .train import TrainConfig, fit, is_global_zero, latest_state, seed_all
 
     o = dict(ctx.params)
@@ -178,30 +181,35 @@ def train(
             console.print(f"{resume}: training already finished; nothing to resume")
             return
         o.update(_resumed_options(ctx, state))
-    elif method is None or out is None:
+    t = get_task(o["task"])
+    if o["method"] is None and len(t.methods) == 1:
+        o["method"] = t.methods[0]
+    if resume is None and (o["method"] is None or out is None):
         raise typer.BadParameter("--method and --out are required unless you --resume a run")
+    o["data"] = o["data"] or t.default_data
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
                       seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
     train_set = load_dataset(o["data"], "train", o["train_size"], seed=cfg.seed, size=o["image_size"])
     val_set = load_dataset(o["data"], "val", o["val_size"], seed=cfg.seed, size=o["image_size"])
+    t.check_dataset(train_set, "--data")
     seed_all(cfg.seed)
-    model = create_model(o["method"], o["backbone"], train_set.num_classes, train_set.in_chans, bb_kw, **head_kw)
-    extra = {"data": {"name": o["data"], "size": train_set.size, "seed": cfg.seed, "train_size": len(train_set), "val_size": len(val_set),
-                      "mean": list(train_set.mean), "std": list(train_set.std), "class_names": list(train_set.class_names)}}  # fmt: skip
+    model = t.build(state.model) if resume is not None else t.create(train_set, o["method"], o["backbone"], bb_kw, head_kw)
+    extra = {"data": {"seed": cfg.seed}}  # fit records the rest of what the model is trained on
     history = fit(model, train_set, val_set, cfg, o["out"], progress=not quiet, extra_config=extra, resume=resume is not None)
     last = history[-1] if history else {}
     if is_global_zero():
-        console.print(f"{o['method']} on {o['backbone']}: val_acc {last.get('val_acc', float('nan')):.3f}; wrote {o['out']}")
+        console.print(f"{t.describe(model.config)}: val_acc {last.get('val_acc', float('nan')):.3f}; wrote {o['out']}")
 
 
 def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
     """The stored recipe of a resumed run as `train` options; options given on the command line must agree."""
     m, t, d = state.model, state.train, state.extra.get("data", {})
-    stored = {"method": m.method, "backbone": m.backbone, "backbone_kwargs": json.dumps(m.backbone_kwargs),
-              "head_kwargs": json.dumps(m.head_kwargs), "data": d.get("name"), "image_size": d.get("size"),
+    stored = {"task": state.task, "backbone": m.backbone, "data": d.get("name"), "image_size": d.get("size"),
               "train_size": d.get("train_size"), "val_size": d.get("val_size"), "out": ctx.params["resume"],
               **{k: getattr(t, k) for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes")}}  # fmt: skip
+    if hasattr(m, "method"):  # image and attribute models: the head and both option sets are in the config
+        stored.update(method=m.method, backbone_kwargs=json.dumps(m.backbone_kwargs), head_kwargs=json.dumps(m.head_kwargs))
 
     def same(key: str, given: Any) -> bool:
         if key.endswith("_kwargs"):
@@ -241,7 +249,7 @@ def evaluate(
 
     from .data import load_dataset
     from .evaluate import METRICS, EvalConfig, evaluate_runs
-    from .model import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     cfg = EvalConfig(methods=_names(methods), metrics=METRICS if metrics == "all" else _names(metrics),
                      batch_size=batch_size, steps=steps, sanity_images=sanity_images)  # fmt: skip
@@ -279,7 +287,7 @@ def explain(
     from rich.progress import track
 
     from .explain import explain_files, find_images
-    from .model import CONFIG, load_checkpoint
+    from .checkpoint import CONFIG, load_checkpoint
 
     files, skipped = find_images(images)
     if skipped:
@@ -327,7 +335,7 @@ def export(
     """Export a run to ONNX: input `image` (dynamic batch), outputs `logits` and `heatmap` (input size)."""
     from .explain import Preprocess
     from .export import export_onnx, onnx_parity
-    from .model import CONFIG, load_checkpoint
+    from .checkpoint import CONFIG, load_checkpoint
 
     if format != "onnx":
         raise ConfigError(f"--format: unknown export format {format!r}; choose onnx")
@@ -370,7 +378,7 @@ def info(checkpoint: Path = typer.Argument(..., help="A run directory written by
     from dataclasses import asdict
 
     from .evaluate import count_params
-    from .model import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     model, doc = load_checkpoint(checkpoint)
     doc["model"] = asdict(doc["model"])

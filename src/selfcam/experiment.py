@@ -26,7 +26,8 @@ from typing import Any
 from .data import load_dataset
 from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate_runs
-from .model import SelfExplainer, create_model, load_checkpoint
+from .model import SelfExplainer, create_model
+from .checkpoint import load_checkpoint
 from .train import TrainConfig, fit, seed_all
 
 __all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "stability_experiment",

@@ -33,7 +33,8 @@ from .data.base import image_pixels, image_problem
 from .data.transforms import Transform
 from .errors import ConfigError, InputError, require_int
 from .evaluate import explain_batch
-from .model import CONFIG, SelfExplainer
+from .model import SelfExplainer
+from .checkpoint import CONFIG
 from .posthoc import POSTHOC_METHODS
 from .report import overlay
 
@@ -175,7 +176,7 @@ def check_methods(model: SelfExplainer, methods: Sequence[str]) -> tuple[str, ..
         raise ConfigError(f"unknown post-hoc method(s) {', '.join(unknown)}; choose from {', '.join(POSTHOC_METHODS)}")
     if "cam" in methods and model.config.method != "plain":
         raise ConfigError(f"the classic CAM needs a 'plain' model, this run is {model.config.method!r}")
-    if getattr(model.head, "task", "multiclass") != "multiclass":
+    if model.task != "image":
         raise ConfigError(f"explain shows one class per image; the {model.config.method!r} head is multi-label")
     return tuple(methods)
 

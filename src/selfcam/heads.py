@@ -4,7 +4,7 @@ Every head takes the backbone's last-stage feature map ``F`` of shape ``(N, K, h
 (and the normalized input ``x`` of shape ``(N, C, H, W)``) and returns an
 :class:`ExplainedOutput` whose ``heatmap`` has shape ``(N, h, w)`` with values in
 ``[0, 1]``. The shared mechanics (min-max, classifier, loss, registry) live in
-:class:`Head`; each method is a short subclass. See DESIGN.md section 2.
+:class:`Head`; each method is a short subclass. See docs/design.md section 2.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "upsample",
     "se_select",
     "MultiLabelSEHead",
+    "register_head",
 ]
 
 
@@ -54,7 +55,7 @@ class ExplainedOutput:
 def minmax(t: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
     """Min-max scale ``t`` to ``[0, 1]`` over ``dims`` (per sample, per channel...).
 
-    A constant slice maps to 0 where it is 0 and to 1 elsewhere (DESIGN.md 2.1
+    A constant slice maps to 0 where it is 0 and to 1 elsewhere (docs/design.md 2.1
     step 2); nothing is ever divided by zero, so the result never holds NaN
     unless ``t`` does.
     """
@@ -70,7 +71,7 @@ def upsample(heatmap: Tensor, size: tuple[int, int] | int, mode: str = "bilinear
     """Resize maps ``(N, h, w)`` to ``(N, H, W)`` and re-normalize them to ``[0, 1]``.
 
     ``mode`` is ``"bilinear"`` or ``"bicubic"`` (bicubic can overshoot, so the
-    result is min-max scaled again, as DESIGN.md 2.2 step 3 says).
+    result is min-max scaled again, as docs/design.md 2.2 step 3 says).
     """
     if heatmap.dim() != 3:
         raise ValueError(f"upsample expects heatmaps of shape (N, h, w), got {tuple(heatmap.shape)}")
@@ -98,10 +99,14 @@ def register_head(name: str) -> Callable[[type["Head"]], type["Head"]]:
 class Head(nn.Module):
     """Shared mechanics: GAP + linear classifier, the loss, the output type.
 
-    Subclasses implement :meth:`forward` and keep ``self.fc`` as their classifier.
+    Subclasses implement :meth:`forward` and keep ``self.fc`` as their classifier. ``task`` names the
+    task whose models the head makes (:mod:`selfcam.tasks`); a head with ``needs_last_stage`` is given a
+    copy of the backbone's last stage as ``attention_stage`` (ABN's branch) when the backbone has one.
     """
 
     name: ClassVar[str] = "head"
+    task: ClassVar[str] = "image"
+    needs_last_stage: ClassVar[bool] = False
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -175,7 +180,7 @@ def light_fin(channels: int, width: int | None = None) -> nn.Sequential:
 
 @register_head("lfi")
 class LFIHead(Head):
-    """LFI-CAM (Lee et al., ICCV 2021), DESIGN.md 2.1, with the paper's FIN.
+    """LFI-CAM (Lee et al., ICCV 2021), docs/design.md 2.1, with the paper's FIN.
 
     ``w = softmax(GAP(FIN(s(F) * I')))``, ``A = minmax(ReLU(sum_k w_k F_k))``,
     logits from ``GAP((1 + A) * F)``. All channels go through the FIN in one
@@ -238,12 +243,12 @@ def se_select(s: Tensor, factor: float = 1.282) -> Tensor:
 
 @register_head("se")
 class SEHead(Head):
-    """SE-CAM (Roxo et al., 2024), DESIGN.md 2.2 steps 1-3.
+    """SE-CAM (Roxo et al., 2024), docs/design.md 2.2 steps 1-3.
 
     ``s = sigmoid(W2 ReLU(W1 GAP(F)))`` (no biases), logits from ``GAP(F * s)``;
     heatmap: mean over the selected channels of ``s_c F_c``, min-max scaled.
 
-    ``space`` says on which values the selection statistic is computed. DESIGN.md
+    ``space`` says on which values the selection statistic is computed. docs/design.md
     writes it on ``s``; trained SE gates saturate (most ``s_c`` near 1 or 0), and
     then ``mean + 1.282 std`` lies above every ``s_c`` whenever more than 38 % of the
     gates are open, so the rule always falls back to one channel (cluttered digits:
@@ -281,18 +286,20 @@ def _basic_block(channels: int) -> nn.Module:
 
 @register_head("abn")
 class ABNHead(Head):
-    """Attention Branch Network (Fukui et al., CVPR 2019), DESIGN.md 2.3.
+    """Attention Branch Network (Fukui et al., CVPR 2019), docs/design.md 2.3.
 
     Attention branch: a copy of the backbone's last stage on the features that
     enter it, BN, 1x1 conv to #classes, BN, ReLU; then (a) 1x1 conv + GAP for the
     auxiliary logits, (b) 1x1 conv to 1 channel, BN, sigmoid for the map ``M``.
     Perception branch: GAP + FC on ``(1 + M) * F``. Loss: ``CE(att) + CE(per)``.
 
-    Following DESIGN.md, ``M`` re-weights the last stage's output ``F``; the
+    Following docs/design.md, ``M`` re-weights the last stage's output ``F``; the
     original ABN re-weights the input of the last stage and runs that stage again.
     When the backbone cannot be split (``attention_stage=None``) the branch runs a
     two-conv block on ``F`` itself.
     """
+
+    needs_last_stage: ClassVar[bool] = True
 
     def __init__(self, in_channels: int, num_classes: int, attention_stage: nn.Module | None = None) -> None:
         super().__init__(in_channels, num_classes)
@@ -330,7 +337,7 @@ class ABNHead(Head):
 
 @register_head("se-multilabel")
 class MultiLabelSEHead(Head):
-    """SE-CAM for multi-label attributes (DESIGN.md 2.2 step 6): one SE block per attribute.
+    """SE-CAM for multi-label attributes (docs/design.md 2.2 step 6): one SE block per attribute.
 
     The A attributes share the backbone and ``F``; attribute ``a`` has its own excitation
     ``e_a = W2_a ReLU(W1_a GAP(F))`` (no biases, as :class:`SEHead`), ``s_a = sigmoid(e_a)`` and
@@ -341,7 +348,7 @@ class MultiLabelSEHead(Head):
     Loss: binary cross-entropy with logits on float ``{0, 1}`` targets ``(N, A)``.
     """
 
-    task: ClassVar[str] = "multilabel"
+    task: ClassVar[str] = "attributes"
 
     def __init__(
         self, in_channels: int, num_classes: int, reduction: int = 16, factor: float = 1.282, space: str = "logit"

@@ -1,4 +1,4 @@
-"""Explanation metrics (DESIGN.md section 3). Exact definitions and peer comparisons: docs/metrics.md.
+"""Explanation metrics (docs/design.md section 3). Exact definitions and peer comparisons: docs/metrics.md.
 
 Conventions: ``x`` ``(N, C, H, W)`` is the model's normalized input, ``maps``
 ``(N, H, W)`` in ``[0, 1]`` at input size, ``target`` ``(N,)`` int class indices,

@@ -1,33 +1,22 @@
 """The self-explaining model (backbone + head), its config, and checkpoints.
 
-``create_model(method, backbone, num_classes, in_chans)`` is the one door. A run
-directory holds ``model.safetensors`` (weights) and ``config.json`` (what built
-them); nothing is ever unpickled.
+``create_model(method, backbone, num_classes, in_chans)`` is the one door; a model's
+``config`` rebuilds it (:mod:`selfcam.checkpoint` saves and loads runs of every task).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from safetensors.torch import load, load_file, save_file
 from torch import Tensor, nn
 
-from . import __version__
 from .backbones import Backbone, create_backbone
-from .errors import CheckpointError, ConfigError, InputError, check_options
-from .heads import HEADS, ABNHead, ExplainedOutput, Head, upsample
+from .errors import ConfigError, InputError, check_options
+from .heads import HEADS, ExplainedOutput, Head, upsample
 
-__all__ = ["ModelConfig", "SelfExplainer", "create_model", "list_methods", "save_checkpoint", "load_checkpoint",
-           "read_safetensors"]
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+__all__ = ["ModelConfig", "SelfExplainer", "create_model", "list_methods"]
 
 
 @dataclass(frozen=True)
@@ -44,17 +33,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> "ModelConfig":
         """Validate a parsed JSON object field by field (missing, extra, wrongly typed)."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: 'model' must be an object, got {type(d).__name__}")
-        types = {"method": str, "backbone": str, "num_classes": int, "in_chans": int, "head_kwargs": dict, "backbone_kwargs": dict}
-        missing = {"method", "backbone", "num_classes"} - d.keys()
-        extra = d.keys() - types.keys()
-        if missing or extra:
-            raise ConfigError(f"{source}: model config has missing fields {sorted(missing)} / unknown fields {sorted(extra)}")
-        for key, value in d.items():
-            if not isinstance(value, types[key]) or isinstance(value, bool):
-                raise ConfigError(f"{source}: model.{key} must be {types[key].__name__}, got {value!r}")
-        return cls(**d)
+        from .checkpoint import dataclass_from_json
+
+        return dataclass_from_json(cls, d, source)
 
 
 class SelfExplainer(nn.Module):
@@ -104,8 +85,28 @@ class SelfExplainer(nn.Module):
         """The backbone's feature map ``(N, K, h, w)``."""
         return self.backbone.forward_features(x)
 
+    def forward_head(self, features: Tensor, x: Tensor, pre_features: Tensor | None = None) -> ExplainedOutput:
+        """The head on backbone features (timm's split): ``F (N, K, h, w)`` and the input ``x``."""
+        return self.head(features, x, pre_features)
+
     def loss(self, out: ExplainedOutput, target: Tensor) -> Tensor:
         return self.head.loss(out, target)
+
+    @property
+    def task(self) -> str:
+        """The task of this model: ``"image"``, or ``"attributes"`` for a multi-label head."""
+        return self.head.task
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (timm's convention)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new classifier for ``num_classes`` outputs; ``config`` follows, so a saved model loads again."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        self.head.reset_classifier(num_classes)
+        self.config = replace(self.config, num_classes=num_classes)
 
 
 def list_methods() -> list[str]:
@@ -136,144 +137,10 @@ def create_model(
     head_cls = HEADS[method]
     check_options(head_cls.__init__, head_kwargs, f"method {method!r}")
     extra: dict[str, Any] = {}
-    if head_cls is ABNHead and bb.splittable:
+    if head_cls.needs_last_stage and bb.splittable:  # the head copies the backbone's last stage (ABN)
         extra["attention_stage"] = bb.last
     try:
         head = head_cls(bb.out_channels, num_classes, **head_kwargs, **extra)
     except TypeError as e:
         raise ConfigError(f"bad option for method {method!r}: {e}") from e
     return SelfExplainer(bb, head, ModelConfig(method, backbone, num_classes, in_chans, dict(head_kwargs), backbone_kwargs))
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(model: SelfExplainer, run_dir: str | Path, **extra: Any) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (``extra`` entries are stored beside ``model``)."""
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(run / WEIGHTS, lambda p: save_file(state, p))
-    doc = {"selfcam_version": __version__, "model": asdict(model.config), **extra}
-    _atomic_write(run / CONFIG, lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
-    return run
-
-
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """Parse and validate ``run_dir/config.json``; ``"model"`` becomes a :class:`ModelConfig`."""
-    path = Path(run_dir) / CONFIG
-    if Path(run_dir).is_file():
-        raise CheckpointError(f"{run_dir}: a file, not a run directory (a directory holding {CONFIG} and {WEIGHTS})"
-                              f"{_format_hint(Path(run_dir))}")  # fmt: skip
-    if not Path(run_dir).is_dir():
-        raise CheckpointError(f"{run_dir}: checkpoint directory not found")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config file not found")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or "model" not in doc:
-        raise CheckpointError(f"{path}: no 'model' entry")
-    try:
-        doc["model"] = ModelConfig.from_dict(doc["model"], str(path))
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
-    if "data" in doc:
-        _check_data(doc["data"], path)
-    return doc
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _count(low: int) -> Callable[[Any], bool]:
-    return lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= low)
-
-
-def _stats(v: Any) -> bool:
-    return _number(v) or (isinstance(v, list) and len(v) > 0 and all(map(_number, v)))
-
-
-_DATA_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # known fields of config.json's optional "data" entry
-    "name": (lambda v: isinstance(v, str), "a string"),
-    "size": (_count(1), "an integer >= 1 (or null)"),
-    "seed": (_count(0), "an integer >= 0 (or null)"),
-    "train_size": (_count(0), "an integer >= 0 (or null)"),
-    "val_size": (_count(0), "an integer >= 0 (or null)"),
-    "mean": (_stats, "a number or a non-empty list of numbers"),
-    "std": (_stats, "a number or a non-empty list of numbers"),
-    "class_names": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of strings"),
-}
-
-
-def _check_data(data: Any, path: Path) -> None:
-    """``data`` must be an object whose known fields have their JSON types; other fields are kept as they are."""
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: 'data' must be an object, got {type(data).__name__}")
-    for key, (ok, what) in _DATA_FIELDS.items():
-        if key in data and not ok(data[key]):
-            raise CheckpointError(f"{path}: data.{key} must be {what}, got {data[key]!r}")
-
-
-def _format_hint(path: Path) -> str:
-    """``"; it is a Python pickle..."`` when the first bytes of ``path`` show a pickle or a torch.save zip, else ``""``."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:
-        return ""
-    if head == b"PK":
-        what = "a zip archive, as torch.save writes"
-    elif head[:1] == b"\x80" and head[1:] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        what = "a Python pickle"
-    else:
-        return ""
-    return f"; it is {what}, and selfcam never unpickles files: save the weights with safetensors"
-
-
-def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
-    """Every tensor of the safetensors file ``path``; :class:`CheckpointError` naming it when it is not one."""
-    path = Path(path)
-    try:
-        try:
-            os.fsencode(path).decode("utf-8")
-        except UnicodeDecodeError:  # safetensors opens UTF-8 paths only: hand it the bytes instead
-            return {k: v.to(device) for k, v in load(path.read_bytes()).items()}
-        return load_file(str(path), device=device)
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}){_format_hint(path)}") from e
-
-
-def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[SelfExplainer, dict[str, Any]]:
-    """Rebuild the model saved in ``run_dir``; returns ``(model in eval mode, config dict)``."""
-    doc = read_config(run_dir)
-    cfg: ModelConfig = doc["model"]
-    weights = Path(run_dir) / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file not found")
-    state = read_safetensors(weights, str(map_location))
-    try:
-        model = create_model(cfg.method, cfg.backbone, cfg.num_classes, cfg.in_chans, cfg.backbone_kwargs, **cfg.head_kwargs)
-    except ConfigError as e:
-        raise CheckpointError(f"{Path(run_dir) / CONFIG}: {e}") from e
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{weights}: weights do not match config ({cfg.method} on {cfg.backbone}): {len(missing)} missing "
-            f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, {len(wrong)} of another shape {wrong[:2]}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval(), doc

@@ -447,7 +447,7 @@ def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequen
     from .data import load_dataset
     from .errors import SelfcamError
     from .evaluate import explain_batch
-    from .model import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     notes = notes if notes is not None else []
     loaded: dict[tuple, dict[str, Any]] = {}
@@ -458,7 +458,7 @@ def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequen
             notes.append(f"gallery: run {name} left out ({e})")
             continue
         data, train = doc.get("data") or {}, doc.get("train") or {}
-        if not data.get("name") or getattr(model.head, "task", "multiclass") != "multiclass":
+        if not data.get("name") or model.task != "image":
             notes.append(f"gallery: run {name} left out (no dataset name recorded, or a multi-label head)")
             continue
         key = (data["name"], data.get("size"), data.get("seed", train.get("seed", 0)))  # the generator's seed
@@ -509,7 +509,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | N
     matrices and the sanity check when the evaluation stored them, and a per-class gallery
     (``per_class`` images, 0: none; see :func:`gallery_from_runs`). Writes ``out``.
     """
-    from .model import read_config
+    from .checkpoint import read_config
 
     src = read_sources(paths)
     several = len(src.evaluations) + len(src.demos) > 1

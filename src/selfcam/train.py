@@ -1,9 +1,10 @@
 """Training through PyTorch Lightning: one module for every head, one ``fit`` function.
 
-``fit(model, train_set, val_set, TrainConfig(...), run_dir)`` trains with a Rich
-progress bar, writes ``history.json`` (per-epoch metrics) and the checkpoint
-(``model.safetensors`` + ``config.json``) into ``run_dir``. Datasets yield
-``(image, label, ...)``; extra items (boxes) are ignored here.
+``fit(model, train_set, val_set, TrainConfig(...), run_dir)`` trains a model of any task
+(:mod:`selfcam.tasks`: image, attributes, video, asd) with a Rich progress bar, writes
+``history.json`` (per-epoch metrics) and the checkpoint (``model.safetensors`` + ``config.json``,
+with what it trained on) into ``run_dir``. The model's task says how a batch unpacks into inputs
+and targets; other items of a batch (boxes) are ignored here.
 
 Crash safety: after every epoch (and at the end of a batch when asked with
 :func:`request_checkpoint` or ``SIGUSR1``) the whole training state goes into
@@ -44,9 +45,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .checkpoint import CONFIG, load_checkpoint, read_config, read_safetensors, save_checkpoint, write_json
 from .errors import CheckpointError, ConfigError, DivergenceError, require_int
-from .model import (CONFIG, ModelConfig, SelfExplainer, _atomic_write, load_checkpoint, read_config, read_safetensors,
-                    save_checkpoint)
+from .tasks import Task, get_task, task_of
 
 __all__ = [
     "DivergenceError",
@@ -66,7 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE_DIR, STATE_TENSORS, STATE_JSON, HISTORY = "checkpoints", "state.safetensors", "state.json", "history.json"
-STATE_FORMAT, STATE_VERSION = "selfcam-train-state", 1
+STATE_FORMAT, STATE_VERSION = "selfcam-train-state", 2  # version 1: image runs, no "task" field
 RUNTIME_FIELDS = ("accelerator", "num_workers")  # may differ when a run is resumed; every other field must not
 _REQUESTED = threading.Event()
 
@@ -227,30 +228,31 @@ class _RunData(L.LightningDataModule):
 
 
 class SelfcamModule(L.LightningModule):
-    """Lightning wrapper: the head's own loss, AdamW or SGD with a one-cycle schedule, accuracy.
+    """Lightning wrapper for a model of any task: the model's own loss on the batch as its task unpacks it,
+    AdamW or SGD with a one-cycle schedule, accuracy (multi-class, or multi-label for attributes).
 
     ``total_steps``: the one-cycle length (the whole run's, also when resumed); ``restore``:
     the optimizer and scheduler state of a resumed run (see :func:`fit`).
     """
 
-    def __init__(self, model: SelfExplainer, cfg: TrainConfig, total_steps: int | None = None,
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int | None = None,
                  restore: tuple[TrainState, dict[str, Tensor]] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.total_steps, self.restore = total_steps, restore
         self.step_offset, self.epoch_offset = (restore[0].global_step, restore[0].epoch) if restore is not None else (0, 0)
-        n = model.config.num_classes
-        task = getattr(getattr(model, "head", None), "task", "multiclass")
-        counts = {"num_labels": n} if task == "multilabel" else {"num_classes": n}
-        self.train_acc = torchmetrics.Accuracy(task=task, **counts)
-        self.val_acc = torchmetrics.Accuracy(task=task, **counts)
+        self.task: Task = task_of(model)
+        n, kind = model.config.num_classes, self.task.accuracy
+        counts = {"num_labels": n} if kind == "multilabel" else {"num_classes": n}
+        self.train_acc = torchmetrics.Accuracy(task=kind, **counts)  # type: ignore[arg-type]
+        self.val_acc = torchmetrics.Accuracy(task=kind, **counts)  # type: ignore[arg-type]
 
     def forward_loss(self, batch: tuple[Tensor, ...], stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits, loss, targets)`` of one batch ``(x, y, ...)``; subclasses change what a batch holds."""
-        x, y = batch[0], batch[1]
-        out = self.model(x)
-        return out.logits, self.model.loss(out, y), y
+        """``(logits, loss, targets)`` of one batch, unpacked by the model's task."""
+        inputs, targets = self.task.split_batch(batch)
+        out = self.model(*inputs)
+        return out.logits, self.model.loss(out, *targets), targets[0]
 
     def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         logits, loss, y = self.forward_loss(batch, stage)
@@ -303,7 +305,8 @@ class TrainState:
     global_step: int
     seconds: float
     n_train: int
-    model: ModelConfig
+    task: str
+    model: Any  # the task's config dataclass
     train: TrainConfig
     extra: dict[str, Any]
     history: list[dict[str, float]]
@@ -319,7 +322,7 @@ class TrainState:
 
 _STATE_SPEC: dict[str, Any] = {
     "format": str, "version": int, "epoch": int, "batch": int, "global_step": int, "seconds": float, "n_train": int,
-    "model": dict, "train": dict, "extra": dict, "history": list, "optimizer": dict, "scheduler": dict, "rng": dict,
+    "task": str, "model": dict, "train": dict, "extra": dict, "history": list, "optimizer": dict, "scheduler": dict, "rng": dict,
     "tensors_sha256": str,
 }  # fmt: skip
 _RNG_SPEC: dict[str, Any] = {"numpy": dict, "python": dict, "cuda": int}
@@ -366,13 +369,15 @@ def _read_state(path: Path) -> TrainState:
         raise CheckpointError(f"{file}: state file not found") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if isinstance(doc, dict) and doc.get("version") == 1 and "task" not in doc:  # written before tasks: an image run
+        doc["task"], doc["version"] = _v1_task(doc.get("model")), STATE_VERSION
     _expect(doc, _STATE_SPEC, str(file))
     if doc.pop("format") != STATE_FORMAT or doc.pop("version") != STATE_VERSION:
         raise CheckpointError(f"{file}: not a selfcam training state of version {STATE_VERSION}")
     try:
-        doc["model"] = ModelConfig.from_dict(doc["model"], str(file))
+        doc["model"] = get_task(doc["task"]).config_from_json(doc["model"], str(file))
     except ConfigError as e:
-        raise CheckpointError(str(e)) from e
+        raise CheckpointError(str(e) if str(e).startswith(str(file)) else f"{file}: {e}") from e
     doc["train"] = _train_config(doc["train"], f"{file}: train")
     for i, row in enumerate(doc["history"]):
         if not isinstance(row, dict) or not all(_kind_ok(v, float) for v in row.values()):
@@ -384,6 +389,13 @@ def _read_state(path: Path) -> TrainState:
     if min(doc["epoch"], doc["batch"], doc["global_step"], doc["n_train"]) < 0:
         raise CheckpointError(f"{file}: negative epoch, batch, step or size")
     return TrainState(path=path, **doc)
+
+
+def _v1_task(model: Any) -> str:
+    from .heads import HEADS
+
+    head = HEADS.get(model.get("method")) if isinstance(model, dict) and isinstance(model.get("method"), str) else None
+    return head.task if head is not None else "image"
 
 
 def _state_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -607,7 +619,7 @@ class _StateWriter(L.Callback):
         self.save(trainer, module, self.start.epoch + trainer.current_epoch + 1, 0)
 
     def save(self, trainer: L.Trainer, module: L.LightningModule, epoch: int, batch: int) -> None:
-        model: SelfExplainer = module.model  # type: ignore[assignment]
+        model: torch.nn.Module = module.model
         step = self.start.step + trainer.global_step
         bad = _not_finite(model, trainer.optimizers[0])  # every process checks its copy, so all stop together
         if bad:
@@ -623,7 +635,7 @@ class _StateWriter(L.Callback):
                "history": self.history.rows, "optimizer": opt_json,
                "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(), "rng": rng_json}  # fmt: skip
         _write_state(self.run_dir, tensors, doc)
-        _atomic_write(self.run_dir / HISTORY, lambda p: Path(p).write_text(json.dumps(self.history.rows, indent=2)))
+        write_json(self.run_dir / HISTORY, self.history.rows)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -679,17 +691,18 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _check_same_run(where: Path, stored: tuple[ModelConfig, TrainConfig], model: SelfExplainer, cfg: TrainConfig) -> None:
-    """ConfigError unless ``model`` and ``cfg`` are the run's stored ones (runtime fields aside)."""
-    if _as_json(asdict(stored[0])) != _as_json(asdict(model.config)):
-        raise ConfigError(f"{where}: the run was trained as {stored[0]}, the model given is {model.config}")
-    old, new = asdict(stored[1]), asdict(cfg)
+def _check_same_run(where: Path, stored: tuple[str, Any, TrainConfig], model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """ConfigError unless ``model`` and ``cfg`` are the run's stored task, model and recipe (runtime fields aside)."""
+    task, config = task_of(model).name, model.config  # type: ignore[union-attr]
+    if stored[0] != task or _as_json(asdict(stored[1])) != _as_json(asdict(config)):
+        raise ConfigError(f"{where}: the run was trained as {stored[0]} {stored[1]}, the model given is {task} {config}")
+    old, new = asdict(stored[2]), asdict(cfg)
     diff = [f"{k}: {old[k]!r} stored, {new[k]!r} given" for k in old if k not in RUNTIME_FIELDS and old[k] != new[k]]
     if diff:
         raise ConfigError(f"{where}: the resumed run's recipe differs ({'; '.join(diff)})")
 
 
-def _finished(model: SelfExplainer, cfg: TrainConfig, run: Path) -> list[dict[str, float]]:
+def _finished(model: torch.nn.Module, cfg: TrainConfig, run: Path) -> list[dict[str, float]]:
     """``resume=True`` on a run with no state left: it finished; load its weights and history."""
     if not (run / CONFIG).is_file():
         raise CheckpointError(f"{run}: nothing to resume (no {STATE_DIR}/ and no finished run)")
@@ -697,7 +710,7 @@ def _finished(model: SelfExplainer, cfg: TrainConfig, run: Path) -> list[dict[st
     if not isinstance(doc.get("train"), dict):
         raise CheckpointError(f"{run / CONFIG}: no 'train' entry: not a run written by fit")
     defaults = asdict(TrainConfig())
-    _check_same_run(run / CONFIG, (doc["model"], TrainConfig(**{**defaults, **doc["train"]})), model, cfg)
+    _check_same_run(run / CONFIG, (doc["task"], doc["model"], TrainConfig(**{**defaults, **doc["train"]})), model, cfg)
     trained, _ = load_checkpoint(run)
     model.load_state_dict(trained.state_dict())
     log.info("%s: training already finished (%d epochs); nothing to resume", run, cfg.epochs)
@@ -705,7 +718,7 @@ def _finished(model: SelfExplainer, cfg: TrainConfig, run: Path) -> list[dict[st
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def _load_model(model: SelfExplainer, tensors: dict[str, Tensor], state: TrainState) -> None:
+def _load_model(model: torch.nn.Module, tensors: dict[str, Tensor], state: TrainState) -> None:
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     wrong = sorted(expected.keys() ^ weights.keys()) + [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
@@ -715,7 +728,7 @@ def _load_model(model: SelfExplainer, tensors: dict[str, Tensor], state: TrainSt
 
 
 def fit(
-    model: SelfExplainer,
+    model: torch.nn.Module,
     train_set: Dataset,
     val_set: Dataset | None,
     cfg: TrainConfig,
@@ -724,11 +737,13 @@ def fit(
     extra_config: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place; returns the per-epoch history.
+    """Train ``model`` (of any task) in place; returns the per-epoch history.
 
     With ``run_dir`` it writes the training state after every epoch (``checkpoints/``),
-    ``history.json``, and at the end ``model.safetensors`` and ``config.json``
-    (``extra_config`` is stored beside ``"model"`` and ``"train"``), then removes the state.
+    ``history.json``, and at the end ``model.safetensors`` and ``config.json``, then removes the state.
+    ``config.json`` records the task, the model, the recipe (``"train"``) and what the model was trained
+    on (``"data"``: the training set's name, seed and preprocessing, see :meth:`Task.data_record`, with
+    the split sizes); entries of ``extra_config`` are stored beside them (its ``"data"`` is merged in).
     ``resume=True`` continues the run in ``run_dir`` from its newest state; ``model``,
     ``cfg`` (but ``accelerator`` and ``num_workers``), the training set's size and
     ``extra_config`` (when given) must be the run's, else :class:`ConfigError`. A finished
@@ -739,14 +754,18 @@ def fit(
     run = Path(run_dir) if run_dir is not None else None
     if resume and run is None:
         raise ConfigError("resume=True needs the run_dir to resume from")
-    extra = _as_json(extra_config or {})
+    task = task_of(model)
+    task.check_dataset(train_set, "training data")
+    record = {**task.data_record(train_set), "train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0}  # type: ignore[arg-type]
+    given = dict(extra_config or {})
+    extra = _as_json({**given, "data": {**record, **given.get("data", {})}})
     seed_all(cfg.seed)
     state = latest_state(run) if resume and run is not None else None
     if resume and run is not None and state is None:
         return _finished(model, cfg, run)
     tensors: dict[str, Tensor] = {}
     if state is not None:
-        _check_same_run(state.path / STATE_JSON, (state.model, state.train), model, cfg)
+        _check_same_run(state.path / STATE_JSON, (state.task, state.model, state.train), model, cfg)
         n_train = len(train_set)  # type: ignore[arg-type]
         if state.n_train != n_train or (extra_config is not None and extra != state.extra):
             raise ConfigError(f"{state.path / STATE_JSON}: the run had {state.n_train} training samples and extra config "
@@ -761,13 +780,13 @@ def fit(
         writer = _train(model, train_set, val_set, cfg, run, progress, extra, start, history, state, tensors)
     model.eval()
     if run is not None and writer:
-        _atomic_write(run / HISTORY, lambda p: Path(p).write_text(json.dumps(history.rows, indent=2)))
+        write_json(run / HISTORY, history.rows)
         save_checkpoint(model, run, train=asdict(cfg), **extra)
         shutil.rmtree(run / STATE_DIR, ignore_errors=True)
     return history.rows
 
 
-def _train(model: SelfExplainer, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, run: Path | None,
+def _train(model: torch.nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, run: Path | None,
            progress: bool, extra: dict[str, Any], start: _Start, history: _History, state: TrainState | None,
            tensors: dict[str, Tensor]) -> bool:  # fmt: skip
     """Run Lightning from ``start`` to the last epoch; ``state``/``tensors``: what a resumed run restores.
@@ -778,7 +797,7 @@ def _train(model: SelfExplainer, train_set: Dataset, val_set: Dataset | None, cf
     total = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.world_size)
     callbacks: list[L.Callback] = [history]
     if run is not None:
-        meta = {"n_train": n_train, "model": asdict(model.config), "train": asdict(cfg), "extra": extra}
+        meta = {"n_train": n_train, "task": task_of(model).name, "model": asdict(model.config), "train": asdict(cfg), "extra": extra}  # type: ignore[call-overload]
         callbacks.append(_StateWriter(run, history, meta, start, fresh=state is None))
     if progress:
         callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=True))

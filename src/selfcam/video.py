@@ -1,4 +1,4 @@
-"""Video SE-CAM (DESIGN.md 2.2 step 4): one SE vector per clip, one heatmap per frame.
+"""Video SE-CAM (docs/design.md 2.2 step 4): one SE vector per clip, one heatmap per frame.
 
 A clip is ``(N, T, C, H, W)``. :class:`VideoBackbone` runs a 2D CNN from
 :func:`~selfcam.backbones.create_backbone` on every frame and a temporal convolution over
@@ -86,7 +86,7 @@ class SqueezeExcite(nn.Module):
 
     ``s = sigmoid(W2 ReLU(W1 mean(x)))`` with no biases, as :class:`~selfcam.heads.SEHead` (``bias=True``:
     ``W1 z + b1`` and ``W2 h + b2``, as torchvision's and timm's SE), hidden width ``max(1, K // reduction)``;
-    the selection rule runs on ``e`` (``space="logit"``) or on ``s`` (``"sigmoid"``, DESIGN.md's literal rule) with ``factor`` (1.282: about the top 10 %).
+    the selection rule runs on ``e`` (``space="logit"``) or on ``s`` (``"sigmoid"``, docs/design.md's literal rule) with ``factor`` (1.282: about the top 10 %).
     """
 
     def __init__(self, channels: int, reduction: int = 16, factor: float = 1.282, space: str = "logit", bias: bool = False) -> None:
@@ -173,6 +173,8 @@ class VideoConfig:
 class VideoSelfExplainer(nn.Module):
     """Video backbone + :class:`VideoSEHead`: ``forward(x (N, T, C, H, W))`` gives logits ``(N, classes)``
     and per-frame maps ``(N, T, h, w)`` (``heatmap`` of an :class:`~selfcam.heads.ExplainedOutput`)."""
+
+    task = "video"
 
     def __init__(self, config: VideoConfig) -> None:
         super().__init__()

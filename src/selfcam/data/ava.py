@@ -43,9 +43,10 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError
-from .speakers import FPS, SAMPLE_RATE, normalize_frames
+from .speakers import FPS, FRAME_MEAN, FRAME_STD, SAMPLE_RATE, normalize_frames
 
-__all__ = ["AVAActiveSpeaker", "AVARow", "COLUMNS", "LABELS", "read_ava_csv", "read_wav", "write_ava"]
+__all__ = ["AVAActiveSpeaker", "AVARow", "COLUMNS", "LABELS", "open_ava", "read_ava_csv", "read_wav", "write_ava"]
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test clips when the layout has one CSV for all
 
 COLUMNS: tuple[str, ...] = ("video_id", "frame_timestamp", "entity_box_x1", "entity_box_y1", "entity_box_x2",
                             "entity_box_y2", "label", "entity_id")  # fmt: skip
@@ -182,6 +183,9 @@ class AVAActiveSpeaker(torch.utils.data.Dataset):
     num_classes: int = 2
     in_chans: int = 3
     class_names: list[str] = ["not_speaking", "speaking"]
+    task: str = "asd"
+    mean: tuple[float, ...] = (FRAME_MEAN,) * 3
+    std: tuple[float, ...] = (FRAME_STD,) * 3
 
     def __init__(self, root: str | Path, annotations: str | Path = "annotations.csv", *, frames: int = 8, size: int = 64,
                  sample_rate: int = SAMPLE_RATE, fps: int = FPS, max_gap: float = 0.5) -> None:  # fmt: skip
@@ -254,6 +258,25 @@ class AVAActiveSpeaker(torch.utils.data.Dataset):
         start = round(clip[0].time * rate)
         wave = torch.from_numpy(audio[start : start + self.samples].copy())
         return normalize_frames(frames), wave, self.labels[i], self.frame_labels[i]
+
+
+def open_ava(root: Path, split: str, n: int | None = None, *, size: int | None = None, frames: int = 8,
+             annotations: str | None = None, **options: Any) -> AVAActiveSpeaker:  # fmt: skip
+    """``split`` of the AVA-style layout at ``root``: ``root/<split>.csv`` when it exists, else the clips
+    of ``annotations`` (default ``annotations.csv``) cut by class into fixed 80 / 10 / 10 % parts
+    (:func:`~selfcam.data.base.partition`, the same for every seed); ``n`` keeps the first n clips."""
+    from .base import SPLITS, partition, take_first
+
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} for ava:{root}; expected one of {', '.join(SPLITS)}")
+    own = annotations is None and (root / f"{split}.csv").is_file()
+    data = AVAActiveSpeaker(root, f"{split}.csv" if own else annotations or "annotations.csv", frames=frames,
+                            size=size or 64, **options)  # fmt: skip
+    index = np.arange(len(data)) if own else partition(data.labels.numpy(), SPLIT_FRACTIONS)[SPLITS.index(split)]
+    keep = take_first(index, n, f"ava:{root} {split}")
+    data.clips = [data.clips[i] for i in keep]
+    data.frame_labels, data.labels = data.frame_labels[keep], data.labels[keep]
+    return data
 
 
 def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:

@@ -103,6 +103,7 @@ class ClutteredDigits(torch.utils.data.Dataset):
     num_classes: int = 10
     in_chans: int = 1
     task: str = "multiclass"
+    spec: str = "cluttered-digits"
     mean: tuple[float, ...] = (MEAN,)
     std: tuple[float, ...] = (STD,)
 

@@ -229,6 +229,7 @@ class SyntheticFaces(torch.utils.data.Dataset):
     """
 
     task: str = "multilabel"
+    spec: str = "synthetic-faces"
     in_chans: int = 3
     mean: tuple[float, float, float] = FACES_MEAN
     std: tuple[float, float, float] = FACES_STD

@@ -213,6 +213,10 @@ class SpeakerClips(torch.utils.data.Dataset):
     num_classes: int = 2
     in_chans: int = 3
     class_names: list[str] = ["not_speaking", "speaking"]
+    task: str = "asd"
+    spec: str = "speaker-clips"
+    mean: tuple[float, ...] = (FRAME_MEAN,) * 3
+    std: tuple[float, ...] = (FRAME_STD,) * 3
 
     def __init__(self, split: Literal["train", "val", "test"], n: int, *, frames: int = 8, size: int = 64,
                  sample_rate: int = SAMPLE_RATE, fps: int = FPS, seed: int = 0) -> None:  # fmt: skip

@@ -1,0 +1,52 @@
+"""The ``asd`` task: audio-visual active speaker detection, face clips + waveforms, modality importance."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..asd import ASDConfig, ASDModel
+from ..errors import ConfigError
+from .base import Task, register_task
+
+__all__ = ["ASDTask"]
+
+
+@register_task("asd")
+class ASDTask(Task):
+    """``(frames (N, T, 3, H, W), wave (N, S))`` -> :class:`~selfcam.asd.ASDModel`; batches
+    ``(frames, wave, label, frame_labels[, mouth boxes])``, loss on clip and frame labels."""
+
+    config_type: ClassVar[type] = ASDConfig
+    dataset_kind: ClassVar[str] = "asd"
+    default_data: ClassVar[str] = "speaker-clips"
+
+    def build(self, config: ASDConfig) -> nn.Module:
+        return ASDModel(config)
+
+    def create(self, dataset: Any, method: str, backbone: str, backbone_kwargs: dict[str, Any],
+               head_kwargs: dict[str, Any]) -> nn.Module:  # fmt: skip
+        if method not in self.methods:
+            raise ConfigError(f"the asd task has the head(s) {', '.join(self.methods)}, got {method!r}")
+        try:
+            config = ASDConfig(frames=dataset.num_frames, in_chans=dataset.in_chans, backbone=backbone,
+                               backbone_kwargs=dict(backbone_kwargs), sample_rate=dataset.sample_rate, **head_kwargs)  # fmt: skip
+        except TypeError as e:
+            raise ConfigError(f"bad option for the asd model: {e}") from e
+        return ASDModel(config)
+
+    def describe(self, config: ASDConfig) -> str:
+        return f"audio-visual SE on {config.backbone}"
+
+    def split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        return (batch[0], batch[1]), (batch[2], batch[3])
+
+    def example_inputs(self, model: nn.Module, batch: int = 2, size: int | None = None) -> tuple[Tensor, ...]:
+        c = model.config
+        frames = torch.randn(batch, c.frames, c.in_chans, size or 32, size or 32)
+        return frames, 0.1 * torch.randn(batch, c.frames * c.samples_per_frame)
+
+    def data_record(self, dataset: Any) -> dict[str, Any]:
+        return {**super().data_record(dataset), "frames": dataset.num_frames, "sample_rate": dataset.sample_rate}

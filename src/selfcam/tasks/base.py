@@ -1,0 +1,118 @@
+"""The task registry: what differs between image, attribute, video and audio-visual runs.
+
+A :class:`Task` says which config type builds its models, how a batch unpacks into model inputs
+and targets, what accuracy means, which built-in data it trains on by default, which inputs
+trace its model (export, tests), and what of a dataset its runs record. Everything else (``fit``,
+checkpoints, the CLI) is shared and asks the task. A new task is one file: a subclass with
+``@register_task("name")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Callable, ClassVar
+
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..checkpoint import dataclass_from_json
+from ..errors import ConfigError
+
+__all__ = ["TASKS", "Task", "get_task", "register_task", "task_of"]
+
+TASKS: dict[str, "Task"] = {}
+
+
+def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
+    """Class decorator: register one instance of the task under ``name``."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        TASKS[name] = cls()
+        return cls
+
+    return deco
+
+
+def get_task(name: str) -> "Task":
+    """The registered task ``name``; :class:`ConfigError` listing the known ones otherwise."""
+    from . import _load_all
+
+    _load_all()
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_of(model: nn.Module) -> "Task":
+    """The task of a model built by selfcam (its ``task`` attribute names it)."""
+    name = getattr(model, "task", None)
+    if not isinstance(name, str) or not hasattr(model, "config"):
+        raise ConfigError(f"{type(model).__name__} is not a selfcam model (it needs .task and .config)")
+    return get_task(name)
+
+
+class Task:
+    """One kind of run. Subclasses set the class attributes and :meth:`build`; the rest has defaults.
+
+    ``dataset_kind``: the ``task`` attribute of the datasets it trains on; ``accuracy``: torchmetrics'
+    task for the training accuracy; ``default_data``: the built-in source used when no data is given.
+    """
+
+    name: ClassVar[str] = "task"
+    config_type: ClassVar[type]
+    dataset_kind: ClassVar[str] = "multiclass"
+    accuracy: ClassVar[str] = "multiclass"
+    default_data: ClassVar[str] = ""
+    methods: ClassVar[tuple[str, ...]] = ("se",)  # heads a model of this task may have
+
+    def build(self, config: Any) -> nn.Module:
+        """The model ``config`` describes (random weights)."""
+        raise NotImplementedError
+
+    def create(self, dataset: Any, method: str, backbone: str, backbone_kwargs: dict[str, Any],
+               head_kwargs: dict[str, Any]) -> nn.Module:  # fmt: skip
+        """A new model for ``dataset`` (its classes, channels and clip length) from CLI-style options."""
+        raise NotImplementedError
+
+    def config_from_json(self, d: Any, source: str) -> Any:
+        """Validate the ``"model"`` entry of a config read from JSON."""
+        return dataclass_from_json(self.config_type, d, source)
+
+    def config_to_json(self, config: Any) -> dict[str, Any]:
+        return asdict(config)
+
+    def describe(self, config: Any) -> str:
+        """A few words for messages: ``"se on resnet8"``."""
+        method = getattr(config, "method", "se")
+        return f"{self.name} model, {method} on {config.backbone}"
+
+    def split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(model inputs, loss targets)`` of a batch; the first target is what accuracy compares the logits with."""
+        return (batch[0],), (batch[1],)
+
+    def example_inputs(self, model: nn.Module, batch: int = 2, size: int | None = None) -> tuple[Tensor, ...]:
+        """Random inputs of the model's shape (``size``: the image side), to trace or test it."""
+        raise NotImplementedError
+
+    def check_dataset(self, dataset: Dataset, what: str = "data") -> None:
+        """:class:`ConfigError` unless ``dataset`` is data of this task."""
+        kind = getattr(dataset, "task", None)  # datasets that do not say (a TensorDataset) are taken as they are
+        if kind is not None and kind != self.dataset_kind:
+            source = getattr(dataset, "spec", None) or type(dataset).__name__
+            raise ConfigError(f"{what} {source} holds {kind} data; the {self.name} task trains on {self.dataset_kind} data")
+
+    def data_record(self, dataset: Any) -> dict[str, Any]:
+        """What a run records of its training data: the preprocessing (input size, channels, mean / std,
+        class names) and, where the dataset has them, its name and seed."""
+        record: dict[str, Any] = {}
+        for key, attr in (("name", "spec"), ("seed", "seed"), ("size", "size"), ("in_chans", "in_chans")):
+            value = getattr(dataset, attr, None)
+            if value is not None:
+                record[key] = value
+        for key in ("mean", "std"):
+            if getattr(dataset, key, None) is not None:
+                record[key] = [float(v) for v in getattr(dataset, key)]
+        if getattr(dataset, "class_names", None) is not None:
+            record["class_names"] = [str(c) for c in dataset.class_names]
+        return record

@@ -1,0 +1,62 @@
+"""The ``image`` task (one label per image) and the ``attributes`` task (multi-label, a map per attribute)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..heads import HEADS
+from ..model import ModelConfig, create_model
+from .base import Task, register_task
+
+__all__ = ["ImageTask"]
+
+
+@register_task("image")
+class ImageTask(Task):
+    """Images ``(N, C, H, W)`` -> :class:`~selfcam.model.SelfExplainer` (backbone + head)."""
+
+    config_type: ClassVar[type] = ModelConfig
+    dataset_kind: ClassVar[str] = "multiclass"
+    accuracy: ClassVar[str] = "multiclass"
+    default_data: ClassVar[str] = "cluttered-digits"
+
+    @property
+    def methods(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(name for name, head in HEADS.items() if head.task == self.name)
+
+    def build(self, config: ModelConfig) -> nn.Module:
+        return create_model(config.method, config.backbone, config.num_classes, config.in_chans,
+                            config.backbone_kwargs, **config.head_kwargs)  # fmt: skip
+
+    def create(self, dataset: Any, method: str, backbone: str, backbone_kwargs: dict[str, Any],
+               head_kwargs: dict[str, Any]) -> nn.Module:  # fmt: skip
+        if method in HEADS and method not in self.methods:
+            raise ConfigError(f"method {method!r} is a head of the {HEADS[method].task} task, not of {self.name} "
+                              f"(its heads: {', '.join(self.methods)})")  # fmt: skip
+        return create_model(method, backbone, dataset.num_classes, dataset.in_chans, backbone_kwargs, **head_kwargs)
+
+    def config_from_json(self, d: Any, source: str) -> ModelConfig:
+        config = super().config_from_json(d, source)
+        head = HEADS.get(config.method)
+        if head is not None and head.task != self.name:
+            raise ConfigError(f"{source}: method {config.method!r} belongs to the {head.task} task, the run says {self.name}")
+        return config
+
+    def describe(self, config: ModelConfig) -> str:
+        return f"{config.method} on {config.backbone}"
+
+    def example_inputs(self, model: nn.Module, batch: int = 2, size: int | None = None) -> tuple[Tensor, ...]:
+        return (torch.randn(batch, model.config.in_chans, size or 32, size or 32),)
+
+
+@register_task("attributes")
+class AttributesTask(ImageTask):
+    """Multi-label attributes: float ``{0, 1}`` targets ``(N, A)``, one map per attribute ``(N, A, h, w)``."""
+
+    dataset_kind: ClassVar[str] = "multilabel"
+    accuracy: ClassVar[str] = "multilabel"
+    default_data: ClassVar[str] = "synthetic-faces"

@@ -1,0 +1,45 @@
+"""The ``video`` task: clips ``(N, T, C, H, W)``, one SE vector per clip, one map per frame."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..video import VideoConfig, VideoSelfExplainer, create_video_model
+from .base import Task, register_task
+
+__all__ = ["VideoTask"]
+
+
+@register_task("video")
+class VideoTask(Task):
+    """Clips -> :class:`~selfcam.video.VideoSelfExplainer`; batches ``(clip, label[, boxes (T, 4)])``."""
+
+    config_type: ClassVar[type] = VideoConfig
+    dataset_kind: ClassVar[str] = "video"
+    default_data: ClassVar[str] = "synthetic-clips"
+
+    def build(self, config: VideoConfig) -> nn.Module:
+        return VideoSelfExplainer(config)
+
+    def create(self, dataset: Any, method: str, backbone: str, backbone_kwargs: dict[str, Any],
+               head_kwargs: dict[str, Any]) -> nn.Module:  # fmt: skip
+        if method not in self.methods:
+            raise ConfigError(f"the video task has the head(s) {', '.join(self.methods)}, got {method!r}")
+        options = dict(head_kwargs)
+        temporal = options.pop("temporal_kernel", 3)
+        return create_video_model(backbone, dataset.num_classes, dataset.in_chans, getattr(dataset, "num_frames", None),
+                                  temporal, backbone_kwargs, **options)  # fmt: skip
+
+    def describe(self, config: VideoConfig) -> str:
+        return f"video SE on {config.backbone}"
+
+    def example_inputs(self, model: nn.Module, batch: int = 2, size: int | None = None) -> tuple[Tensor, ...]:
+        c = model.config
+        return (torch.randn(batch, c.frames or 4, c.in_chans, size or 32, size or 32),)
+
+    def data_record(self, dataset: Any) -> dict[str, Any]:
+        return {**super().data_record(dataset), "frames": dataset.num_frames}
