@@ -380,9 +380,18 @@ def _wait_for_state(run: Path, proc: subprocess.Popen[bytes], epoch: int, timeou
     pytest.fail(f"no epoch-{epoch} state in {run} after {timeout} s")
 
 
+# every task: a head and data sizes that make an epoch take a second or two
+SIGKILL_RUNS = {
+    "image": ["--method", "lfi-light", "--train-size", "256", "--val-size", "64"],
+    "video": ["--task", "video", "--train-size", "96", "--val-size", "32", "--batch-size", "16"],
+    "asd": ["--task", "asd", "--train-size", "96", "--val-size", "32", "--batch-size", "16"],
+}
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
-    args = ["train", "--method", "lfi-light", *TINY, "--train-size", "256", "--val-size", "64", "--epochs", "4", "--seed", "3"]
+@pytest.mark.parametrize("task", list(SIGKILL_RUNS))
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, task: str) -> None:
+    args = ["train", *TINY, *SIGKILL_RUNS[task], "--epochs", "4", "--seed", "3"]
     reference = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "ref")), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "run")), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
