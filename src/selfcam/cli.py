@@ -228,7 +228,7 @@ def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
 @app.command()
 def evaluate(
     checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="Run directory; repeat for several runs."),
-    data: str = typer.Option("cluttered-digits", "--data", help=_DATA_HELP),
+    data: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP + " Default: the data the first run was trained on (cluttered-digits if it does not say)."),
     split: str = typer.Option("test", help="Dataset split: train, val or test."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images (dataset default if unset)."),
     methods: str = typer.Option("self", help="Comma-separated: self, cam, gradcam, gradcam++, scorecam, rise, lime."),
@@ -259,9 +259,13 @@ def evaluate(
     runs, size = {}, None
     for path in checkpoint:
         model, doc = load_checkpoint(path, device)
+        if doc["task"] != "image":
+            raise ConfigError(f"{path}: evaluate scores image runs so far; this is a {doc['task']} run "
+                              "(docs/tasks.md says what works for each task)")  # fmt: skip
         name = path.name if path.name not in runs else str(path)
         runs[name] = model
         size = size or doc.get("data", {}).get("size")
+        data = data or doc.get("data", {}).get("name") or "cluttered-digits"  # the image task's built-in data
     dataset = load_dataset(data, split, n, seed=seed, size=size)  # the runs' size, else the dataset's own
     result = evaluate_runs(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
     doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
@@ -295,6 +299,9 @@ def explain(
         err_console.print(f"warning: skipped {len(skipped)} non-image file(s): {shown}", markup=False, highlight=False,
                           soft_wrap=True)  # fmt: skip
     model, doc = load_checkpoint(checkpoint)
+    if doc["task"] != "image":
+        raise ConfigError(f"{checkpoint}: explain draws image runs' maps so far; this is a {doc['task']} run "
+                          "(docs/tasks.md says what works for each task)")  # fmt: skip
     bar = None if quiet or not any(p.is_dir() for p in images) else (
         lambda it, total: track(it, total=total, description="explaining", console=err_console))  # fmt: skip
     records = explain_files(model, doc, files, out, _names(methods), batch_size=batch_size, alpha=alpha, size=size,
@@ -332,28 +339,43 @@ def export(
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 11 to 20."),
     size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels (default: the run's training size)."),
 ) -> None:
-    """Export a run to ONNX: input `image` (dynamic batch), outputs `logits` and `heatmap` (input size)."""
+    """Export a run of any task to ONNX: the task's inputs and outputs (docs/export.md), dynamic batch, maps at input size."""
+    import importlib.util
+
     from .explain import Preprocess
-    from .export import export_onnx, onnx_parity
+    from .export import example_inputs, export_onnx, graph_of, onnx_parity
     from .checkpoint import CONFIG, load_checkpoint
 
     if format != "onnx":
         raise ConfigError(f"--format: unknown export format {format!r}; choose onnx")
     model, doc = load_checkpoint(checkpoint)
-    prep = Preprocess.from_config(doc, size, str(checkpoint / CONFIG))
-    data = doc.get("data") or {}
-    meta: dict[str, Any] = {"preprocess": {"size": prep.size, "channels": prep.in_chans, "mean": prep.mean, "std": prep.std}}
+    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    graph = graph_of(model)
+    if graph.inputs == ("image",):  # image and attributes runs: the preprocessing of `selfcam explain`
+        prep = Preprocess.from_config(doc, size, str(checkpoint / CONFIG))
+        size = prep.size
+        pre: dict[str, Any] = {"size": prep.size, "channels": prep.in_chans, "mean": prep.mean, "std": prep.std}
+    else:  # clips (video, asd): what the run recorded of its data, clip length and sample rate else from the model
+        size = data.get("size") if size is None else size
+        if size is None:
+            raise ConfigError(f"{checkpoint / CONFIG}: the run does not record its image size (data.size); pass --size")
+        pre = {"size": size, "channels": model.config.in_chans}
+        for key in ("frames", "sample_rate", "mean", "std"):
+            value = data.get(key, getattr(model.config, key, None))
+            if value is not None:
+                pre[key] = value
+    meta: dict[str, Any] = {"preprocess": pre}
     if isinstance(data.get("class_names"), list):
         meta["class_names"] = data["class_names"]
-    path = export_onnx(model, out, prep.size, opset=opset, metadata=meta)
-    line = f"wrote {path} (opset {opset}, input image (N, {prep.in_chans}, {prep.size}, {prep.size}))"
-    try:
-        import torch
-
-        diff = onnx_parity(model, path, torch.randn(2, prep.in_chans, prep.size, prep.size))
-        line += f"; onnxruntime vs PyTorch max |diff|: logits {diff['logits']:.1e}, heatmap {diff['heatmap']:.1e}"
-    except ConfigError:  # onnxruntime not installed: the file is written and checked, just not compared
+    frames = data.get("frames")  # the clip length, for a video model built for any length; checked by export_onnx
+    path = export_onnx(model, out, size, frames=frames, opset=opset, metadata=meta)
+    shapes = ", ".join(f"{name} (N, {', '.join(map(str, x.shape[1:]))})" for name, x in zip(graph.inputs, example_inputs(model, size, frames)))
+    line = f"wrote {path} (opset {opset}, input{'s' if len(graph.inputs) > 1 else ''} {shapes})"
+    if importlib.util.find_spec("onnxruntime") is None:  # the file is written and checked, just not compared
         line += "; onnxruntime not installed, parity not checked"
+    else:
+        diff = onnx_parity(model, path, *example_inputs(model, size, frames, batch=3))  # batch 3: exported at 2
+        line += "; onnxruntime vs PyTorch max |diff|: " + ", ".join(f"{name} {d:.1e}" for name, d in diff.items())
     console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -363,11 +385,13 @@ def _names(text: str) -> tuple[str, ...]:
 
 @app.command()
 def models() -> None:
-    """List the heads and backbones create_model accepts."""
+    """List the tasks, heads and backbones create_model accepts."""
     from .backbones import list_backbones
-    from .heads import HEADS
+    from .tasks import TASKS, list_tasks
 
-    console.print("[bold]methods:[/] " + ", ".join(HEADS))
+    for name in list_tasks():
+        t = TASKS[name]
+        console.print(f"[bold]task {name}:[/] methods {', '.join(t.methods)}; default data {t.default_data}", highlight=False)
     names = list_backbones()
     console.print("[bold]backbones:[/] " + ", ".join(names))
 
