@@ -70,6 +70,11 @@ def test_determinism() -> None:
     assert not torch.equal(a.sources, c.sources)
     d = SyntheticClips("val", 30, seed=7, frames=4)
     assert not torch.equal(a.clips, d.clips)
+    # the noise follows the seed too: compare it where neither target is drawn and neither is clipped
+    noisy = [SyntheticClips("test", 30, seed=s, frames=4, clutter=0).clips for s in (7, 8)]
+    bare = [SyntheticClips("test", 30, seed=s, frames=4, clutter=0, noise=0.0).clips == 0 for s in (7, 8)]
+    both = bare[0] & bare[1] & (noisy[0] > 0) & (noisy[1] > 0)
+    assert both.sum() > 10_000 and (noisy[0][both] != noisy[1][both]).float().mean() > 0.99
 
 
 def test_splits_use_disjoint_sources() -> None:

@@ -231,6 +231,7 @@ def test_build_report_without_gallery_and_old_evaluation_format(tmp_path):
     (lambda p: p.mkdir(), "not a run, evaluation or demo directory"),
     (lambda p: (p.mkdir(), (p / "evaluation.json").write_text("{oops")), "evaluation.json: not valid JSON"),
     (lambda p: (p.mkdir(), (p / "metrics.json").write_text("[]")), "was it written by `selfcam demo`"),
+    (lambda p: (p.mkdir(), (p / "metrics.json").write_text('{"note": "no metrics"}')), "was it written by `selfcam demo`"),
 ])
 def test_report_command_errors_name_the_path(tmp_path, setup, message):
     from typer.testing import CliRunner
@@ -272,3 +273,192 @@ def test_evaluation_stores_mean_curves_and_stability_matrices():
     assert np.allclose(result["stability"]["self"]["iou_matrix"], s["iou_matrix"].numpy(), atol=1e-6)
     assert result["stability"]["self"]["iou"] == pytest.approx(s["iou"], abs=1e-6)
     json.dumps(result)  # JSON-ready
+
+
+# --- reports of every task: attribute, ASD and video runs; faces and ASD demo folders ----------
+# (build_report regenerates test inputs from what each run recorded: with per_class=P, attribute runs
+# show the first 2P test images, video and ASD runs 2P clips picked over the classes among the first 16P)
+
+
+@pytest.fixture(scope="module")
+def faces_run(tmp_path_factory):
+    """An attributes run (se-multilabel on synthetic faces, 32 px) trained for one epoch."""
+    from selfcam.data.faces import SyntheticFaces
+    from selfcam.model import create_model
+    from selfcam.train import TrainConfig, fit
+
+    run = tmp_path_factory.mktemp("attributes") / "faces-run"
+    torch.manual_seed(0)
+    model = create_model("se-multilabel", "resnet8", 5, 3, {"stem_stride": 2})
+    fit(model, SyntheticFaces("train", 32, size=32), SyntheticFaces("val", 16, size=32),
+        TrainConfig(epochs=1, batch_size=16), run, progress=False)  # fmt: skip
+    return run
+
+
+@pytest.fixture(scope="module")
+def asd_run(tmp_path_factory):
+    """An ASD run (4-frame, 32 px speaker clips) trained for one epoch."""
+    from selfcam.asd import ASDConfig, ASDModel
+    from selfcam.data.speakers import SpeakerClips
+    from selfcam.train import TrainConfig, fit
+
+    run = tmp_path_factory.mktemp("asd") / "asd-run"
+    data = SpeakerClips("train", 16, frames=4, size=32)
+    fit(ASDModel(ASDConfig(frames=4, backbone_kwargs={"stem_stride": 2})), data, data,
+        TrainConfig(epochs=1, batch_size=8), run, progress=False)  # fmt: skip
+    return run
+
+
+@pytest.fixture(scope="module")
+def demo_dirs(tmp_path_factory):
+    """(faces demo folder, ASD demo folder), each from a tiny recipe."""
+    from selfcam.asd import ASDRecipe, run_asd_demo
+    from selfcam.faces import FacesRecipe, run_faces_demo
+
+    root = tmp_path_factory.mktemp("demos")
+    run_faces_demo(root / "faces", FacesRecipe(stem_stride=2, epochs=1, train_size=32, val_size=8, test_size=12,
+                                               batch_size=16, image_size=32), progress=False, log=lambda s: None)  # fmt: skip
+    run_asd_demo(root / "asd", ASDRecipe(frames=4, size=32, train_size=16, val_size=8, test_size=16, epochs=1,
+                                         batch_size=8), progress=False, log=lambda s: None)  # fmt: skip
+    return root / "faces", root / "asd"
+
+
+def _figures(html: str) -> dict[str, np.ndarray]:
+    """The page's figures (training curves and everything after the gallery), caption -> pixels."""
+    return {i["alt"]: _decode(i["src"]) for i in _imgs(html) if "curves" in (i.get("class") or "")}
+
+
+def _notes(html: str) -> list[str]:
+    import re
+
+    return re.findall(r'<p class="note">(.*?)</p>', html)
+
+
+def _expected_sheet(run, g: int) -> np.ndarray:
+    """The per-attribute sheet of the first ``g`` test faces, computed here from the run and the generator."""
+    from selfcam.checkpoint import load_checkpoint
+    from selfcam.data.faces import SyntheticFaces
+    from selfcam.faces import attribute_gallery
+
+    model, doc = load_checkpoint(run)
+    data = SyntheticFaces("test", g, size=doc["data"]["size"], seed=doc["data"]["seed"])
+    with torch.no_grad():
+        out = model.explain(data.normalize(data.raw_images()))
+    return _decode(attribute_gallery(data.raw_images(), out.heatmap, data.attribute_masks(), torch.sigmoid(out.logits),
+                                     data.labels, data.class_names))  # fmt: skip
+
+
+def _check_strips(figures: dict[str, np.ndarray], run_name: str, run, clip_data, frames: int, size: int, call) -> list[int]:
+    """Every strip of ``run_name`` is the clip it names, over the map computed here; returns the clip indices."""
+    import re
+
+    from selfcam.asd import _strip
+    from selfcam.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(run)
+    shown = []
+    for caption, strip in figures.items():
+        if not caption.startswith(f"Gallery, run {run_name}: test clip "):
+            continue
+        i = int(re.search(r"test clip (\d+)", caption)[1])
+        shown.append(i)
+        item = clip_data[i]
+        with torch.no_grad():
+            heat = call(model, item)[0]
+        k = strip.shape[0] // (2 * (size + 2))
+        assert strip.shape == (2 * (size + 2) * k, frames * (size + 2) * k, 3) and k * size >= 128
+        norm = item[0].expand(-1, 3, -1, -1) if item[0].shape[1] == 1 else item[0]
+        if item[0].shape[1] == 1:  # digit clips: normalized with the digits' stats; _strip takes speaker-clip ones
+            norm = (clip_data.denormalize(norm) - 0.5) / 0.25
+        want = _strip(norm, heat, item[4] if len(item) > 4 else item[2], scale=1)
+        assert np.abs(strip[::k, ::k].astype(int) - want.astype(int)).max() <= 1, caption
+    return shown
+
+
+def test_report_of_an_attributes_run_shows_a_per_attribute_sheet(tmp_path, faces_run):
+    from selfcam.data.faces import ATTRIBUTES
+    from selfcam.report import build_report
+
+    html = build_report([faces_run], tmp_path / "r.html", per_class=2).read_text()
+    assert "<h2>Runs</h2>" in html and "<td>attributes</td>" in html and "<td>se-multilabel</td>" in html
+    assert "<h2>Training curves</h2>" in html and "faces-run.data.class_names" in html
+    assert _notes(html) == [] and "<h2>Gallery</h2>" not in html  # no per-class gallery: not an image run
+    figures = _figures(html)
+    sheets = {c: v for c, v in figures.items() if c.startswith("Gallery, run faces-run: per-attribute SE-CAM maps of 4 test")}
+    assert len(sheets) == 1 and len(figures) == 2  # the sheet and the training curves
+    assert np.array_equal(next(iter(sheets.values())), _expected_sheet(faces_run, 4))
+    assert all(a in html for a in ATTRIBUTES)
+
+
+def test_report_of_an_asd_run_shows_per_frame_strips(tmp_path, asd_run):
+    from selfcam.data.speakers import SpeakerClips
+    from selfcam.report import build_report
+
+    html = build_report([asd_run], tmp_path / "r.html", per_class=2).read_text()
+    assert "<td>asd</td>" in html and "<th>frames</th>" in html and "<h2>Training curves</h2>" in html
+    assert _notes(html) == []
+    figures = _figures(html)
+    data = SpeakerClips("test", 32, frames=4, size=32)  # the run's data seed is 0
+    shown = _check_strips(figures, "asd-run", asd_run, data, 4, 32, lambda m, it: m.explain(it[0][None], it[1][None]).heatmap)
+    assert len(shown) == 4 and sorted(data.labels[shown].tolist()) == [0, 0, 1, 1]  # two clips of each class
+    assert sum("audio/face importance" in c and "true: speaking" in c for c in figures) == 2
+
+
+def test_report_of_faces_and_asd_demo_folders(tmp_path, demo_dirs):
+    from typer.testing import CliRunner
+
+    from selfcam.cli import app
+    from selfcam.data.speakers import SpeakerClips
+    from selfcam.report import build_report, read_sources
+
+    faces, asd = demo_dirs
+    assert list(read_sources([faces, asd]).runs) == ["faces/run", "asd/model"]
+    html = build_report([faces, asd], tmp_path / "r.html", per_class=2).read_text()
+    fdoc, adoc = (json.loads((d / "metrics.json").read_text()) for d in demo_dirs)
+    assert _notes(html) == []
+    for text in ("<h2>faces: per-attribute test metrics", "<td>Wearing_Earrings</td>", "faces/se-multilabel (mean over attributes)",
+                 f"<td>{fdoc['attributes']['Beard']['iou']:.3f}</td>", f"<td>{fdoc['mean']['accuracy']:.3f}</td>",
+                 "asd/SE-CAM ASD (audio + face)", "asd/same model, audio replaced by silence", f"<td>{adoc['mAP']:.3f}</td>",
+                 "<h2>asd: modality importance", "<td>not_speaking, silent audio</td>",
+                 f"<td>{adoc['modality_importance']['speaking']['audio']:.3f}</td>", "<h2>asd: silence check",
+                 "faces (demo recipe).train_size", "asd (demo recipe).frames", "<td>faces/run</td>", "<td>asd/model</td>",
+                 "dataset: synthetic-faces, speaker-clips"):  # fmt: skip
+        assert text in html, text
+    figures = _figures(html)
+    assert np.array_equal(figures[next(c for c in figures if c.startswith("Gallery, run faces/run: per-attribute"))],
+                          _expected_sheet(faces / "run", 4))  # fmt: skip
+    shown = _check_strips(figures, "asd/model", asd / "model", SpeakerClips("test", 32, frames=4, size=32), 4, 32,
+                          lambda m, it: m.explain(it[0][None], it[1][None]).heatmap)  # fmt: skip
+    assert len(shown) == 4 and any(c.startswith("asd: modality importance") for c in figures)
+    result = CliRunner().invoke(app, ["report", str(faces), str(asd), "--out", str(tmp_path / "cli.html"), "--per-class", "1"])
+    assert result.exit_code == 0, result.output
+    cli = (tmp_path / "cli.html").read_text()
+    assert "of 2 test images of synthetic-faces" in cli and cli.count("<h2>Gallery, run asd/model: test clip") == 2
+
+
+def test_report_of_a_video_run_and_notes_for_galleries_it_cannot_draw(tmp_path, faces_run):
+    import shutil
+
+    from selfcam.checkpoint import save_checkpoint
+    from selfcam.data import load_dataset
+    from selfcam.report import build_report
+    from selfcam.video import create_video_model
+
+    torch.manual_seed(0)
+    model = create_video_model("resnet8", 10, 1, 4, backbone_kwargs={"stem_stride": 2})
+    save_checkpoint(model, tmp_path / "video", data={"name": "synthetic-clips", "size": 32, "frames": 4, "seed": 3})
+    save_checkpoint(model, tmp_path / "no-data")  # records no dataset
+    shutil.copytree(faces_run, tmp_path / "elsewhere")  # trained on data that is not on this machine
+    doc = json.loads((tmp_path / "elsewhere" / "config.json").read_text())
+    doc["data"]["name"] = "celeba:/no/such/celeba"
+    (tmp_path / "elsewhere" / "config.json").write_text(json.dumps(doc))
+    runs = [tmp_path / d for d in ("video", "no-data", "elsewhere")]
+    html = build_report(runs, tmp_path / "r.html", per_class=1).read_text()
+    notes = _notes(html)
+    assert len(notes) == 2 and "gallery: run no-data left out (no dataset name recorded)" in notes
+    assert any(n.startswith("gallery: run elsewhere left out (test data of celeba:/no/such/celeba unavailable") for n in notes)
+    assert all(f"<td>{r}</td>" in html for r in ("video", "no-data", "elsewhere")) and "<td>celeba:/no/such/celeba</td>" in html
+    data = load_dataset("synthetic-clips", "test", 16, seed=3, size=32, frames=4)
+    shown = _check_strips(_figures(html), "video", tmp_path / "video", data, 4, 32, lambda m, it: m.explain(it[0][None]).heatmap)
+    assert len(shown) == 2 and len(set(data.labels[shown].tolist())) == 2  # clips of two classes
+    assert not any(c.startswith(("Gallery, run no-data", "Gallery, run elsewhere")) for c in _figures(html))

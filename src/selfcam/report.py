@@ -2,6 +2,10 @@
 
 :func:`write_report` renders what it is given (the demo calls it); :func:`build_report` gathers
 it from run, evaluation and demo directories (``selfcam report``) and calls :func:`write_report`.
+Run directories of every task are shown: a summary row, their config and training curves, and maps
+of a few test inputs regenerated from the run's recorded data (:func:`explain_runs` loads the models
+and computes them; the rendering below only draws what it is given): a per-class gallery of image
+runs, a per-attribute sheet of attribute runs and per-frame strips of video and ASD clips.
 The page is one file with every image embedded as a base64 PNG data URI, so it opens
 from disk with no network access. Figures are drawn with ``matplotlib.figure.Figure`` and
 ``FigureCanvasAgg`` (no pyplot state is touched); the page is rendered with jinja2 from
@@ -18,7 +22,7 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,8 @@ from PIL import Image
 
 from selfcam.errors import InputError
 
-__all__ = ["Gallery", "Sources", "build_report", "gallery_from_runs", "overlay", "png_data_uri", "read_sources", "write_report"]
+__all__ = ["AttributeMaps", "ClipMaps", "DEMO_RUNS", "Gallery", "RunMaps", "Sources", "build_report", "explain_runs",
+           "gallery_from_runs", "overlay", "png_data_uri", "read_sources", "write_report"]  # fmt: skip
 
 _GREEN = np.array([0, 255, 0], dtype=np.uint8)
 _MIN_TILE = 128  # tiles are upscaled (nearest) until their longer side is at least this
@@ -262,9 +267,10 @@ def write_report(path: str | Path, *, title: str, metrics: dict, gallery: Galler
 class Sources:
     """What :func:`read_sources` found: run directories, ``evaluation.json`` and demo ``metrics.json`` docs.
 
-    runs: name -> run directory (``config.json``, ``history.json``, ``model.safetensors``);
+    runs: name -> run directory (``config.json``, ``history.json``, ``model.safetensors``), of any task;
     evaluations / demos: name -> parsed JSON document. Names are the directory names,
-    made unique with their parent's name when two collide.
+    made unique with their parent's name when two collide; a demo's ``run/`` or ``model/`` run is
+    named ``DEMO/run`` / ``DEMO/model``, its ``runs/METHOD`` runs ``METHOD``.
     """
 
     runs: dict[str, Path]
@@ -288,10 +294,24 @@ def _unique(path: Path, taken: dict[str, Any]) -> str:
     return str(path)
 
 
+DEMO_RUNS: tuple[str, ...] = ("runs/*", "run", "model")  # where demos keep their runs: digits, faces, asd
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_demo(doc: Any) -> bool:
+    """A ``metrics.json`` of a demo: the digits demo's ``models``, the faces demo's ``attributes``, or
+    top-level metric values (the ASD demo)."""
+    return isinstance(doc, dict) and (isinstance(doc.get("models"), dict) or isinstance(doc.get("attributes"), dict)
+                                      or any(_number(v) for v in doc.values()))  # fmt: skip
+
+
 def read_sources(paths: Sequence[str | Path]) -> Sources:
-    """Sort directories into runs (``config.json``), evaluations (``evaluation.json``) and demos
-    (``metrics.json`` + ``runs/*``, whose run directories join ``runs``). Anything else raises
-    :class:`InputError` naming the directory."""
+    """Sort directories into runs (``config.json``, any task), evaluations (``evaluation.json``) and
+    demos (``metrics.json`` of the digits, faces or ASD demo; the run directories it holds at any of
+    :data:`DEMO_RUNS` join ``runs``). Anything else raises :class:`InputError` naming the directory."""
     found = Sources({}, {}, {})
     if not paths:
         raise InputError("no run, evaluation or demo directories given")
@@ -307,12 +327,15 @@ def read_sources(paths: Sequence[str | Path]) -> Sources:
             kinds += 1
         if (path / "metrics.json").is_file():
             doc = _read_json(path / "metrics.json")
-            if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
-                raise InputError(f"{path / 'metrics.json'}: no 'models' object; was it written by `selfcam demo`?")
-            found.demos[_unique(path, found.demos)] = doc
-            runs = sorted(r for r in (path / "runs").glob("*") if (r / "config.json").is_file())
-            for run in runs:
-                found.runs[_unique(run, found.runs)] = run
+            if not _is_demo(doc):
+                raise InputError(f"{path / 'metrics.json'}: no 'models' or 'attributes' object and no metric values; "
+                                 "was it written by `selfcam demo`?")  # fmt: skip
+            demo = _unique(path, found.demos)
+            found.demos[demo] = doc
+            for pattern in DEMO_RUNS:
+                for run in sorted(r for r in path.glob(pattern) if (r / "config.json").is_file()):
+                    name = _unique(run, found.runs) if pattern == "runs/*" else f"{demo}/{run.name}"
+                    found.runs[name if name not in found.runs else str(run)] = run
             kinds += 1
         if (path / "config.json").is_file():
             found.runs[_unique(path, found.runs)] = path
@@ -335,10 +358,13 @@ def _history(run: Path, notes: list[str]) -> list[dict] | None:
 
 
 def _run_row(doc: dict, history: list[dict] | None) -> dict[str, Any]:
-    """Summary of one run: what it is and where its training ended."""
+    """Summary of one run of any task: what it is and where its training ended."""
     model, data, train = doc["model"], doc.get("data") or {}, doc.get("train") or {}
-    row: dict[str, Any] = {"method": model.method, "backbone": model.backbone, "data": data.get("name"),
-                           "size": data.get("size"), "epochs": len(history) if history else train.get("epochs")}  # fmt: skip
+    row: dict[str, Any] = {"task": doc.get("task"), "method": getattr(model, "method", "se"),
+                           "backbone": getattr(model, "backbone", None), "data": data.get("name"),
+                           "size": data.get("size")}  # fmt: skip
+    row["frames"] = data.get("frames", getattr(model, "frames", None))  # clips; build_report drops it for images only
+    row["epochs"] = len(history) if history else train.get("epochs")
     if history:
         last = history[-1]
         row.update({k: last.get(k) for k in ("train_loss", "val_loss", "val_acc")})
@@ -421,9 +447,140 @@ def _threshold(doc: dict) -> str:
     return f" of maps >= {t:.3f}" if isinstance(t, (int, float)) else ""
 
 
-def _raw_image(data: Any, i: int) -> torch.Tensor:
-    """Item ``i`` of a dataset in [0, 1] (``raw(i)`` of the on-disk datasets, ``images[i]`` of the generator)."""
-    return data.raw(i) if hasattr(data, "raw") else data.images[i]
+# --- demo metrics.json documents ---------------------------------------------------------------
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys, values kept as they are."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _plain(v: object) -> bool:
+    return v is None or isinstance(v, (bool, str, numbers.Real))
+
+
+def _demo_parts(name: str, doc: dict, prefix: str, notes: list[str]) -> tuple[dict, list, list, str | None]:
+    """Metric rows, tables, figures and dataset of one demo's ``metrics.json``.
+
+    Digits demo (``models``): a row per model. Faces demo (``attributes``, ``mean``): a row of the
+    mean over attributes and a table with a row per attribute. ASD demo (top-level numbers,
+    ``modality_importance``, ``silence_check``): a row of the numbers, a row of the silent-audio
+    scores, the modality importance per class (real and silent audio) as a table and a bar chart,
+    and the silence check's values. Any other nested object becomes a table of its own (flattened).
+    """
+    rows: dict[str, dict] = {}
+    tables: list[tuple[str, dict]] = []
+    figures: list[tuple[str, str]] = []
+    if isinstance(doc.get("models"), dict):
+        rows = {f"{prefix}{m}": r for m, r in doc["models"].items() if isinstance(r, dict)}
+        return rows, tables, figures, doc.get("dataset")
+    handled = {"recipe"}
+    if isinstance(doc.get("attributes"), dict):
+        dataset = doc.get("dataset") or "synthetic-faces"
+        per = {a: r for a, r in doc["attributes"].items() if isinstance(r, dict)}
+        mean = doc["mean"] if isinstance(doc.get("mean"), dict) else {}
+        rows[f"{prefix}se-multilabel (mean over attributes)"] = {**mean, **{k: v for k, v in doc.items() if _number(v)}}
+        tables.append((f"{name}: per-attribute test metrics (pointing game and IoU on the images with the attribute)",
+                       {**per, **({"mean": mean} if mean else {})}))  # fmt: skip
+        handled |= {"attributes", "mean"}
+    else:
+        asd = isinstance(doc.get("modality_importance"), dict)
+        dataset = doc.get("dataset") or ("speaker-clips" if asd else None)
+        rows[f"{prefix}SE-CAM ASD (audio + face)" if asd else name] = {k: v for k, v in doc.items()
+                                                                    if _plain(v) and k != "dataset"}
+        silence = doc["silence_check"] if isinstance(doc.get("silence_check"), dict) else {}
+        if isinstance(silence.get("silent_scores"), dict):
+            rows[f"{prefix}same model, audio replaced by silence"] = silence["silent_scores"]
+        if asd:
+            importance = {c: v for c, v in doc["modality_importance"].items() if isinstance(v, dict)}
+            silent = silence.get("silent_modality_importance")
+            if isinstance(silent, dict):
+                importance.update({f"{c}, silent audio": v for c, v in silent.items() if isinstance(v, dict)})
+            tables.append((f"{name}: modality importance (mean fusion-SE weight of each modality's slice, test split)",
+                           importance))  # fmt: skip
+            from .asd import _importance_plot
+
+            try:
+                figures.append((f"{name}: modality importance (speaking / not speaking, real and silent audio)",
+                                _importance_plot(doc)))  # fmt: skip
+            except (KeyError, TypeError, ValueError) as e:
+                notes.append(f"{name}: modality importance chart left out (metrics.json lacks {e})")
+        if silence:
+            tables.append((f"{name}: silence check (every waveform replaced by zeros)",
+                           {"test split": {k: v for k, v in silence.items() if _plain(v)}}))  # fmt: skip
+        handled |= {"modality_importance", "silence_check"}
+    for key, value in doc.items():
+        if isinstance(value, dict) and key not in handled and value:
+            inner = {k: _flat(v) for k, v in value.items() if isinstance(v, dict)}
+            top = {k: v for k, v in value.items() if not isinstance(v, dict)}
+            tables.append((f"{name}: {key}", {**({key: top} if top else {}), **inner}))
+    return rows, tables, figures, dataset
+
+
+# --- maps of test inputs, computed from the runs ------------------------------------------------
+
+
+@dataclass
+class AttributeMaps:
+    """One attribute run's maps of ``G`` test images, for :func:`selfcam.faces.attribute_gallery`.
+
+    images ``(G, 3, H, W)`` in [0, 1]; maps and masks ``(G, A, H, W)`` (masks bool, all False where
+    the data has none); probs and attrs ``(G, A)``; names: the ``A`` attributes; data: the dataset spec.
+    """
+
+    images: torch.Tensor
+    maps: torch.Tensor
+    masks: torch.Tensor
+    probs: torch.Tensor
+    attrs: torch.Tensor
+    names: list[str]
+    data: str
+
+
+@dataclass
+class ClipMaps:
+    """One test clip of a video or ASD run: frames ``(T, C, H, W)`` in [0, 1], C in {1, 3}; maps
+    ``(T, H, W)`` in [0, 1]; boxes ``(T, 4)`` (x0, y0, x1, y1 exclusive) or None; caption: what to say of it."""
+
+    frames: torch.Tensor
+    maps: torch.Tensor
+    boxes: torch.Tensor | None
+    caption: str
+
+
+@dataclass
+class RunMaps:
+    """What :func:`explain_runs` computed: the per-class gallery of the image runs, and per run name
+    the attribute maps of attribute runs and the clips of video and ASD runs."""
+
+    gallery: Gallery | None = None
+    attributes: dict[str, AttributeMaps] = field(default_factory=dict)
+    clips: dict[str, list[ClipMaps]] = field(default_factory=dict)
+
+
+class _Skip(Exception):
+    """A run's maps cannot be computed here; the message says why (it becomes a note)."""
+
+
+# what building or reading test data, or running a model on it, raises when they do not fit
+_UNAVAILABLE = (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError)
+
+
+def _raw_image(data: Any, i: int, item: tuple | None = None) -> torch.Tensor:
+    """Item ``i`` of a dataset in [0, 1]: ``raw(i)`` (on-disk datasets, clips), ``raw_images(i)`` (faces),
+    ``images[i]`` (digits), else the normalized item undone with the dataset's mean and std."""
+    if hasattr(data, "raw"):
+        return data.raw(i)
+    if hasattr(data, "raw_images"):
+        return data.raw_images(i)
+    if hasattr(data, "images"):
+        return data.images[i]
+    x = (item if item is not None else data[i])[0]
+    mean, std = (torch.as_tensor(getattr(data, k), dtype=x.dtype).view(-1, 1, 1) for k in ("mean", "std"))
+    return (x * std + mean).clamp(0, 1)
 
 
 def _pick(labels: torch.Tensor, per_class: int) -> list[int]:
@@ -435,38 +592,39 @@ def _pick(labels: torch.Tensor, per_class: int) -> list[int]:
     return [i for c in sorted(picked) for i in picked[c]]
 
 
-def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequence[str] = (),
-                      notes: list[str] | None = None) -> Gallery | None:  # fmt: skip
-    """A per-class gallery for the run directories that share the most common dataset and size.
+def _load_runs(runs: dict[str, Path], notes: list[str]) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """Every run that loads, as ``name -> (model, config)``; the others are noted."""
+    from .checkpoint import load_checkpoint
+    from .errors import SelfcamError
 
-    Test images come from ``load_dataset(data.name, "test", ...)`` (the generator with the run's
-    training seed); each run adds its own map (column ``RUN (HEAD)``, or ``RUN`` when the run is
-    named after its head), and each ``plain`` run the post-hoc ``methods`` (``RUN/METHOD``). Runs that cannot be loaded or do not fit the data are skipped with a note in
-    ``notes``; returns ``None`` when no gallery can be made.
-    """
+    loaded = {}
+    for name, path in runs.items():
+        try:
+            loaded[name] = load_checkpoint(path)
+        except SelfcamError as e:
+            notes.append(f"gallery: run {name} left out ({e})")
+    return loaded
+
+
+def _image_gallery(loaded: dict[str, tuple[torch.nn.Module, dict]], per_class: int, methods: Sequence[str],
+                   notes: list[str]) -> Gallery | None:  # fmt: skip
+    """The per-class gallery of the image runs that share the most common dataset, size and seed."""
     from .data import load_dataset
     from .errors import SelfcamError
     from .evaluate import explain_batch
-    from .checkpoint import load_checkpoint
 
-    notes = notes if notes is not None else []
-    loaded: dict[tuple, dict[str, Any]] = {}
-    for name, path in runs.items():
-        try:
-            model, doc = load_checkpoint(path)
-        except SelfcamError as e:
-            notes.append(f"gallery: run {name} left out ({e})")
-            continue
+    grouped: dict[tuple, dict[str, Any]] = {}
+    for name, (model, doc) in loaded.items():
         data, train = doc.get("data") or {}, doc.get("train") or {}
-        if not data.get("name") or model.task != "image":
-            notes.append(f"gallery: run {name} left out (no dataset name recorded, or a multi-label head)")
+        if not data.get("name"):
+            notes.append(f"gallery: run {name} left out (no dataset name recorded)")
             continue
         key = (data["name"], data.get("size"), data.get("seed", train.get("seed", 0)))  # the generator's seed
-        loaded.setdefault(key, {})[name] = model
-    if not loaded or per_class < 1:
+        grouped.setdefault(key, {})[name] = model
+    if not grouped or per_class < 1:
         return None
-    (spec, size, seed), models = max(loaded.items(), key=lambda kv: len(kv[1]))
-    for key, other in loaded.items():
+    (spec, size, seed), models = max(grouped.items(), key=lambda kv: len(kv[1]))
+    for key, other in grouped.items():
         if key != (spec, size, seed):
             notes.append(f"gallery: runs {', '.join(other)} left out (trained on {key[0]} at {key[1]} px, data seed "
                          f"{key[2]}; the gallery shows {spec} at {size} px, data seed {seed})")  # fmt: skip
@@ -475,7 +633,7 @@ def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequen
         data = load_dataset(spec, "test", n, seed=seed, size=size)
         idx = _pick(torch.as_tensor(data.labels), per_class)
         items = [data[i] for i in idx]
-        images = torch.stack([_raw_image(data, i) for i in idx])
+        images = torch.stack([_raw_image(data, i, it) for i, it in zip(idx, items)])
     except (SelfcamError, OSError) as e:
         notes.append(f"gallery: test images of {spec} unavailable ({e})")
         return None
@@ -498,16 +656,190 @@ def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequen
                    class_names=list(getattr(data, "class_names", []) or []) or None)  # fmt: skip
 
 
+def _test_data(doc: dict, n: int, **options: Any) -> tuple[str, Any]:
+    """``(spec, the first n test items of the run's recorded data)``: the generator with the run's
+    data seed and size, or its on-disk data; :class:`_Skip` when it cannot be built or read here."""
+    from .data import load_dataset
+    from .errors import SelfcamError
+
+    data, train = doc.get("data") or {}, doc.get("train") or {}
+    spec = data.get("name")
+    if not spec:
+        raise _Skip("no dataset name recorded")
+    try:
+        return spec, load_dataset(spec, "test", n, seed=data.get("seed", train.get("seed", 0)), size=data.get("size"), **options)
+    except (SelfcamError, *_UNAVAILABLE) as e:
+        raise _Skip(f"test data of {spec} unavailable here: {e}") from e
+
+
+def _attribute_maps(model: torch.nn.Module, doc: dict, per_class: int) -> AttributeMaps:
+    """Each attribute's map of the first ``2 * per_class`` test images (about ``per_class`` with each attribute)."""
+    record = doc.get("data") or {}
+    names = record.get("class_names") or record.get("attributes")
+    spec = str(record.get("name"))
+    options = {"attributes": list(names)} if names and (spec == "synthetic-faces" or spec.startswith("celeba:")) else {}
+    spec, data = _test_data(doc, 2 * per_class, **options)
+    g = min(2 * per_class, len(data))
+    items = [data[i] for i in range(g)]
+    x = torch.stack([it[0] for it in items])
+    attrs = torch.stack([torch.as_tensor(it[1]) for it in items]).float()
+    if attrs.ndim != 2 or attrs.shape[1] != model.config.num_classes or x.shape[1] != model.config.in_chans:
+        raise _Skip(f"the model takes {model.config.in_chans} channel(s) and gives {model.config.num_classes} attributes; "
+                    f"{spec} has {x.shape[1]} channel(s) and labels of shape {tuple(attrs.shape[1:])}")  # fmt: skip
+    masks = (torch.stack([it[2] for it in items]).bool() if len(items[0]) > 2
+             else torch.zeros(g, attrs.shape[1], *x.shape[-2:], dtype=torch.bool))  # fmt: skip
+    images = torch.stack([_raw_image(data, i, it) for i, it in enumerate(items)])
+    with torch.no_grad():
+        out = model.explain(x)
+    names = list(getattr(data, "class_names", None) or names or [str(a) for a in range(attrs.shape[1])])
+    return AttributeMaps(images=images.expand(-1, 3, -1, -1), maps=out.heatmap.cpu(), masks=masks,
+                         probs=torch.sigmoid(out.logits).cpu(), attrs=attrs, names=names, data=spec)  # fmt: skip
+
+
+def _clip_maps(model: torch.nn.Module, doc: dict, per_class: int) -> list[ClipMaps]:
+    """Per-frame maps of ``2 * per_class`` test clips of a video or ASD run, spread over the classes."""
+    record, asd = doc.get("data") or {}, doc["task"] == "asd"
+    frames = record.get("frames") or getattr(model.config, "frames", None)
+    spec = str(record.get("name"))
+    options: dict[str, Any] = {}
+    if frames and (spec in ("synthetic-clips", "speaker-clips") or spec.startswith("ava:")):
+        options["frames"] = frames
+    if spec == "speaker-clips" and record.get("sample_rate"):
+        options["sample_rate"] = record["sample_rate"]
+    k = 2 * per_class
+    spec, data = _test_data(doc, 8 * k, **options)
+    labels = getattr(data, "labels", None)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        idx = _pick(labels, math.ceil(k / max(1, len(labels.unique()))))[:k]
+    else:
+        idx = list(range(min(k, len(data))))
+    items = [data[i] for i in idx]
+    batch = torch.utils.data.default_collate(items)
+    with torch.no_grad():
+        out = model.eval().explain(batch[0], batch[1]) if asd else model.eval().explain(batch[0])
+    names = list(getattr(data, "class_names", None) or record.get("class_names") or [])
+
+    def cls(c: int) -> str:
+        return names[c] if 0 <= c < len(names) else str(c)
+
+    clips = []
+    where = 4 if asd else 2  # the boxes' place in an item: mouth boxes (ASD), the object's boxes (video)
+    for j, (i, item) in enumerate(zip(idx, items)):
+        true = int(item[2] if asd else item[1])
+        if asd:
+            what = (f"true: {cls(true)}, speaking score {float(out.score[j]):.2f}; frame labels {item[3].tolist()}, "
+                    f"frame scores {[round(v, 1) for v in out.frame_score[j].tolist()]}; audio/face importance "
+                    f"{float(out.importance['audio'][j]):.3f}/{float(out.importance['face'][j]):.3f}")  # fmt: skip
+        else:
+            prob = torch.softmax(out.logits[j], 0)
+            pred = int(prob.argmax())
+            what = f"true: {cls(true)}, predicted: {cls(pred)} (p={float(prob[pred]):.2f})"
+        clips.append(ClipMaps(frames=_raw_image(data, i, item), maps=out.heatmap[j].cpu(),
+                              boxes=item[where] if len(item) > where else None,
+                              caption=f"test clip {i} of {spec}: {what}"))  # fmt: skip
+    return clips
+
+
+def explain_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequence[str] = (),
+                 notes: list[str] | None = None) -> RunMaps:  # fmt: skip
+    """Load every run once and compute the maps the report shows, on test data regenerated from
+    what each run recorded (``config.json``'s ``data``: name, seed, size, frames, attribute names).
+
+    Image runs: :func:`gallery_from_runs`' per-class gallery. Attribute runs: each attribute's map of
+    the first ``2 * per_class`` test images. Video and ASD runs: per-frame maps of ``2 * per_class``
+    test clips spread over the classes, picked among the first ``16 * per_class``. A run that does not load, records no dataset, whose data cannot be
+    built or read on this machine or does not fit the model is left out with a line in ``notes``.
+    """
+    notes = notes if notes is not None else []
+    found = RunMaps()
+    if per_class < 1 or not runs:
+        return found
+    loaded = _load_runs(runs, notes)
+    image = {name: run for name, run in loaded.items() if run[1]["task"] == "image"}
+    found.gallery = _image_gallery(image, per_class, methods, notes) if image else None
+    for name, (model, doc) in loaded.items():
+        task = doc["task"]
+        if task == "image":
+            continue
+        try:
+            if task == "attributes":
+                found.attributes[name] = _attribute_maps(model, doc, per_class)
+            elif task in ("video", "asd"):
+                found.clips[name] = _clip_maps(model, doc, per_class)
+            else:
+                notes.append(f"gallery: run {name} left out (the report draws no maps of {task} runs)")
+        except _Skip as e:
+            notes.append(f"gallery: run {name} left out ({e})")
+        except _UNAVAILABLE as e:  # the model does not take the recorded data
+            notes.append(f"gallery: run {name} left out (its test data does not fit the model: {type(e).__name__}: {e})")
+    return found
+
+
+def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequence[str] = (),
+                      notes: list[str] | None = None) -> Gallery | None:  # fmt: skip
+    """A per-class gallery for the image run directories that share the most common dataset and size.
+
+    Test images come from ``load_dataset(data.name, "test", ...)`` (the generator with the run's
+    training seed); each run adds its own map (column ``RUN (HEAD)``, or ``RUN`` when the run is
+    named after its head), and each ``plain`` run the post-hoc ``methods`` (``RUN/METHOD``). Runs
+    that cannot be loaded, are not image runs (see :func:`explain_runs` for those) or do not fit the
+    data are skipped with a note in ``notes``; returns ``None`` when no gallery can be made.
+    """
+    notes = notes if notes is not None else []
+    loaded = _load_runs(runs, notes)
+    others = [name for name, (_, doc) in loaded.items() if doc["task"] != "image"]
+    if others:
+        notes.append(f"gallery: runs {', '.join(others)} left out (not image runs; explain_runs draws their maps)")
+    return _image_gallery({n: r for n, r in loaded.items() if n not in others}, per_class, methods, notes)
+
+
+# --- drawing the computed maps ------------------------------------------------------------------
+
+
+def _attribute_figure(name: str, a: AttributeMaps) -> tuple[str, str]:
+    from .faces import attribute_gallery
+
+    outline = "green outline: the attribute's mask; " if a.masks.any() else "(this data has no attribute masks); "
+    caption = (f"Gallery, run {name}: per-attribute SE-CAM maps of {len(a.images)} test images of {a.data}: a row per "
+               f"image, the input then each attribute's own map over it; {outline}under each map: predicted "
+               "probability (truth), red when wrong")  # fmt: skip
+    return caption, attribute_gallery(a.images, a.maps, a.masks, a.probs, a.attrs, a.names)
+
+
+def _clip_figure(name: str, clip: ClipMaps) -> tuple[str, str]:
+    from .asd import _strip
+    from .data.speakers import FRAME_MEAN, FRAME_STD
+
+    frames = clip.frames.expand(-1, 3, -1, -1) if clip.frames.shape[1] == 1 else clip.frames
+    boxes = ", boxes in green" if clip.boxes is not None else ""
+    caption = f"Gallery, run {name}: {clip.caption} (frames over their per-frame SE-CAM maps{boxes})"
+    scale = max(2, math.ceil(_MIN_TILE / max(frames.shape[-2:])))
+    # _strip draws frames normalized as speaker clips are: hand it the [0, 1] frames that way
+    return caption, png_data_uri(_strip((frames - FRAME_MEAN) / FRAME_STD, clip.maps, clip.boxes, scale))
+
+
+def _run_figures(maps: RunMaps) -> list[tuple[str, str]]:
+    """The attribute sheets and clip strips of :func:`explain_runs`' result, as (caption, data URI)."""
+    return [*(_attribute_figure(n, a) for n, a in maps.attributes.items()),
+            *(_clip_figure(n, c) for n, clips in maps.clips.items() for c in clips)]  # fmt: skip
+
+
 def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | None = None, per_class: int = 2,
                  methods: Sequence[str] = ()) -> Path:  # fmt: skip
-    """One self-contained HTML page from run, evaluation and demo directories (see :func:`read_sources`).
+    """One self-contained HTML page from run (any task), evaluation and demo (digits, faces, ASD)
+    directories (see :func:`read_sources`).
 
-    Metrics: each demo's ``metrics.json`` models and each evaluation's ``RUN/METHOD`` results
+    Metrics: each demo's ``metrics.json`` (digits: a row per model; faces: the mean over attributes;
+    ASD: the test metrics with real and with silent audio) and each evaluation's ``RUN/METHOD`` results
     (prefixed with the directory name when there are several sources). Tables: one summary row per
-    run; stability per method. Configuration: every run's ``config.json`` and every evaluation's
+    run; per-attribute metrics (faces), modality importance and the silence check (ASD); stability
+    per method. Configuration: every run's ``config.json``, every demo's recipe and every evaluation's
     settings. Figures: training curves (``history.json``), deletion / insertion curves, stability
-    matrices and the sanity check when the evaluation stored them, and a per-class gallery
-    (``per_class`` images, 0: none; see :func:`gallery_from_runs`). Writes ``out``.
+    matrices and the sanity check when the evaluation stored them, the ASD demo's modality importance,
+    and maps of test inputs (``per_class``; 0: none; see :func:`explain_runs`): a per-class gallery of
+    image runs, a per-attribute sheet of attribute runs, per-frame strips of video and ASD clips.
+    What cannot be drawn here is said in a note at the top. Writes ``out``.
     """
     from .checkpoint import read_config
 
@@ -520,9 +852,11 @@ def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | N
     config: dict[str, Any] = {}
     datasets = []
     for name, doc in src.demos.items():
-        prefix = f"{name}/" if several else ""
-        models.update({f"{prefix}{m}": r for m, r in doc["models"].items() if isinstance(r, dict)})
-        datasets.append(doc.get("dataset"))
+        rows, more_tables, more_figures, dataset = _demo_parts(name, doc, f"{name}/" if several else "", notes)
+        models.update(rows)
+        tables += more_tables
+        figures += more_figures
+        datasets.append(dataset)
         if isinstance(doc.get("recipe"), dict):
             config[f"{name} (demo recipe)"] = doc["recipe"]
     for name, doc in src.evaluations.items():
@@ -540,11 +874,14 @@ def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | N
             history[name] = h
         run_rows[name] = _run_row(doc, h)
         config[name] = {**doc, "model": asdict(doc["model"])}
+    if not any(r["frames"] is not None for r in run_rows.values()):
+        for r in run_rows.values():
+            del r["frames"]
     tables.insert(0, ("Runs", run_rows))
-    gallery = gallery_from_runs(src.runs, per_class, methods, notes) if src.runs and per_class > 0 else None
+    maps = explain_runs(src.runs, per_class, methods, notes)  # loads the models; what follows only draws
     names = [*src.demos, *src.evaluations, *src.runs]
     return write_report(out, title=title or f"selfcam report: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}",
                         metrics={"dataset": ", ".join(dict.fromkeys(str(d) for d in datasets if d)) or None,
                                  "models": models},
-                        gallery=gallery, config=config, history=history or None, figures=figures, tables=tables,
-                        notes=notes)  # fmt: skip
+                        gallery=maps.gallery, config=config, history=history or None,
+                        figures=[*_run_figures(maps), *figures], tables=tables, notes=notes)  # fmt: skip
