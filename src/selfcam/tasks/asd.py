@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from ..asd import ASDConfig, ASDModel
-from ..errors import ConfigError
 from .base import Task, register_task
 
 __all__ = ["ASDTask"]
@@ -26,16 +25,9 @@ class ASDTask(Task):
     def build(self, config: ASDConfig) -> nn.Module:
         return ASDModel(config)
 
-    def create(self, dataset: Any, method: str, backbone: str, backbone_kwargs: dict[str, Any],
-               head_kwargs: dict[str, Any]) -> nn.Module:  # fmt: skip
-        if method not in self.methods:
-            raise ConfigError(f"the asd task has the head(s) {', '.join(self.methods)}, got {method!r}")
-        try:
-            config = ASDConfig(frames=dataset.num_frames, in_chans=dataset.in_chans, backbone=backbone,
-                               backbone_kwargs=dict(backbone_kwargs), sample_rate=dataset.sample_rate, **head_kwargs)  # fmt: skip
-        except TypeError as e:
-            raise ConfigError(f"bad option for the asd model: {e}") from e
-        return ASDModel(config)
+    def new_model(self, dataset: Any, backbone: str, backbone_kwargs: dict[str, Any], options: dict[str, Any]) -> nn.Module:
+        return ASDModel(ASDConfig(frames=dataset.num_frames, in_chans=dataset.in_chans, backbone=backbone,
+                                  backbone_kwargs=backbone_kwargs, sample_rate=dataset.sample_rate, **options))  # fmt: skip
 
     def describe(self, config: ASDConfig) -> str:
         return f"audio-visual SE on {config.backbone}"

@@ -73,6 +73,15 @@ class Task:
     def create(self, dataset: Any, method: str, backbone: str, backbone_kwargs: dict[str, Any],
                head_kwargs: dict[str, Any]) -> nn.Module:  # fmt: skip
         """A new model for ``dataset`` (its classes, channels and clip length) from CLI-style options."""
+        if method not in self.methods:
+            raise ConfigError(f"the {self.name} task has the head(s) {', '.join(self.methods)}, got {method!r}")
+        try:
+            return self.new_model(dataset, backbone, dict(backbone_kwargs), dict(head_kwargs))
+        except TypeError as e:
+            raise ConfigError(f"bad option for the {self.name} model: {e}") from e
+
+    def new_model(self, dataset: Any, backbone: str, backbone_kwargs: dict[str, Any], options: dict[str, Any]) -> nn.Module:
+        """:meth:`create` once the head is known to be this task's: ``options`` are the head's (or model's) options."""
         raise NotImplementedError
 
     def config_from_json(self, d: Any, source: str) -> Any:

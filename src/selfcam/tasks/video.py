@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..video import VideoConfig, VideoSelfExplainer, create_video_model
 from .base import Task, register_task
 
@@ -25,11 +24,7 @@ class VideoTask(Task):
     def build(self, config: VideoConfig) -> nn.Module:
         return VideoSelfExplainer(config)
 
-    def create(self, dataset: Any, method: str, backbone: str, backbone_kwargs: dict[str, Any],
-               head_kwargs: dict[str, Any]) -> nn.Module:  # fmt: skip
-        if method not in self.methods:
-            raise ConfigError(f"the video task has the head(s) {', '.join(self.methods)}, got {method!r}")
-        options = dict(head_kwargs)
+    def new_model(self, dataset: Any, backbone: str, backbone_kwargs: dict[str, Any], options: dict[str, Any]) -> nn.Module:
         temporal = options.pop("temporal_kernel", 3)
         return create_video_model(backbone, dataset.num_classes, dataset.in_chans, getattr(dataset, "num_frames", None),
                                   temporal, backbone_kwargs, **options)  # fmt: skip
