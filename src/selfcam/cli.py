@@ -369,7 +369,8 @@ def export(
         meta["class_names"] = data["class_names"]
     frames = data.get("frames")  # the clip length, for a video model built for any length; checked by export_onnx
     path = export_onnx(model, out, size, frames=frames, opset=opset, metadata=meta)
-    shapes = ", ".join(f"{name} (N, {', '.join(map(str, x.shape[1:]))})" for name, x in zip(graph.inputs, example_inputs(model, size, frames)))
+    xs = example_inputs(model, size, frames)
+    shapes = ", ".join(f"{name} (N, {', '.join(map(str, x.shape[1:]))})" for name, x in zip(graph.inputs, xs))
     line = f"wrote {path} (opset {opset}, input{'s' if len(graph.inputs) > 1 else ''} {shapes})"
     if importlib.util.find_spec("onnxruntime") is None:  # the file is written and checked, just not compared
         line += "; onnxruntime not installed, parity not checked"

@@ -78,6 +78,10 @@ class TaskGraph:
     derived: dict[str, Callable[[Any], Tensor]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.inputs) <= 2 or not self.outputs:  # _Explained.forward takes one or two tensors
+            raise ConfigError(f"an ONNX graph has one or two inputs and at least one output, got {self.inputs} -> {self.outputs}")
+
 
 def _modality_importance(out: Any) -> Tensor:
     """ASD: the importance dict (modality -> ``(N,)``) as ``(N, len(MODALITIES))``, columns in MODALITIES order."""
@@ -125,8 +129,9 @@ class _Explained(nn.Module):
         super().__init__()
         self.model, self.graph = model, graph
 
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        out = self.model.explain(*inputs)
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, ...]:
+        # named parameters, not *inputs: torch.export (dynamo=True) matches the dynamic axes to them
+        out = self.model.explain(x) if y is None else self.model.explain(x, y)
         derived = self.graph.derived
         return tuple(derived[name](out) if name in derived else getattr(out, name) for name in self.graph.outputs)
 
