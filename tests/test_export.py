@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from selfcam.asd import MODALITIES, ASDConfig, ASDModel, log_mel
 from selfcam.cli import app
 from selfcam.errors import ConfigError
-from selfcam.export import GRAPHS, example_inputs, export_onnx, onnx_parity
+from selfcam.export import example_inputs, export_onnx, onnx_parity
 from selfcam.heads import se_select
 from selfcam.model import SelfExplainer, create_model
 from selfcam.checkpoint import load_checkpoint, save_checkpoint
+from selfcam.tasks import get_task
 from selfcam.video import create_video_model
 
 onnx = pytest.importorskip("onnx")
@@ -238,7 +239,7 @@ def test_onnx_matches_pytorch_for_every_task_at_other_batch_sizes(task: str, tmp
     path = export_onnx(model, tmp_path / f"{task}.onnx", SIZE)  # traced at batch 2
     proto = onnx.load(str(path))
     inputs, outputs = IO[task]
-    assert GRAPHS[task].inputs == inputs and GRAPHS[task].outputs == outputs
+    assert get_task(task).graph.inputs == inputs and get_task(task).graph.outputs == outputs
     assert tuple(i.name for i in proto.graph.input) == inputs
     assert tuple(o.name for o in proto.graph.output) == outputs
     for value in [*proto.graph.input, *proto.graph.output]:

@@ -48,13 +48,13 @@ def test_per_frame_maps_by_hand() -> None:
     out = se(f)
     assert out.selected.tolist() == [[False, False, True]]
     s2 = torch.sigmoid(torch.tensor(10.0))
-    raw = se.maps(f, out)  # (N, T, h, w) = s_2 * F_2 (one selected channel)
-    torch.testing.assert_close(raw, s2 * f[:, 2])
+    # the map is s_2 * F_2 (one selected channel), min-max scaled per frame (s_2 > 0 drops out)
+    assert s2 > 0
+    expected = torch.tensor([[[[0.0, 0.5, 1.0]], [[1.0, 0.0, 0.0]]]])
+    torch.testing.assert_close(se.maps(f, out), expected)
     head = VideoSEHead(3, num_classes=2, reduction=1)
     head.se = se
-    heat = head(f).heatmap  # per-frame min-max of the raw map
-    torch.testing.assert_close(heat[0, 0, 0], torch.tensor([0.0, 0.5, 1.0]))
-    torch.testing.assert_close(heat[0, 1, 0], torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(head(f).heatmap, expected)
 
 
 def test_se_biases_by_hand() -> None:

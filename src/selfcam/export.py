@@ -1,6 +1,6 @@
 """Export a self-explaining model of any task to ONNX: one graph, the prediction and the heatmap(s).
 
-The model's task (:func:`selfcam.tasks.task_of`) decides the graph through :data:`GRAPHS`: its input
+The model's task (:func:`selfcam.tasks.task_of`) decides the graph (its :attr:`~selfcam.tasks.Task.graph`): its input
 names, in the order ``model.explain`` takes them, and its output names, each an attribute of what
 ``explain`` returns (or derived from it, :attr:`TaskGraph.derived`). Every input and output has a
 dynamic batch axis ``N``; the other axes are fixed at export (the image side, the clip length ``T``,
@@ -28,29 +28,22 @@ model (docs/export.md). ASD's log-mel spectrogram is computed inside ``torch.onn
 
 from __future__ import annotations
 
-import builtins
 import json
 import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .asd import MODALITIES
 from .errors import ConfigError, require_int
-from .tasks import task_of
+from .tasks import TaskGraph, task_of
 
 __all__ = [
     "DEFAULT_OPSET",
-    "GRAPHS",
-    "INPUT_NAME",
     "MIN_OPSET",
-    "OUTPUT_NAMES",
-    "TaskGraph",
     "example_inputs",
     "export_onnx",
     "graph_of",
@@ -62,51 +55,6 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 11  # Resize with half-pixel bilinear sampling
 
 
-@dataclass(frozen=True)
-class TaskGraph:
-    """The ONNX graph of one task's models.
-
-    ``inputs``: the graph's input names, in the order ``model.explain`` takes them. ``outputs``: its
-    output names; each is the attribute of that name of ``explain``'s result unless ``derived`` maps it
-    to a function of the result. ``notes``: text stored after an output's shape in the metadata.
-    ``metadata``: more entries for ``metadata_props``.
-    """
-
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    notes: dict[str, str] = field(default_factory=dict)
-    derived: dict[str, Callable[[Any], Tensor]] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.inputs) <= 2 or not self.outputs:  # _Explained.forward takes one or two tensors
-            raise ConfigError(f"an ONNX graph has one or two inputs and at least one output, got {self.inputs} -> {self.outputs}")
-
-
-def _modality_importance(out: Any) -> Tensor:
-    """ASD: the importance dict (modality -> ``(N,)``) as ``(N, len(MODALITIES))``, columns in MODALITIES order."""
-    return torch.stack([out.importance[m] for m in MODALITIES], 1)
-
-
-_MAPS = {"heatmap": "in [0, 1], at input resolution"}
-# Keyed by task name. These would sit well on the tasks themselves (a ``Task.onnx_graph`` attribute in
-# selfcam.tasks); until then a new task adds its row here.
-GRAPHS: dict[str, TaskGraph] = {
-    "image": TaskGraph(("image",), ("logits", "heatmap"), _MAPS),
-    "attributes": TaskGraph(("image",), ("logits", "heatmap"), {"heatmap": "one map per attribute, " + _MAPS["heatmap"]}),
-    "video": TaskGraph(("clip",), ("logits", "heatmap"), {"heatmap": "one map per frame, " + _MAPS["heatmap"]}),
-    "asd": TaskGraph(
-        ("frames", "audio"),
-        ("logits", "frame_logits", "heatmap", "modality_importance"),
-        {"heatmap": "one map per frame, " + _MAPS["heatmap"], "modality_importance": "columns " + ", ".join(MODALITIES)},
-        {"modality_importance": _modality_importance},
-        {"modalities": list(MODALITIES)},
-    ),
-}
-INPUT_NAME = GRAPHS["image"].inputs[0]  # the image task's names, as before the other tasks could be exported
-OUTPUT_NAMES = GRAPHS["image"].outputs
-
-
 def max_opset() -> int:
     """The highest opset torch's TorchScript-based exporter writes (20 in torch 2.14)."""
     from torch.onnx import _constants  # private, hence the fallback
@@ -115,11 +63,11 @@ def max_opset() -> int:
 
 
 def graph_of(model: nn.Module) -> TaskGraph:
-    """The :class:`TaskGraph` of ``model``'s task; :class:`ConfigError` for a task with none."""
+    """The :class:`~selfcam.tasks.TaskGraph` of ``model``'s task; :class:`ConfigError` for a task with none."""
     task = task_of(model)
-    if task.name not in GRAPHS:
-        raise ConfigError(f"ONNX export knows the tasks {', '.join(GRAPHS)}; {type(model).__name__} is a {task.name} model")
-    return GRAPHS[task.name]
+    if task.graph is None:
+        raise ConfigError(f"the {task.name} task does not say how its models export to ONNX (Task.graph)")
+    return task.graph
 
 
 class _Explained(nn.Module):
@@ -134,30 +82,6 @@ class _Explained(nn.Module):
         out = self.model.explain(x) if y is None else self.model.explain(x, y)
         derived = self.graph.derived
         return tuple(derived[name](out) if name in derived else getattr(out, name) for name in self.graph.outputs)
-
-
-@contextmanager
-def _traced_len() -> Iterator[None]:
-    """Inside the export, ``len(x)`` of a tensor in :mod:`selfcam.video` is ``x.shape[0]``, which the tracer
-    records (``len`` gives a plain int, a constant that fixes the batch size of the ONNX graph).
-
-    A workaround: ``SqueezeExcite.maps`` and ``upsample_clip`` reshape to ``len(...)``; written as
-    ``x.shape[0]`` there, this shim (and the name it shadows) can go.
-    """
-    from . import video
-
-    def traced_len(obj: Any) -> Any:
-        return obj.shape[0] if isinstance(obj, Tensor) and obj.dim() and torch.jit.is_tracing() else builtins.len(obj)
-
-    had, old = hasattr(video, "len"), getattr(video, "len", None)
-    video.len = traced_len  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if had:
-            video.len = old  # type: ignore[attr-defined]
-        else:
-            del video.len  # type: ignore[attr-defined]
 
 
 def _require_onnx() -> Any:
@@ -250,10 +174,9 @@ def export_onnx(
             with torch.no_grad():
                 outputs = wrapper(*example)
             batch = {0: "batch"}
-            with _traced_len():
-                torch.onnx.export(wrapper, example, str(path), dynamo=False, opset_version=opset,
-                                  input_names=list(graph.inputs), output_names=list(graph.outputs),
-                                  dynamic_axes={name: batch for name in (*graph.inputs, *graph.outputs)})  # fmt: skip
+            torch.onnx.export(wrapper, example, str(path), dynamo=False, opset_version=opset,
+                              input_names=list(graph.inputs), output_names=list(graph.outputs),
+                              dynamic_axes={name: batch for name in (*graph.inputs, *graph.outputs)})  # fmt: skip
     except Exception as e:  # the exporter raises many types; the first line is what a user can act on
         path.unlink(missing_ok=True)
         raise ConfigError(f"ONNX export failed ({what}): {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from e

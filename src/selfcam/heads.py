@@ -29,6 +29,7 @@ __all__ = [
     "HEADS",
     "minmax",
     "upsample",
+    "weighted_map",
     "se_select",
     "MultiLabelSEHead",
     "register_head",
@@ -80,6 +81,24 @@ def upsample(heatmap: Tensor, size: tuple[int, int] | int, mode: str = "bilinear
     size = (size, size) if isinstance(size, int) else tuple(size)
     out = F_.interpolate(heatmap.unsqueeze(1), size=size, mode=mode, align_corners=False).squeeze(1)
     return minmax(out)
+
+
+def weighted_map(weights: Tensor, features: Tensor, *, relu: bool = False, count: Tensor | None = None) -> Tensor:
+    """The map of every CAM-like method: ``minmax(sum_k w_k F_k)`` per frame, for any number of map axes.
+
+    ``weights (N, K)`` or ``(N, A, K)`` (one weight vector per attribute); ``features (N, K, *rest)``
+    with ``rest`` ``(h, w)`` for images or ``(T, h, w)`` for clips. ``relu`` clips negative sums to 0
+    (CAM, LFI-CAM, Grad-CAM); ``count (N,)`` or ``(N, A)`` divides each sum (SE-CAM's mean over its
+    selected channels). The result, ``(N, *rest)`` or ``(N, A, *rest)``, is min-max scaled over its
+    last two axes (each frame on its own).
+    """
+    spec = "nk,nkr->nr" if weights.dim() == 2 else "nak,nkr->nar"
+    heat = torch.einsum(spec, weights, features.flatten(2))
+    if count is not None:
+        heat = heat / count.to(heat.dtype).unsqueeze(-1)
+    if relu:
+        heat = F_.relu(heat)
+    return minmax(heat.reshape(*heat.shape[:-1], *features.shape[2:]))
 
 
 HEADS: dict[str, type["Head"]] = {}
@@ -143,8 +162,7 @@ class PlainHead(Head):
 
     def cam(self, features: Tensor, target: Tensor) -> Tensor:
         """``ReLU(sum_k W[c, k] F_k)`` for class ``target[n]`` of each sample, min-max scaled."""
-        weights = self.fc.weight[target]  # (N, K)
-        return minmax(F_.relu(torch.einsum("nk,nkhw->nhw", weights, features)))
+        return weighted_map(self.fc.weight[target], features, relu=True)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, relu: bool) -> list[nn.Module]:
@@ -204,7 +222,7 @@ class LFIHead(Head):
 
     def forward(self, features: Tensor, image: Tensor, pre_features: Tensor | None = None) -> ExplainedOutput:
         w = self.importance(features, image)
-        attention = minmax(F_.relu(torch.einsum("nk,nkhw->nhw", w, features)))
+        attention = weighted_map(w, features, relu=True)
         logits = self.classify((1 + attention.unsqueeze(1)) * features)
         return ExplainedOutput(logits=logits, heatmap=attention, channel_weights=w)
 
@@ -274,9 +292,8 @@ class SEHead(Head):
         s = torch.sigmoid(excitation)
         logits = self.classify(features * s[:, :, None, None])
         selected = se_select((excitation if self.space == "logit" else s).detach(), self.factor)
-        weights = s * selected
-        heat = torch.einsum("nk,nkhw->nhw", weights, features) / selected.sum(dim=1).to(s.dtype)[:, None, None]
-        return ExplainedOutput(logits=logits, heatmap=minmax(heat), channel_weights=s, selected=selected)
+        heat = weighted_map(s * selected, features, count=selected.sum(dim=1))
+        return ExplainedOutput(logits=logits, heatmap=heat, channel_weights=s, selected=selected)
 
 
 def _basic_block(channels: int) -> nn.Module:
@@ -379,9 +396,8 @@ class MultiLabelSEHead(Head):
         logits = torch.einsum("nak,ak->na", s * pooled[:, None], self.fc.weight) + self.fc.bias
         stat = (excitation if self.space == "logit" else s).detach()
         selected = se_select(stat.flatten(0, 1), self.factor).view_as(s)
-        heat = torch.einsum("nak,nkhw->nahw", s * selected, features)
-        heat = heat / selected.sum(dim=-1).to(s.dtype)[..., None, None]
-        return ExplainedOutput(logits=logits, heatmap=minmax(heat), channel_weights=s, selected=selected)
+        heat = weighted_map(s * selected, features, count=selected.sum(dim=-1))
+        return ExplainedOutput(logits=logits, heatmap=heat, channel_weights=s, selected=selected)
 
     def loss(self, out: ExplainedOutput, target: Tensor) -> Tensor:
         """Mean binary cross-entropy with logits over samples and attributes."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .backbones import create_backbone
 from .errors import ConfigError, InputError
-from .heads import ExplainedOutput, check_se_options, minmax, se_select, upsample
+from .heads import ExplainedOutput, check_se_options, se_select, upsample, weighted_map
 
 __all__ = [
     "SEOutput",
@@ -64,7 +64,7 @@ def upsample_clip(maps: Tensor, size: tuple[int, int, int], mode: str = "bilinea
     t, h, w = size
     if maps.shape[1] != t:
         maps = F_.interpolate(maps.unsqueeze(1), size=(t, *maps.shape[-2:]), mode="trilinear", align_corners=False).squeeze(1)
-    return upsample(maps.flatten(0, 1), (h, w), mode).view(len(maps), t, h, w)
+    return upsample(maps.flatten(0, 1), (h, w), mode).view(maps.shape[0], t, h, w)
 
 
 @dataclass
@@ -108,10 +108,8 @@ class SqueezeExcite(nn.Module):
 
     @staticmethod
     def maps(x: Tensor, out: SEOutput) -> Tensor:
-        """Mean over the selected channels of ``s_c x_c``: ``(N, K, *rest) -> (N, *rest)``, not normalized."""
-        w = out.weights * out.selected
-        heat = torch.einsum("nk,nkr->nr", w, x.flatten(2)) / out.selected.sum(1, keepdim=True).to(w.dtype)
-        return heat.view(len(x), *x.shape[2:])
+        """Mean over the selected channels of ``s_c x_c``, min-max scaled per frame: ``(N, K, *rest) -> (N, *rest)``."""
+        return weighted_map(out.weights * out.selected, x, count=out.selected.sum(1))
 
 
 class VideoBackbone(nn.Module):
@@ -153,7 +151,7 @@ class VideoSEHead(nn.Module):
     def forward(self, features: Tensor) -> ExplainedOutput:
         out = self.se(features)
         logits = self.fc(out.gated.flatten(2).mean(2))
-        heat = minmax(self.se.maps(features, out), dims=(-2, -1))
+        heat = self.se.maps(features, out)
         return ExplainedOutput(logits=logits, heatmap=heat, channel_weights=out.weights, selected=out.selected)
 
 

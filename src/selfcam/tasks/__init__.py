@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import TASKS, Task, get_task, register_task, task_of
+from .base import TASKS, Task, TaskGraph, get_task, register_task, task_of
 
-__all__ = ["TASKS", "Task", "get_task", "list_tasks", "register_task", "task_of"]
+__all__ = ["TASKS", "Task", "TaskGraph", "get_task", "list_tasks", "register_task", "task_of"]
 
 
 def _load_all() -> None:

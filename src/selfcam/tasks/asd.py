@@ -7,10 +7,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..asd import ASDConfig, ASDModel
-from .base import Task, register_task
+from ..asd import MODALITIES, ASDConfig, ASDModel
+from .base import MAPS_NOTE, Task, TaskGraph, register_task
 
 __all__ = ["ASDTask"]
+
+
+def _modality_importance(out: Any) -> Tensor:
+    """The importance dict (modality -> ``(N,)``) as ``(N, len(MODALITIES))``, columns in MODALITIES order."""
+    return torch.stack([out.importance[m] for m in MODALITIES], 1)
 
 
 @register_task("asd")
@@ -21,6 +26,13 @@ class ASDTask(Task):
     config_type: ClassVar[type] = ASDConfig
     dataset_kind: ClassVar[str] = "asd"
     default_data: ClassVar[str] = "speaker-clips"
+    graph: ClassVar[TaskGraph] = TaskGraph(
+        ("frames", "audio"),
+        ("logits", "frame_logits", "heatmap", "modality_importance"),
+        {"heatmap": "one map per frame, " + MAPS_NOTE, "modality_importance": "columns " + ", ".join(MODALITIES)},
+        {"modality_importance": _modality_importance},
+        {"modalities": list(MODALITIES)},
+    )
 
     def build(self, config: ASDConfig) -> nn.Module:
         return ASDModel(config)

@@ -9,7 +9,7 @@ checkpoints, the CLI) is shared and asks the task. A new task is one file: a sub
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
 from torch import Tensor, nn
@@ -18,9 +18,31 @@ from torch.utils.data import Dataset
 from ..checkpoint import dataclass_from_json
 from ..errors import ConfigError
 
-__all__ = ["TASKS", "Task", "get_task", "register_task", "task_of"]
+__all__ = ["MAPS_NOTE", "TASKS", "Task", "TaskGraph", "get_task", "register_task", "task_of"]
 
 TASKS: dict[str, "Task"] = {}
+MAPS_NOTE = "in [0, 1], at input resolution"
+
+
+@dataclass(frozen=True)
+class TaskGraph:
+    """How a task's models look as an ONNX graph (:mod:`selfcam.export`).
+
+    ``inputs``: the graph's input names, in the order ``model.explain`` takes them. ``outputs``: its
+    output names; each is the attribute of that name of ``explain``'s result unless ``derived`` maps it
+    to a function of the result. ``notes``: text stored after an output's shape in the metadata.
+    ``metadata``: more entries for ``metadata_props``.
+    """
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    notes: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, Callable[[Any], Tensor]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.inputs) <= 2 or not self.outputs:  # the export wrapper takes one or two tensors
+            raise ConfigError(f"an ONNX graph has one or two inputs and at least one output, got {self.inputs} -> {self.outputs}")
 
 
 def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
@@ -56,7 +78,8 @@ class Task:
     """One kind of run. Subclasses set the class attributes and :meth:`build`; the rest has defaults.
 
     ``dataset_kind``: the ``task`` attribute of the datasets it trains on; ``accuracy``: torchmetrics'
-    task for the training accuracy; ``default_data``: the built-in source used when no data is given.
+    task for the training accuracy; ``default_data``: the built-in source used when no data is given;
+    ``graph``: its models' ONNX inputs and outputs (``None``: not exportable).
     """
 
     name: ClassVar[str] = "task"
@@ -65,6 +88,7 @@ class Task:
     accuracy: ClassVar[str] = "multiclass"
     default_data: ClassVar[str] = ""
     methods: ClassVar[tuple[str, ...]] = ("se",)  # heads a model of this task may have
+    graph: ClassVar[TaskGraph | None] = None
 
     def build(self, config: Any) -> nn.Module:
         """The model ``config`` describes (random weights)."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..heads import HEADS
 from ..model import ModelConfig, create_model
-from .base import Task, register_task
+from .base import MAPS_NOTE, Task, TaskGraph, register_task
 
 __all__ = ["ImageTask"]
 
@@ -23,6 +23,7 @@ class ImageTask(Task):
     dataset_kind: ClassVar[str] = "multiclass"
     accuracy: ClassVar[str] = "multiclass"
     default_data: ClassVar[str] = "cluttered-digits"
+    graph: ClassVar[TaskGraph] = TaskGraph(("image",), ("logits", "heatmap"), {"heatmap": MAPS_NOTE})
 
     @property
     def methods(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -60,3 +61,4 @@ class AttributesTask(ImageTask):
     dataset_kind: ClassVar[str] = "multilabel"
     accuracy: ClassVar[str] = "multilabel"
     default_data: ClassVar[str] = "synthetic-faces"
+    graph: ClassVar[TaskGraph] = TaskGraph(("image",), ("logits", "heatmap"), {"heatmap": "one map per attribute, " + MAPS_NOTE})

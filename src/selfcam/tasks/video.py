@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..video import VideoConfig, VideoSelfExplainer, create_video_model
-from .base import Task, register_task
+from .base import MAPS_NOTE, Task, TaskGraph, register_task
 
 __all__ = ["VideoTask"]
 
@@ -20,6 +20,7 @@ class VideoTask(Task):
     config_type: ClassVar[type] = VideoConfig
     dataset_kind: ClassVar[str] = "video"
     default_data: ClassVar[str] = "synthetic-clips"
+    graph: ClassVar[TaskGraph] = TaskGraph(("clip",), ("logits", "heatmap"), {"heatmap": "one map per frame, " + MAPS_NOTE})
 
     def build(self, config: VideoConfig) -> nn.Module:
         return VideoSelfExplainer(config)
