@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset
 from .data.digits import box_mask
 from .data.speakers import FPS, FRAME_MEAN, FRAME_STD, KINDS, SpeakerClips
 from .errors import ConfigError, InputError
-from .heads import minmax
 from .metrics import pointing_game, zhang_tolerance
 from .report import overlay, png_data_uri, write_report
 from .video import SqueezeExcite, VideoBackbone, check_clip, upsample_clip
@@ -308,7 +307,7 @@ class ASDModel(nn.Module):
         frame_logits = self.frame_fc(torch.cat([h, g[:, :, None].expand_as(h)], 1)).transpose(1, 2)
         return ASDOutput(
             logits=self.clip_fc(g), frame_logits=frame_logits,
-            heatmap=minmax(self.face_se.maps(feats, face_se), dims=(-2, -1)),
+            heatmap=self.face_se.maps(feats, face_se),
             se_weights=fused.weights, face_weights=face_se.weights, face_selected=face_se.selected,
             importance=modality_importance(fused.weights, self.sizes),
         )  # fmt: skip
