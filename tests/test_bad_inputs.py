@@ -272,7 +272,7 @@ def _imagefolder_broken(env: Env, tmp: Path) -> Bad:
 
     def cli_check(result: Result, warned: list[str]) -> None:
         assert any("skipped 3 file(s)" in w and all(str(b) in w for b in broken) for w in warned), warned
-        assert json.loads((tmp / "eval" / "evaluation.json").read_text())["n_images"] == 2
+        assert json.loads((tmp / "eval" / "evaluation.json").read_text())["n_items"] == 2
 
     return Bad(api=lambda: load_dataset(f"imagefolder:{root}", "test", size=SIZE), check=check,
                cli=[_evaluate_cmd(env.rgb, f"imagefolder:{root}", tmp / "eval", "--split", "test")], cli_check=cli_check)  # fmt: skip

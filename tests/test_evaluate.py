@@ -43,7 +43,7 @@ def test_every_metric_and_several_runs_give_stability() -> None:
     runs = {"a": _model("se", 0), "b": _model("se", 1), "p": _model("plain", 2)}
     cfg = EvalConfig(methods=("self", "cam", "gradcam"), metrics=METRICS, batch_size=3, steps=4)
     result = evaluate_runs(runs, data, cfg)
-    assert result["n_images"] == 6
+    assert result["n_items"] == 6
     assert set(result["runs"]["a"]["results"]) == {"self", "gradcam"}  # classic CAM needs a plain model
     assert set(result["runs"]["p"]["results"]) == {"self", "cam", "gradcam"}
     for row in result["runs"]["p"]["results"].values():
@@ -79,7 +79,7 @@ def test_evaluate_command_writes_json(tmp_path: Path) -> None:
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
-    assert doc["n_images"] == 8 and set(doc["runs"]) == {"se1", "se2"}
+    assert doc["n_items"] == 8 and set(doc["runs"]) == {"se1", "se2"}
     assert set(doc["runs"]["se1"]["results"]) == {"self", "gradcam"}
     assert "stability" in doc and "se1/self" in result.output
 

@@ -550,4 +550,4 @@ def test_cli_train_and_evaluate_on_idx_files(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(run), "--data", f"idx:{tmp_path / 'data'}",
                                       "--n", "8", "--metrics", "accuracy,average_drop", "--out", str(tmp_path / "ev")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["n_images"] == 8
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["n_items"] == 8

@@ -459,7 +459,7 @@ def test_two_process_training_and_sharded_evaluation(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         results.append(json.loads((out / "evaluation.json").read_text()))
     one, two = (r["runs"]["ddp"]["results"]["self"] for r in results)
-    assert results[0]["n_images"] == results[1]["n_images"] == 70
+    assert results[0]["n_items"] == results[1]["n_items"] == 70
     assert one.keys() == two.keys()
     for k in one:
         if k != "map_ms_per_image":

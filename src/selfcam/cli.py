@@ -231,8 +231,9 @@ def evaluate(
     data: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP + " Default: the data the first run was trained on (cluttered-digits if it does not say)."),
     split: str = typer.Option("test", help="Dataset split: train, val or test."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images (dataset default if unset)."),
-    methods: str = typer.Option("self", help="Comma-separated: self, cam, gradcam, gradcam++, scorecam, rise, lime."),
-    metrics: str = typer.Option("all", help="Comma-separated metric names, or 'all'."),
+    methods: str = typer.Option("self", help="Comma-separated: self, cam, gradcam, gradcam++, scorecam, rise, lime "
+                                "(each on the runs it applies to; video runs: self, gradcam, gradcam++; attribute and asd runs: self)."),
+    metrics: str = typer.Option("all", help="Comma-separated metric names, or 'all' (the runs' task's metrics, docs/metrics.md)."),
     batch_size: int = typer.Option(50, help="Images per batch."),
     steps: int = typer.Option(20, help="Deletion / insertion steps."),
     sanity_images: int = typer.Option(0, help="Images for the cascading-randomization check (0: skip)."),
@@ -241,38 +242,37 @@ def evaluate(
     devices: int = typer.Option(1, help="Processes to share the images (contiguous shards; same numbers as one)."),
     accelerator: str = typer.Option("cpu", help="cpu, gpu or auto (gpu with --devices N: one GPU per process)."),
 ) -> None:
-    """Score the maps of one or more trained runs with every metric; write OUT/evaluation.json."""
+    """Score the maps of one or more trained runs (one task) with every metric; write OUT/evaluation.json."""
     from dataclasses import asdict
 
     import torch
     from rich.progress import track
 
-    from .data import load_dataset
-    from .evaluate import METRICS, EvalConfig, evaluate_runs
     from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .evaluate import EvalConfig, evaluate_task, task_metrics
+    from .tasks import get_task
 
-    cfg = EvalConfig(methods=_names(methods), metrics=METRICS if metrics == "all" else _names(metrics),
-                     batch_size=batch_size, steps=steps, sanity_images=sanity_images)  # fmt: skip
     if accelerator not in ("cpu", "gpu", "auto"):
         raise ConfigError(f"--accelerator must be cpu, gpu or auto, got {accelerator!r}")
     device = "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
-    runs, size = {}, None
+    runs, size, task = {}, None, None
     for path in checkpoint:
         model, doc = load_checkpoint(path, device)
-        if doc["task"] != "image":
-            raise ConfigError(f"{path}: evaluate scores image runs so far; this is a {doc['task']} run "
-                              "(docs/tasks.md says what works for each task)")  # fmt: skip
         name = path.name if path.name not in runs else str(path)
         runs[name] = model
+        task = task or doc["task"]
         size = size or doc.get("data", {}).get("size")
-        data = data or doc.get("data", {}).get("name") or "cluttered-digits"  # the image task's built-in data
+        data = data or doc.get("data", {}).get("name") or get_task(doc["task"]).default_data
+    cfg = EvalConfig(methods=_names(methods), metrics=task_metrics(task) if metrics == "all" else _names(metrics),
+                     batch_size=batch_size, steps=steps, sanity_images=sanity_images)  # fmt: skip
     dataset = load_dataset(data, split, n, seed=seed, size=size)  # the runs' size, else the dataset's own
-    result = evaluate_runs(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
+    result = evaluate_task(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
     doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(doc, indent=2, default=list))
     rows = {f"{run}/{m}": r for run, v in result["runs"].items() for m, r in v["results"].items()}
-    console.print(_table(f"{data} ({split}, {result['n_images']} images)", rows))
+    console.print(_table(f"{data} ({split}, {result['n_items']} items)", rows))
     console.print(f"wrote {out / 'evaluation.json'}")
 
 

@@ -1,10 +1,18 @@
 """Run models over a dataset and score their maps with every metric, streaming.
 
-One dispatcher, :func:`explain_batch`, gives maps for ``"self"`` (the head's own
-map, one forward pass) or any post-hoc method, so every method is scored by the
-same code. :func:`evaluate_runs` walks the data once, batch by batch, runs every
-(model, method) pair on the batch and adds each metric's per-sample values to
-running sums: memory does not grow with the number of images.
+Every map, the model's own (``"self"``) or a post-hoc one, comes from one interface
+(:func:`selfcam.explainers.explain`), so every method is scored by the same code.
+:func:`evaluate_task` scores runs of any task and returns one document family
+(``{"task", "n_items", "runs": {RUN: {"params", "results": {METHOD: {metric: value}}}}, ...}``):
+
+- image runs: :func:`evaluate_runs` walks the data once, batch by batch, runs every (model,
+  method) pair on the batch and adds each metric's per-sample values to running sums (memory does
+  not grow with the number of images); localization, faithfulness, stability, sanity;
+- video runs: :func:`evaluate_clips`, accuracy per clip and localization per frame against its box;
+- attribute runs: :func:`selfcam.faces.evaluate_attributes` per attribute (the run's entry adds
+  ``"attributes"``: a row per attribute);
+- ASD runs: :func:`selfcam.asd.evaluate_asd` (the run's entry adds ``"modality_importance"`` and
+  ``"silence_check"``).
 """
 
 from __future__ import annotations
@@ -22,15 +30,33 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import metrics as M
 from .data import box_mask
 from .errors import ConfigError, InputError, require_int
+from .explainers import EXPLAINERS, explain, get_explainer
 from .model import SelfExplainer
-from .posthoc import POSTHOC_METHODS, posthoc_map
 
-__all__ = ["METRICS", "EvalConfig", "check_fits", "explain_batch", "evaluate", "evaluate_runs", "count_params"]
+__all__ = ["CLIP_METRICS", "METRICS", "EvalConfig", "check_fits", "explain_batch", "evaluate", "evaluate_clips",
+           "evaluate_runs", "evaluate_task", "count_params", "task_metrics"]  # fmt: skip
 
 LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
 FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
-METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS)
-METHODS = ("self", *POSTHOC_METHODS)
+METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS)  # image runs
+CLIP_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "energy_pointing_game", "iou", "dice")
+ATTRIBUTE_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "iou")
+ASD_METRICS = ("mAP", "clip_AP", "frame_accuracy", "clip_accuracy", "mouth_pointing_game", "mouth_pointing_game_15px",
+               "mouth_pointing_game_all_frames")  # fmt: skip
+_TASK_METRICS = {"image": METRICS, "video": CLIP_METRICS, "attributes": ATTRIBUTE_METRICS, "asd": ASD_METRICS}
+
+
+def task_metrics(task: str, default: bool = False) -> tuple[str, ...]:
+    """The metric names :func:`evaluate_task` computes for runs of ``task`` (``default``: those it computes
+    when :class:`EvalConfig` names none: for images the cheap ones, accuracy, pointing game and IoU; all otherwise)."""
+    if task not in _TASK_METRICS:
+        raise ConfigError(f"no metrics are defined for the {task} task; tasks with metrics: {', '.join(_TASK_METRICS)}")
+    return ("accuracy", "pointing_game", "iou") if default and task == "image" else _TASK_METRICS[task]
+
+
+def _with_metrics(cfg: "EvalConfig", task: str) -> "EvalConfig":
+    """``cfg`` with its metrics chosen: the task's defaults when it names none."""
+    return cfg if cfg.metrics is not None else replace(cfg, metrics=task_metrics(task, default=True))
 
 
 @dataclass
@@ -38,7 +64,7 @@ class EvalConfig:
     """What to compute and with which settings (stored in ``evaluation.json``)."""
 
     methods: Sequence[str] = ("self",)
-    metrics: Sequence[str] = ("accuracy", "pointing_game", "iou")
+    metrics: Sequence[str] | None = None  # None: the task's defaults (images: accuracy, pointing_game, iou; others: all)
     batch_size: int = 50
     threshold: float = 0.5
     tolerance: int = 0
@@ -50,7 +76,11 @@ class EvalConfig:
     posthoc_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for kind, given, known in (("method", self.methods, METHODS), ("metric", self.metrics, METRICS)):
+        every_metric = tuple(dict.fromkeys(m for names in _TASK_METRICS.values() for m in names))
+        chosen = ("method", self.methods, tuple(EXPLAINERS)), ("metric", () if self.metrics is None else self.metrics, every_metric)
+        for kind, given, known in chosen:
+            if kind == "metric" and self.metrics is None:
+                continue
             unknown = [g for g in given if g not in known]
             if unknown or not given:
                 raise ConfigError(f"unknown or no {kind}(s) {unknown}; choose from {', '.join(known)}")
@@ -63,14 +93,9 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def explain_batch(model: SelfExplainer, x: Tensor, method: str = "self", **options: Any) -> tuple[Tensor, Tensor]:
-    """``(N, C, H, W) -> (logits (N, classes), maps (N, H, W) in [0, 1])``."""
-    if method == "self":
-        with torch.no_grad():
-            out = model.explain(x)
-        return out.logits, out.heatmap
-    with torch.no_grad():
-        logits = model(x).logits
-    return logits, posthoc_map(model, x, method, target=logits.argmax(dim=1), **options)
+    """``(N, C, H, W) -> (logits (N, classes), maps (N, H, W) in [0, 1])`` (:func:`selfcam.explainers.explain`)."""
+    e = explain(model, x, method=method, **options)
+    return e.logits, e.maps
 
 
 def _batch_scores(model: SelfExplainer, x: Tensor, y: Tensor, masks: Tensor | None, logits: Tensor,
@@ -156,7 +181,7 @@ def evaluate_runs(
 ) -> dict[str, Any]:
     """Score every model with every method on ``dataset`` (items ``(image, label[, box])``).
 
-    Returns ``{"n_images", "runs": {RUN: {"params", "results": {METHOD: {metric: mean}}}},
+    Returns ``{"task": "image", "n_items", "runs": {RUN: {"params", "results": {METHOD: {metric: mean}}}},
     "stability": {METHOD: {"iou", "dice", "iou_matrix", "dice_matrix"}}`` (when there are several
     runs; matrices ``R x R`` in the order of ``models``), ``"curves": {RUN: {METHOD: {"deletion",
     "insertion"}}}`` (mean curves, ``steps + 1`` points, when those AUCs are computed),
@@ -168,6 +193,7 @@ def evaluate_runs(
     if not models:
         raise ConfigError("no models to evaluate")
     require_int("devices", devices)
+    cfg = _with_metrics(cfg, "image")
     check_fits(models, dataset)
     for model in models.values():
         model.eval()
@@ -183,7 +209,7 @@ def evaluate_runs(
         if kept:
             curves.setdefault(run, {})[method] = kept
         runs[run]["results"][method] = {**means, "map_ms_per_image": 1000 * total.seconds[run, method] / n}
-    result: dict[str, Any] = {"n_images": n, "runs": runs}
+    result: dict[str, Any] = {"task": "image", "n_items": n, "runs": runs}
     if curves:
         result["curves"] = curves
     if total.stab:
@@ -201,7 +227,7 @@ def _mean(total: float | Tensor, n: int) -> float | list:
 def _score(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig,
            progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None) -> _Sums:  # fmt: skip
     """One pass over ``dataset`` in batches of ``cfg.batch_size``: every metric's sums."""
-    pairs = [(run, method) for run in models for method in cfg.methods if _applicable(models[run], method)]
+    pairs = _pairs(models, cfg.methods)
     total = _Sums.zero(pairs, cfg.methods, stability=len(models) > 1)
     sums, seconds, stab = total.sums, total.seconds, total.stab
     loader = DataLoader(dataset, batch_size=cfg.batch_size)
@@ -266,9 +292,9 @@ def _score_sharded(models: dict[str, SelfExplainer], dataset: Dataset, cfg: Eval
     return sum(parts[1:], parts[0]) if parts else _score(models, Subset(dataset, range(0)), cfg)
 
 
-def _applicable(model: SelfExplainer, method: str) -> bool:
-    """The classic CAM needs a plain model; every other method fits every model."""
-    return method != "cam" or model.config.method == "plain"
+def _pairs(models: dict[str, torch.nn.Module], methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The (run, method) pairs to score: each method on the runs it applies to (the classic CAM: plain runs)."""
+    return [(run, m) for run, model in models.items() for m in methods if get_explainer(m).unsupported(model) is None]
 
 
 def _sanity(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig) -> dict[str, Any]:
@@ -280,19 +306,12 @@ def _sanity(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig)
         with torch.no_grad():
             target = model(x).logits.argmax(dim=1)
         out[run] = {}
-        for method in cfg.methods:
-            if not _applicable(model, method):
-                continue
-            explain = _explainer(method, cfg.posthoc_options.get(method, {}))
-            steps = M.cascading_randomization(model, x, target, explain)
+        for method in (m for r, m in _pairs(models, cfg.methods) if r == run):
+            options = cfg.posthoc_options.get(method, {})
+            maps = lambda model, x, target: explain(model, x, method=method, target=target, **options).maps  # noqa: E731
+            steps = M.cascading_randomization(model, x, target, maps)
             out[run][method] = [[layer, float(rho.mean())] for layer, rho in steps]
     return out
-
-
-def _explainer(method: str, options: dict[str, Any]) -> Callable[[Any, Tensor, Tensor], Tensor]:
-    if method == "self":
-        return lambda model, x, target: model.explain(x).heatmap
-    return lambda model, x, target: posthoc_map(model, x, method, target=target, **options)
 
 
 def evaluate(model: SelfExplainer, dataset: Dataset, method: str = "self", cfg: EvalConfig | None = None) -> dict[str, Any]:
@@ -300,3 +319,130 @@ def evaluate(model: SelfExplainer, dataset: Dataset, method: str = "self", cfg: 
     cfg = replace(cfg or EvalConfig(), methods=(method,))
     result = evaluate_runs({"model": model}, dataset, cfg)["runs"]["model"]
     return {**result["results"][method], "params": result["params"]}
+
+
+def _check_task(models: dict[str, torch.nn.Module]) -> str:
+    """The one task of ``models``; :class:`ConfigError` when they mix tasks."""
+    from .tasks import task_of
+
+    tasks = {run: task_of(m).name for run, m in models.items()}
+    if len(set(tasks.values())) > 1:
+        raise ConfigError("evaluate runs of one task at a time, got " + ", ".join(f"{r} ({t})" for r, t in tasks.items()))
+    return next(iter(tasks.values()))
+
+
+def _keep(results: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
+    """The requested metrics of one result row (and the timing), in the order asked."""
+    return {**{k: results[k] for k in metrics if k in results}, **{k: v for k, v in results.items() if "ms_per" in k}}
+
+
+def evaluate_clips(models: dict[str, torch.nn.Module], dataset: Dataset, cfg: EvalConfig,
+                   progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Score video runs on clips ``(clip (T, C, H, W), label[, boxes (T, 4)])``, streaming.
+
+    Per (run, method): ``accuracy`` over clips, and over every frame with a box the frame's map
+    against it: ``pointing_game``, ``pointing_game_15px`` (Zhang et al.'s 15 px at 224,
+    :func:`selfcam.metrics.zhang_tolerance`), ``energy_pointing_game``, ``iou`` and ``dice``
+    (map ``>= cfg.threshold``); ``map_ms_per_clip``. Returns the family's document
+    (``{"task": "video", "n_items", "n_frames", "runs": ...}``).
+    """
+    cfg = _with_metrics(cfg, "video")
+    pairs = _pairs(models, cfg.methods)
+    sums: dict[tuple[str, str], dict[str, float]] = {p: dict.fromkeys(CLIP_METRICS, 0.0) for p in pairs}
+    seconds = dict.fromkeys(pairs, 0.0)
+    n = frames = 0
+    loader = DataLoader(dataset, batch_size=cfg.batch_size)
+    for batch in progress(loader, len(loader)) if progress else loader:
+        for run, model in models.items():
+            x, y = batch[0].to(_device(model)), batch[1].to(_device(model))
+            h, w = x.shape[-2:]
+            masks = box_mask(batch[2].to(x.device).flatten(0, 1), (h, w)) if len(batch) > 2 else None
+            for method in (m for r, m in pairs if r == run):
+                t0 = time.perf_counter()
+                e = explain(model, x, method=method, **cfg.posthoc_options.get(method, {}))
+                sync(x.device)
+                seconds[run, method] += time.perf_counter() - t0
+                if not torch.isfinite(e.maps).all():
+                    raise InputError(f"{run}/{method} produced a map with NaN or inf values")
+                s = sums[run, method]
+                s["accuracy"] += float(M.accuracy(e.logits, y).sum())
+                if masks is not None:
+                    maps = e.maps.flatten(0, 1)  # (N T, H, W)
+                    s["pointing_game"] += float(M.pointing_game(maps, masks, cfg.tolerance).sum())
+                    s["pointing_game_15px"] += float(M.pointing_game(maps, masks, M.zhang_tolerance(h)).sum())
+                    s["energy_pointing_game"] += float(M.energy_pointing_game(maps, masks).sum())
+                    s["iou"] += float(M.iou(maps, masks, cfg.threshold).sum())
+                    s["dice"] += float(M.dice(maps, masks, cfg.threshold).sum())
+        n += len(batch[0])
+        frames += int(batch[2].shape[0] * batch[2].shape[1]) if len(batch) > 2 else 0
+    if n == 0:
+        raise InputError("the dataset is empty: nothing to evaluate")
+    runs: dict[str, Any] = {run: {"params": count_params(m), "results": {}} for run, m in models.items()}
+    for (run, method), s in sums.items():
+        row = {k: v / (n if k == "accuracy" else frames) for k, v in s.items() if k == "accuracy" or frames}
+        runs[run]["results"][method] = _keep({**row, "map_ms_per_clip": 1000 * seconds[run, method] / n}, cfg.metrics)
+    return {"task": "video", "n_items": n, "n_frames": frames, "runs": runs}
+
+
+def _per_run(task: str, models: dict[str, torch.nn.Module], dataset: Dataset, cfg: EvalConfig) -> dict[str, Any]:
+    """Attribute and ASD runs: the task's own scoring, one run at a time, as the family's document."""
+    if cfg.methods != ("self",):
+        raise ConfigError(f"{task} runs are scored on their own maps only (--methods self); got {', '.join(cfg.methods)}")
+    runs: dict[str, Any] = {}
+    n = 0
+    for run, model in models.items():
+        t0 = time.perf_counter()
+        if task == "attributes":
+            from .faces import evaluate_attributes
+
+            doc = evaluate_attributes(model, dataset, cfg.batch_size, cfg.threshold, cfg.tolerance)
+            results, extra = doc["mean"], {"attributes": doc["attributes"]}
+        else:
+            from .asd import evaluate_asd
+
+            doc = evaluate_asd(model, dataset, cfg.batch_size)
+            results = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+            extra = {k: v for k, v in doc.items() if isinstance(v, dict)}
+        n = len(dataset)  # type: ignore[arg-type]
+        ms = 1000 * (time.perf_counter() - t0) / max(1, n)
+        runs[run] = {"params": count_params(model), "results": {"self": _keep({**results, "ms_per_item": ms}, cfg.metrics)}, **extra}
+    if n == 0:
+        raise InputError("the dataset is empty: nothing to evaluate")
+    return {"task": task, "n_items": n, "runs": runs}
+
+
+def evaluate_task(models: dict[str, torch.nn.Module], dataset: Dataset, cfg: EvalConfig,
+                  progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None, devices: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Score runs of one task on ``dataset`` with the metrics of that task (:func:`task_metrics`).
+
+    ``cfg.metrics`` is cut down to the task's metrics (an unknown one for the task is an error);
+    returns the family's document, ``{"task", "n_items", "runs": {RUN: {"params", "results": {METHOD:
+    {metric: value}}, ...}}, ...}`` (see the module docstring for what each task adds).
+    """
+    if not models:
+        raise ConfigError("no models to evaluate")
+    task = _check_task(models)
+    cfg = _with_metrics(cfg, task)
+    known = task_metrics(task)
+    foreign = [m for m in cfg.metrics if m not in known]
+    if foreign:
+        raise ConfigError(f"metric(s) {', '.join(foreign)} do not apply to {task} runs; they have {', '.join(known)}")
+    for run, model in models.items():
+        check_methods_for(run, model, cfg.methods)
+    if task == "image":
+        return evaluate_runs(models, dataset, cfg, progress, devices)  # type: ignore[arg-type]
+    if devices != 1:
+        raise ConfigError(f"--devices > 1 shards image evaluations only; this is a {task} evaluation")
+    check_fits(models, dataset)  # type: ignore[arg-type]
+    for model in models.values():
+        model.eval()
+    if task == "video":
+        return evaluate_clips(models, dataset, cfg, progress)
+    return _per_run(task, models, dataset, cfg)
+
+
+def check_methods_for(run: str, model: torch.nn.Module, methods: Sequence[str]) -> None:
+    """:class:`ConfigError` when none of ``methods`` applies to ``model`` (the others are skipped for it)."""
+    reasons = [why for m in methods if (why := get_explainer(m).unsupported(model))]
+    if len(reasons) == len(methods):
+        raise ConfigError(f"run {run}: no requested method applies ({'; '.join(reasons)})")

@@ -7,6 +7,11 @@ rewritten); ``cam`` is the classic CAM of a ``plain`` model; RISE is ours (no
 maintained library has it). The model is a :class:`SelfExplainer` or any module
 returning logits. Hooks never outlive the call, and the model's train/eval mode
 and ``requires_grad`` flags are restored, also when the call raises.
+
+Grad-CAM and Grad-CAM++ also explain clips: for a video model (input ``(N, T, C, H, W)``)
+grad-cam runs on the 3-D feature volume ``(N, K, T, h, w)`` and the maps are ``(N, T, H, W)``,
+each frame min-max scaled as the model's own per-frame maps are. :data:`METHOD_TASKS` says
+which tasks' models each method explains.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from .errors import ConfigError, InputError, require_int
 from .heads import PlainHead, minmax, upsample
 from .metrics import logits_of
 from .model import SelfExplainer
+from .video import VideoSelfExplainer, check_clip
 
-__all__ = ["POSTHOC_METHODS", "posthoc_map", "preserved_state"]
+__all__ = ["METHOD_TASKS", "POSTHOC_METHODS", "posthoc_map", "preserved_state"]
 
 
 class _Logits(nn.Module):
@@ -69,21 +75,38 @@ def _cam(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         return upsample(model.head.cam(model.forward_features(x), target), tuple(x.shape[-2:]))
 
 
+class _ChannelsFirstClip(nn.Module):
+    """A video model fed as grad-cam feeds 3-D inputs: ``(N, C, T, H, W) -> logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return logits_of(self.model, x.transpose(1, 2))
+
+
 def _gradcam(cam_class: type, model: nn.Module, x: Tensor, target: Tensor, *, target_layer: nn.Module | None = None) -> Tensor:
-    """grad-cam's ``cam_class`` at ``target_layer`` (default: a SelfExplainer's last backbone stage)."""
+    """grad-cam's ``cam_class`` at ``target_layer`` (default: a SelfExplainer's last backbone stage, a
+    video model's backbone output ``F (N, K, T, h, w)``). Clips ``(N, T, C, H, W)`` give ``(N, T, H, W)``."""
+    clip = isinstance(model, VideoSelfExplainer)
     if target_layer is None:
-        if not isinstance(model, SelfExplainer):
+        if clip:
+            target_layer = model.backbone
+        elif isinstance(model, SelfExplainer):
+            target_layer = model.backbone.last if model.backbone.splittable else model.backbone.trunk
+        else:
             raise ConfigError("option target_layer is required for a model that is not a SelfExplainer")
-        target_layer = model.backbone.last if model.backbone.splittable else model.backbone.trunk
     elif not any(m is target_layer for m in model.modules()):
         raise ConfigError(f"option target_layer must be a submodule of the model, got {type(target_layer).__name__}")
     # not grad-cam's `with` block: its __exit__ swallows exceptions; we release the hooks ourselves
-    extractor = cam_class(model=_Logits(model), target_layers=[target_layer])
+    extractor = cam_class(model=_ChannelsFirstClip(model) if clip else _Logits(model), target_layers=[target_layer])
     try:
-        maps = extractor(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in target])
+        maps = extractor(input_tensor=x.transpose(1, 2) if clip else x, targets=[ClassifierOutputTarget(int(c)) for c in target])
     finally:
         extractor.activations_and_grads.release()
-    return torch.from_numpy(maps)
+    # grad-cam scales a clip's map as one volume (and its spline zoom can overshoot): per frame, as the self maps
+    return minmax(torch.from_numpy(maps)) if clip else torch.from_numpy(maps)
 
 
 def _rise_grids(n: int, s: int, p: float, size: tuple[int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -206,6 +229,9 @@ _METHODS: dict[str, Callable[..., Tensor]] = {
     "lime": _lime,
 }
 POSTHOC_METHODS = tuple(_METHODS)
+# the tasks whose models each method explains: grad-cam's 3-D support gives Grad-CAM and Grad-CAM++ on clips;
+# its Score-CAM, RISE and LIME perturb images; the classic CAM reads a plain image model's classifier
+METHOD_TASKS: dict[str, tuple[str, ...]] = {m: ("image", "video") if m in ("gradcam", "gradcam++") else ("image",) for m in _METHODS}
 
 
 def _options(method: str) -> list[str]:
@@ -217,6 +243,8 @@ def _options(method: str) -> list[str]:
 def _check_input(model: nn.Module, x: Tensor) -> None:
     if isinstance(model, SelfExplainer):
         model.check_input(x)
+    elif isinstance(model, VideoSelfExplainer):
+        check_clip(x, model.config.in_chans, model.config.frames)
     elif not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise InputError(f"expected a floating-point image tensor of shape (N, C, H, W), got {shape}")
@@ -231,7 +259,7 @@ _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _target(model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
     """``target`` checked as ``(N,)`` class indices on ``x``'s device; by default the predicted class."""
-    if target is None or not isinstance(model, SelfExplainer):
+    if target is None or not isinstance(model, (SelfExplainer, VideoSelfExplainer)):
         with torch.no_grad():
             logits = logits_of(model, x)  # checks the (N, classes) shape
         if target is None:
@@ -248,7 +276,8 @@ def _target(model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
 def posthoc_map(model: nn.Module, x: Tensor, method: str = "gradcam", target: Tensor | None = None, **options: Any) -> Tensor:
     """Maps ``(N, H, W)`` in ``[0, 1]`` for class ``target`` ``(N,)`` (default: the predicted class).
 
-    ``x``: ``(N, C, H, W)``. ``options`` go to the method: ``target_layer`` for the
+    ``x``: ``(N, C, H, W)``, or a clip ``(N, T, C, H, W)`` for a video model and the methods of
+    :data:`METHOD_TASKS` that take one (maps ``(N, T, H, W)``). ``options`` go to the method: ``target_layer`` for the
     grad-cam methods (default: a SelfExplainer's last backbone stage; required for
     other models); ``n_masks=2000, s=8, p=0.5, batch_size=100, seed=0`` for
     ``"rise"``; ``n_samples=200, segments=8, batch_size=100, seed=0`` for ``"lime"``.
@@ -264,6 +293,9 @@ def posthoc_map(model: nn.Module, x: Tensor, method: str = "gradcam", target: Te
     if unknown:
         accepted = ", ".join(_options(method)) or "none"
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for post-hoc method {method!r} (accepted: {accepted})")
+    task = getattr(model, "task", "image")
+    if task not in METHOD_TASKS[method]:
+        raise ConfigError(f"{method} explains {' and '.join(METHOD_TASKS[method])} models; this is a {task} model")
     _check_input(model, x)
     with preserved_state(model):
         model.eval()
