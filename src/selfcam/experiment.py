@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +28,13 @@ from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate_runs
 from .model import SelfExplainer, create_model
 from .checkpoint import load_checkpoint
+from .recipes import Recipe
 from .train import TrainConfig, fit, seed_all
 
 __all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "stability_experiment",
            "recipe_for", "write_results_markdown"]  # fmt: skip
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Backbone and training recipe shared by every method of one experiment."""
-
-    backbone: str = "resnet8"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    head_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"se": {"reduction": 4}})
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    train_size: int | None = None
-    val_size: int | None = None
-    test_size: int | None = None
-    image_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,11 +49,12 @@ class Setting:
 
 # The quick recipes used for results/: small enough that all six experiments fit one working session
 # on 2 CPU cores shared with other work (see docs/RESULTS.md for what that costs in accuracy).
+# Their JSON records Recipe.training() (backbone and training fields), as it did before Recipe was shared.
 RECIPES: dict[str, Recipe] = {
-    "cluttered-digits": Recipe(backbone_kwargs={"stem_stride": 2}, epochs=4, train_size=3000, val_size=500,
-                               test_size=1000, image_size=64),
-    "mnist": Recipe(epochs=2, train_size=4000, val_size=1000, test_size=2000),
-    "fashion-mnist": Recipe(epochs=2, train_size=4000, val_size=1000, test_size=2000),
+    "cluttered-digits": Recipe(data="cluttered-digits", backbone_kwargs={"stem_stride": 2}, epochs=4, train_size=3000,
+                               val_size=500, test_size=1000, image_size=64),
+    "mnist": Recipe(data="mnist", epochs=2, train_size=4000, val_size=1000, test_size=2000),
+    "fashion-mnist": Recipe(data="fashion-mnist", epochs=2, train_size=4000, val_size=1000, test_size=2000),
 }  # fmt: skip
 
 # Five settings: the base recipe, then lower lr, bigger batch, more weight decay, higher lr with a
@@ -85,8 +70,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 def recipe_for(data: str, **overrides: Any) -> Recipe:
     """The recipe for dataset spec ``data`` (``RECIPES`` or the default), with ``overrides`` applied."""
-    base = RECIPES.get(data, Recipe())
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return RECIPES.get(data, Recipe(data=data)).with_overrides(**overrides)
 
 
 def _command() -> str:
@@ -136,7 +120,7 @@ class _Runner:
         self.test = load_dataset(data, "test", r.test_size, size=r.image_size)
 
     def model(self, method: str, cfg: TrainConfig) -> SelfExplainer:
-        key = json.dumps([self.data, method, asdict(self.recipe), asdict(cfg)], sort_keys=True)
+        key = json.dumps([self.data, method, self.recipe.training(), asdict(cfg)], sort_keys=True)
         run_dir = self.work_dir / f"{method}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         if (run_dir / "model.safetensors").exists() and (run_dir / "config.json").exists():
             model, _ = load_checkpoint(run_dir)
@@ -177,7 +161,7 @@ def accuracy_experiment(data: str, methods: Sequence[str], seeds: int, out: str 
         raise ConfigError(f"need at least one method and one seed, got {list(methods)} and {seeds}")
     recipe = recipe or recipe_for(data)
     out = Path(out)
-    header = {"experiment": "accuracy", "dataset": data, "recipe": asdict(recipe), "seeds": seeds,
+    header = {"experiment": "accuracy", "dataset": data, "recipe": recipe.training(), "seeds": seeds,
               "methods_requested": list(methods), "command": _command()}  # fmt: skip
     doc = _resume(out, header)
     runner = _Runner(data, recipe, _work_dir(out, data), progress, log)
@@ -225,7 +209,7 @@ def stability_experiment(data: str, methods: Sequence[str], settings: int, out: 
     recipe = recipe or recipe_for(data)
     out = Path(out)
     chosen = SETTINGS[:settings]
-    header = {"experiment": "stability", "dataset": data, "recipe": asdict(recipe),
+    header = {"experiment": "stability", "dataset": data, "recipe": recipe.training(),
               "settings": [asdict(s) for s in chosen], "methods_requested": list(methods), "command": _command()}  # fmt: skip
     doc = _resume(out, header)
     doc.setdefault("methods", {})
