@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from selfcam.cli import app
 from selfcam.errors import ConfigError, InputError
-from selfcam.explain import Preprocess, explain_images, find_images, render_panel
+from selfcam.explain import Preprocess, explain_images, find_images
 from selfcam.model import create_model
 from selfcam.checkpoint import load_checkpoint, save_checkpoint
 from selfcam.posthoc import posthoc_map
-from selfcam.report import overlay
+from selfcam.render import overlay, panel
 
 runner = CliRunner()
 SIZE = 24
@@ -143,10 +143,10 @@ def test_overlay_is_grad_cams_show_cam_on_image() -> None:
                               show_cam_on_image(np.repeat(gray, 3, -1), heat, use_rgb=True, image_weight=alpha))
 
 
-def test_render_panel_places_input_and_overlays_side_by_side() -> None:
+def test_panel_places_input_and_overlays_side_by_side() -> None:
     gen = torch.Generator().manual_seed(0)
     image, m1, m2 = torch.rand(1, 16, 16, generator=gen), torch.rand(16, 16, generator=gen), torch.rand(16, 16, generator=gen)
-    panel = render_panel(image, {"self": m1, "gradcam": m2}, "caption", alpha=0.4)
+    row = panel(image, {"self": m1, "gradcam": m2}, "caption", alpha=0.4)
     tiles = [np.repeat(np.round(255 * image[0].numpy()).astype(np.uint8)[..., None], 3, -1),
              overlay(image, m1, 0.4), overlay(image, m2, 0.4)]  # fmt: skip
     k = 8  # 16 px tiles are upscaled 8x to 128
@@ -154,9 +154,9 @@ def test_render_panel_places_input_and_overlays_side_by_side() -> None:
     for tile in tiles:
         big = tile.repeat(k, 0).repeat(k, 1)
         # locate the tile by its top-left pixel run, then compare the whole block
-        for y in range(panel.shape[0] - 128 + 1):
-            xs = [x for x in range(panel.shape[1] - 128 + 1) if np.array_equal(panel[y, x : x + 128], big[0])]
-            if xs and np.array_equal(panel[y : y + 128, xs[0] : xs[0] + 128], big):
+        for y in range(row.shape[0] - 128 + 1):
+            xs = [x for x in range(row.shape[1] - 128 + 1) if np.array_equal(row[y, x : x + 128], big[0])]
+            if xs and np.array_equal(row[y : y + 128, xs[0] : xs[0] + 128], big):
                 found += 1
                 break
     assert found == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -225,3 +226,18 @@ def test_figures_are_png_data_uris_of_the_expected_size() -> None:
     assert bars.shape == (340, 700, 3) and (bars < 250).any()
     with pytest.raises(KeyError, match="silence_check"):
         importance_bars({"modality_importance": imp})
+
+
+def test_render_reads_nothing_and_the_report_draws_nothing() -> None:
+    """render/ loads no model, data or file (the template aside); selfcam.report has no drawing code."""
+    from pathlib import Path
+
+    import selfcam.render as render
+    import selfcam.report as report
+
+    for path in Path(render.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"matplotlib\.pyplot|import pyplot|torch\.load|checkpoint|load_dataset|\bopen\(|read_text|Image\.open", text), path.name
+    text = Path(report.__file__).read_text()
+    assert not re.search(r"^\s*(import|from)\s+(PIL|matplotlib|cv2|jinja2)\b", text, re.M)
+    assert not re.search(r"ImageDraw|\bFigure\(|applyColorMap|\.repeat\(|np\.pad|b64encode", text)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfcam.report import Gallery, overlay, png_data_uri, write_report
+from selfcam.render import Gallery, overlay, png_data_uri, write_report
 
 PREFIX = "data:image/png;base64,"
 
@@ -338,22 +338,23 @@ def _expected_sheet(run, g: int) -> np.ndarray:
     """The per-attribute sheet of the first ``g`` test faces, computed here from the run and the generator."""
     from selfcam.checkpoint import load_checkpoint
     from selfcam.data.faces import SyntheticFaces
-    from selfcam.faces import attribute_gallery
+    from selfcam.render import attribute_sheet
 
     model, doc = load_checkpoint(run)
     data = SyntheticFaces("test", g, size=doc["data"]["size"], seed=doc["data"]["seed"])
     with torch.no_grad():
         out = model.explain(data.normalize(data.raw_images()))
-    return _decode(attribute_gallery(data.raw_images(), out.heatmap, data.attribute_masks(), torch.sigmoid(out.logits),
-                                     data.labels, data.class_names))  # fmt: skip
+    return attribute_sheet(data.raw_images(), out.heatmap, data.attribute_masks(), torch.sigmoid(out.logits),
+                           data.labels, data.class_names)  # fmt: skip
 
 
 def _check_strips(figures: dict[str, np.ndarray], run_name: str, run, clip_data, frames: int, size: int, call) -> list[int]:
     """Every strip of ``run_name`` is the clip it names, over the map computed here; returns the clip indices."""
     import re
 
-    from selfcam.asd import _strip
     from selfcam.checkpoint import load_checkpoint
+    from selfcam.data.speakers import FRAME_MEAN, FRAME_STD
+    from selfcam.render import frame_strip
 
     model, _ = load_checkpoint(run)
     shown = []
@@ -367,10 +368,9 @@ def _check_strips(figures: dict[str, np.ndarray], run_name: str, run, clip_data,
             heat = call(model, item)[0]
         k = strip.shape[0] // (2 * (size + 2))
         assert strip.shape == (2 * (size + 2) * k, frames * (size + 2) * k, 3) and k * size >= 128
-        norm = item[0].expand(-1, 3, -1, -1) if item[0].shape[1] == 1 else item[0]
-        if item[0].shape[1] == 1:  # digit clips: normalized with the digits' stats; _strip takes speaker-clip ones
-            norm = (clip_data.denormalize(norm) - 0.5) / 0.25
-        want = _strip(norm, heat, item[4] if len(item) > 4 else item[2], scale=1)
+        # the clip's frames in [0, 1]: digit clips undo their own normalization, speaker clips (x - 0.5) / 0.25
+        raw = clip_data.denormalize(item[0]) if hasattr(clip_data, "denormalize") else item[0] * FRAME_STD + FRAME_MEAN
+        want = frame_strip(raw.clamp(0, 1), heat, item[4] if len(item) > 4 else item[2], scale=1)
         assert np.abs(strip[::k, ::k].astype(int) - want.astype(int)).max() <= 1, caption
     return shown
 

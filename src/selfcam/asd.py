@@ -19,8 +19,6 @@ of the clips are heard as silence) and runs are saved like every other (:mod:`se
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import time
@@ -29,12 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F_
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
 from sklearn.metrics import average_precision_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -43,7 +37,7 @@ from .data.digits import box_mask
 from .data.speakers import FPS, FRAME_MEAN, FRAME_STD, KINDS, SpeakerClips
 from .errors import ConfigError, InputError
 from .metrics import pointing_game, zhang_tolerance
-from .report import overlay, png_data_uri, write_report
+from .render import clip_gif, frame_strip, importance_bars, png_data_uri, write_report
 from .video import SqueezeExcite, VideoBackbone, check_clip, upsample_clip
 
 __all__ = [
@@ -442,71 +436,6 @@ class ASDRecipe:
     audio_dropout: float = 0.0
 
 
-def _rgb(frame: Tensor) -> np.ndarray:
-    """Normalized frame ``(3, H, W)`` -> float (3, H, W) in [0, 1]."""
-    return (frame * FRAME_STD + FRAME_MEAN).clamp(0, 1).numpy()
-
-
-def _boxed(rgb: np.ndarray, box: list[int] | None) -> np.ndarray:
-    """Draw a 1 px green box (x0, y0, x1, y1 exclusive) on a uint8 (H, W, 3) copy."""
-    rgb = rgb.copy()
-    if box is not None:
-        x0, y0, x1, y1 = box
-        rgb[[y0, y1 - 1], x0:x1] = (0, 255, 0)
-        rgb[y0:y1, [x0, x1 - 1]] = (0, 255, 0)
-    return rgb
-
-
-def _strip(frames: Tensor, maps: Tensor, boxes: Tensor | None, scale: int = 2) -> np.ndarray:
-    """Frames over their overlays, one column per frame: uint8 ``(2 (H + 2), T (W + 2), 3)``, upscaled."""
-    rows = []
-    for kind in ("frame", "overlay"):
-        tiles = []
-        for t in range(len(frames)):
-            img = _rgb(frames[t])
-            rgb = np.round(255 * img.transpose(1, 2, 0)).astype(np.uint8) if kind == "frame" else overlay(img, maps[t])
-            tiles.append(np.pad(_boxed(rgb, None if boxes is None else [int(v) for v in boxes[t]]), ((1, 1), (1, 1), (0, 0)), constant_values=255))
-        rows.append(np.concatenate(tiles, 1))
-    return np.concatenate(rows, 0).repeat(scale, 0).repeat(scale, 1)
-
-
-def _gif_uri(frames: Tensor, maps: Tensor, boxes: Tensor | None, fps: int, scale: int = 3) -> str:
-    """An animated GIF (frame | overlay, slowed 4x) as ``data:image/gif;base64,...``."""
-    pics = []
-    for t in range(len(frames)):
-        img = _rgb(frames[t])
-        box = None if boxes is None else [int(v) for v in boxes[t]]
-        pair = np.concatenate([_boxed(np.round(255 * img.transpose(1, 2, 0)).astype(np.uint8), box), _boxed(overlay(img, maps[t]), box)], 1)
-        pics.append(Image.fromarray(pair.repeat(scale, 0).repeat(scale, 1)))
-    buf = io.BytesIO()
-    pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=int(4000 / fps), loop=0)
-    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _importance_plot(metrics: dict[str, Any]) -> str:
-    """Grouped bars of the mean SE weight per modality: speaking, not speaking, and with silent audio."""
-    groups = {
-        "speaking": metrics["modality_importance"]["speaking"],
-        "not speaking": metrics["modality_importance"]["not_speaking"],
-        "speaking,\nsilent audio": metrics["silence_check"]["silent_modality_importance"]["speaking"],
-        "not speaking,\nsilent audio": metrics["silence_check"]["silent_modality_importance"]["not_speaking"],
-    }
-    fig = Figure(figsize=(7, 3.4), dpi=100, layout="constrained")
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    x = np.arange(len(groups))
-    for j, m in enumerate(MODALITIES):
-        vals = [g[m] for g in groups.values()]
-        bars = ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, label=m)
-        ax.bar_label(bars, fmt="%.3f", fontsize="small")
-    ax.set_xticks(x, list(groups))
-    ax.set(ylabel="mean SE weight of the modality's slice", title="modality importance (test split)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    canvas.draw()
-    return png_data_uri(np.asarray(canvas.buffer_rgba())[..., :3])
-
-
 def _figures(model: ASDModel, test: Dataset, metrics: dict[str, Any], fps: int) -> list[tuple[str, str]]:
     """Heatmap strips of four test clips (two speaking, two not), a GIF of the first, the importance bars."""
     labels = test.labels  # type: ignore[attr-defined]
@@ -515,6 +444,7 @@ def _figures(model: ASDModel, test: Dataset, metrics: dict[str, Any], fps: int) 
     frames, wave = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
     with torch.no_grad():
         out = model.eval().explain(frames, wave)
+    raw = (frames * FRAME_STD + FRAME_MEAN).clamp(0, 1)  # the frames in [0, 1], as drawn
     figures = []
     for j, i in enumerate(picks):
         boxes = items[j][4] if len(items[j]) > 4 else None
@@ -522,10 +452,10 @@ def _figures(model: ASDModel, test: Dataset, metrics: dict[str, Any], fps: int) 
         caption = (f"Test clip {i} ({kind}): frames over per-frame SE-CAM maps, mouth box in green. Frame labels "
                    f"{items[j][3].tolist()}, frame scores {[round(v, 1) for v in out.frame_score[j].tolist()]}, "
                    f"audio/face importance {out.importance['audio'][j]:.3f}/{out.importance['face'][j]:.3f}")  # fmt: skip
-        figures.append((caption, png_data_uri(_strip(frames[j], out.heatmap[j], boxes))))
+        figures.append((caption, png_data_uri(frame_strip(raw[j], out.heatmap[j], boxes, scale=2))))
     boxes0 = items[0][4] if len(items[0]) > 4 else None
-    figures.append((f"Test clip {picks[0]} animated (4x slower): frame | SE-CAM overlay", _gif_uri(frames[0], out.heatmap[0], boxes0, fps)))
-    figures.append(("Modality importance: mean fusion-SE weight of each modality's slice", _importance_plot(metrics)))
+    figures.append((f"Test clip {picks[0]} animated (4x slower): frame | SE-CAM overlay", clip_gif(raw[0], out.heatmap[0], boxes0, fps=fps)))
+    figures.append(("Modality importance: mean fusion-SE weight of each modality's slice", importance_bars(metrics)))
     return figures
 
 

@@ -19,7 +19,7 @@ import torch
 from .data import load_dataset
 from .evaluate import evaluate, explain_batch
 from .model import create_model
-from .report import Gallery, write_report
+from .render import Gallery, write_report
 from .train import TrainConfig, fit, seed_all
 
 __all__ = ["DemoRecipe", "DEMO_METHODS", "run_demo"]

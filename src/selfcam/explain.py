@@ -3,7 +3,7 @@
 :func:`find_images` turns files and directories into a sorted list of image files (and the
 files it skipped); :class:`Preprocess` reads one file the way the run was trained (channels,
 centred square crop, resize, normalization); :func:`explain_images` runs a model over a batch
-of normalized images and returns logits, scores and every requested map; :func:`render_panel`
+of normalized images and returns logits, scores and every requested map; :func:`selfcam.render.panel`
 draws one image's maps in a row; :func:`explain_files` does all of it and writes
 ``OUT/<stem>.png`` per image plus ``OUT/predictions.json``.
 
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .data import MEAN as DIGITS_MEAN
@@ -36,7 +35,7 @@ from .evaluate import explain_batch
 from .model import SelfExplainer
 from .checkpoint import CONFIG
 from .posthoc import POSTHOC_METHODS
-from .report import overlay
+from .render import panel
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -44,7 +43,6 @@ __all__ = [
     "Explanations",
     "find_images",
     "explain_images",
-    "render_panel",
     "explain_files",
 ]
 
@@ -52,9 +50,6 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 Progress = Callable[[Iterable[Any], int], Iterable[Any]]
-
-_TILE = 128  # tiles are upscaled (nearest, integer factor) until their longer side is at least this
-_GAP, _FONT_SIZE = 6, 13
 
 
 def find_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
@@ -214,37 +209,6 @@ def explain_images(
     return Explanations(logits, pred, score, {k: torch.cat(v) for k, v in parts.items()})
 
 
-def _font(size: int = _FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def render_panel(image: Tensor, maps: dict[str, Tensor], caption: str, alpha: float = 0.5) -> np.ndarray:
-    """One row: the input, then each map overlaid on it (jet, as grad-cam's ``show_cam_on_image``).
-
-    image ``(C, H, W)`` in [0, 1], C in {1, 3}; maps: label -> ``(H, W)`` in [0, 1]; ``alpha`` is
-    the image's weight in the blend. Tiles are upscaled (nearest) to at least 128 px; a label
-    sits above each tile and ``caption`` above the row. Returns uint8 ``(H', W', 3)``.
-    """
-    base = np.round(255 * image.clamp(0, 1).expand(3, -1, -1).permute(1, 2, 0).numpy()).astype(np.uint8)
-    tiles = [("input", base)] + [(label, overlay(image, m, alpha)) for label, m in maps.items()]
-    h, w = base.shape[:2]
-    k = max(1, -(-_TILE // max(h, w)))
-    font = _font()
-    line = _FONT_SIZE + 6
-    width = max(len(tiles) * (k * w + _GAP) + _GAP, int(font.getlength(caption)) + 2 * _GAP)
-    panel = Image.new("RGB", (width, 2 * line + k * h + _GAP), "white")
-    draw = ImageDraw.Draw(panel)
-    draw.text((_GAP, 3), caption, fill="black", font=font)
-    for j, (label, tile) in enumerate(tiles):
-        x = _GAP + j * (k * w + _GAP)
-        draw.text((x, line + 2), label, fill="black", font=font)
-        panel.paste(Image.fromarray(tile.repeat(k, axis=0).repeat(k, axis=1)), (x, 2 * line))
-    return np.asarray(panel)
-
-
 def _unique_names(files: Sequence[Path]) -> list[str]:
     """``<stem>.png`` for each file; repeated stems get ``-2``, ``-3``... in order."""
     seen: dict[str, int] = {}
@@ -270,7 +234,7 @@ def explain_files(
 ) -> list[dict[str, Any]]:
     """Explain image ``files`` with a run (``model``, ``doc`` from :func:`selfcam.load_checkpoint`).
 
-    Writes ``out_dir/<stem>.png`` per file (see :func:`render_panel`) and
+    Writes ``out_dir/<stem>.png`` per file (see :func:`selfcam.render.panel`) and
     ``out_dir/predictions.json``: a list of ``{"file", "output", "class", "class_name", "score"}``,
     which is also returned. Class names come from ``doc["data"]["class_names"]`` when stored.
     ``source`` names the config file in error messages.
@@ -298,9 +262,9 @@ def explain_files(
                 c, p = int(result.pred[j]), float(result.score[j])
                 name = class_names[c] if c < len(class_names) else str(c)
                 maps = {label if m == "self" else m: v[j] for m, v in result.maps.items()}
-                panel = render_panel(raw[j], maps, f"{f.name}: predicted {name}, softmax {p:.3f}", alpha)
+                picture = panel(raw[j], maps, f"{f.name}: predicted {name}, softmax {p:.3f}", alpha)
                 records.append({"file": str(f), "output": outputs[i + j], "class": c, "class_name": name, "score": p})
-                Image.fromarray(panel).save(out / outputs[i + j])
+                Image.fromarray(picture).save(out / outputs[i + j])
         (out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         for r in records:

@@ -17,9 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -27,12 +25,11 @@ from . import metrics as M
 from .data.faces import SyntheticFaces
 from .errors import InputError
 from .model import SelfExplainer, create_model
-from .report import overlay, png_data_uri, write_report
+from .render import attribute_sheet, png_data_uri, write_report
 from .train import TrainConfig, fit, seed_all
 
 __all__ = [
     "FacesRecipe",
-    "attribute_gallery",
     "attribute_scores",
     "create_faces_model",
     "evaluate_attributes",
@@ -42,7 +39,6 @@ __all__ = [
 SCORES = ("accuracy", "pointing_game", "pointing_game_15px", "iou")
 LOCAL = SCORES[1:]  # scored where the attribute is present
 GALLERY_SIZE = 12
-_TILE, _TEXT = 128, 14  # gallery tile side and caption height, pixels
 
 
 @dataclass
@@ -129,43 +125,6 @@ def evaluate_attributes(model: SelfExplainer, dataset: SyntheticFaces, batch_siz
     return {"attributes": rows, "mean": {k: _mean([r[k] for r in rows.values()]) for k in SCORES}}
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Border pixels of a bool mask ``(H, W)``: in the mask with a 4-neighbour outside it (or the edge)."""
-    padded = np.pad(mask, 1)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
-
-
-def attribute_gallery(images: Tensor, maps: Tensor, masks: Tensor, probs: Tensor, attrs: Tensor,
-                      names: list[str]) -> str:  # fmt: skip
-    """One PNG data URI: a row per face, the input then each attribute's map over it.
-
-    ``images (G, 3, H, W)`` in [0, 1], ``maps``/``masks (G, A, H, W)``, ``probs``/``attrs (G, A)``.
-    Green outline: the attribute's mask; under each map: predicted probability and the truth, red when wrong.
-    """
-    g, a = probs.shape
-    h, w = images.shape[-2:]
-    k = max(1, math.ceil(_TILE / max(h, w)))
-    th, tw, pad = h * k, w * k, 4
-    sheet = Image.new("RGB", ((tw + pad) * (a + 1), _TEXT + (th + _TEXT + pad) * g), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, name in enumerate(["input", *names]):
-        draw.text(((tw + pad) * j + 2, 2), name[:20], fill="black")
-    for i in range(g):
-        top = _TEXT + (th + _TEXT + pad) * i
-        tiles = [np.round(255 * images[i].permute(1, 2, 0).clamp(0, 1).numpy()).astype(np.uint8)]
-        for j in range(a):
-            tile = overlay(images[i], maps[i, j])
-            tile[_outline(masks[i, j].numpy())] = (0, 255, 0)
-            tiles.append(tile)
-            truth, p = bool(attrs[i, j] > 0.5), float(probs[i, j])
-            draw.text(((tw + pad) * (j + 1) + 2, top + th + 1), f"p={p:.2f} ({'yes' if truth else 'no'})",
-                      fill="red" if (p > 0.5) != truth else "black")  # fmt: skip
-        for j, tile in enumerate(tiles):
-            sheet.paste(Image.fromarray(tile.repeat(k, 0).repeat(k, 1)), ((tw + pad) * j, top))
-    return png_data_uri(np.asarray(sheet))
-
-
 def _round(v: Any) -> Any:
     return round(v, 4) if isinstance(v, float) and math.isfinite(v) else v
 
@@ -210,8 +169,8 @@ def run_faces_demo(out_dir: str | Path, recipe: FacesRecipe | None = None, progr
     x = torch.stack([test[i][0] for i in range(g)])
     with torch.no_grad():
         shown = model.explain(x)
-    figure = attribute_gallery(test.raw_images(slice(0, g)), shown.heatmap, test.attribute_masks(slice(0, g)),
-                               torch.sigmoid(shown.logits), test.labels[:g], test.class_names)  # fmt: skip
+    figure = png_data_uri(attribute_sheet(test.raw_images(slice(0, g)), shown.heatmap, test.attribute_masks(slice(0, g)),
+                                          torch.sigmoid(shown.logits), test.labels[:g], test.class_names))  # fmt: skip
     table = {"dataset": "synthetic-faces (test split; pointing game and IoU on faces with the attribute)",
              "models": {**metrics["attributes"], "mean": metrics["mean"]}}  # fmt: skip
     caption = ("Per-attribute SE-CAM maps: each attribute's own map over the input; green outline: the attribute's "

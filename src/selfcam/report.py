@@ -1,263 +1,33 @@
-"""Self-contained HTML reports: metric tables, config, training curves and a CAM gallery.
+"""Reports from run, evaluation and demo directories: what to show, gathered and computed; drawing is :mod:`selfcam.render`'s.
 
-:func:`write_report` renders what it is given (the demo calls it); :func:`build_report` gathers
-it from run, evaluation and demo directories (``selfcam report``) and calls :func:`write_report`.
-Run directories of every task are shown: a summary row, their config and training curves, and maps
-of a few test inputs regenerated from the run's recorded data (:func:`explain_runs` loads the models
-and computes them; the rendering below only draws what it is given): a per-class gallery of image
-runs, a per-attribute sheet of attribute runs and per-frame strips of video and ASD clips.
-The page is one file with every image embedded as a base64 PNG data URI, so it opens
-from disk with no network access. Figures are drawn with ``matplotlib.figure.Figure`` and
-``FigureCanvasAgg`` (no pyplot state is touched); the page is rendered with jinja2 from
-``templates/report.html.j2`` with autoescaping on.
+:func:`read_sources` sorts directories into runs (any task), evaluations and demos; :func:`explain_runs`
+loads the runs and computes the maps the report shows, on a few test inputs regenerated from each run's
+recorded data: a per-class :class:`~selfcam.render.Gallery` of image runs, each attribute's map of
+attribute runs (:class:`AttributeMaps`) and per-frame maps of video and ASD clips (:class:`ClipMaps`).
+:func:`build_report` collects the metric tables, configs, histories and evaluation curves, and hands
+all of it to :func:`selfcam.render.write_report`, which writes one self-contained HTML page.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import io
 import json
 import math
 import numbers
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import torch
-import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from PIL import Image
 
 from selfcam.errors import InputError
 
-__all__ = ["AttributeMaps", "ClipMaps", "DEMO_RUNS", "Gallery", "RunMaps", "Sources", "build_report", "explain_runs",
-           "gallery_from_runs", "overlay", "png_data_uri", "read_sources", "write_report"]  # fmt: skip
+from . import render
+from .render import Gallery
 
-_GREEN = np.array([0, 255, 0], dtype=np.uint8)
-_MIN_TILE = 128  # tiles are upscaled (nearest) until their longer side is at least this
-_MISSING = "–"
-
-
-def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
-
-
-def _rgb_float(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """(H,W), (C,H,W) or (H,W,C) with C in {1,3}, values in [0,1] -> float32 (H,W,3)."""
-    img = _np(image)
-    if img.ndim == 2:
-        img = img[..., None]
-    elif img.ndim == 3 and img.shape[0] in (1, 3):
-        img = img.transpose(1, 2, 0)  # channels-first wins when ambiguous, e.g. (3,H,3)
-    if img.ndim != 3 or img.shape[-1] not in (1, 3):
-        raise InputError(f"image must be (H,W), (C,H,W) or (H,W,C) with C in {{1,3}}, got {tuple(img.shape)}")
-    if img.size and (img.min() < -1e-4 or img.max() > 1 + 1e-4):
-        raise InputError(f"image values must lie in [0,1], got [{img.min():.3g}, {img.max():.3g}]")
-    return np.broadcast_to(np.clip(img, 0, 1), (*img.shape[:2], 3))
-
-
-def overlay(image: np.ndarray | torch.Tensor, heatmap: np.ndarray | torch.Tensor, alpha: float = 0.5) -> np.ndarray:
-    """Blend a jet-coloured heatmap over an image; returns uint8 (H,W,3).
-
-    image: (H,W) grayscale or (C,H,W)/(H,W,C), C in {1,3}, values in [0,1].
-    heatmap: (h,w) in [0,1]; resized bilinearly to (H,W) when sizes differ.
-    Same pixels as pytorch-grad-cam's ``show_cam_on_image(image, heatmap, use_rgb=True,
-    image_weight=alpha)``: ``cam = (1-alpha)*jet(uint8(255*heatmap))/255 + alpha*image`` in float32
-    with OpenCV's COLORMAP_JET (RGB order), then ``uint8(255*(cam/cam.max()))``.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise InputError(f"alpha must be in [0,1], got {alpha}")
-    img = _rgb_float(image)
-    heat = _np(heatmap)
-    if heat.ndim != 2:
-        raise InputError(f"heatmap must be (H,W), got shape {tuple(heat.shape)}")
-    if heat.shape != img.shape[:2]:
-        heat = F.interpolate(torch.from_numpy(heat)[None, None], size=img.shape[:2], mode="bilinear",
-                             align_corners=False)[0, 0].numpy()
-    index = (255 * np.clip(np.nan_to_num(heat), 0, 1)).astype(np.uint8)
-    cam = (1 - alpha) * (_jet()[index].astype(np.float32) / 255) + alpha * img
-    cam = cam / max(cam.max(), np.float32(1e-12))
-    return (255 * cam).astype(np.uint8)
-
-
-@functools.cache
-def _jet() -> np.ndarray:
-    """OpenCV's COLORMAP_JET (what grad-cam colours maps with) as a ``(256, 3)`` uint8 RGB table."""
-    import cv2  # installed with grad-cam
-
-    return cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1].copy()
-
-
-def png_data_uri(rgb: np.ndarray) -> str:
-    """uint8 (H,W,3) -> ``"data:image/png;base64,..."``."""
-    rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise InputError(f"expected uint8 (H,W,3), got {rgb.dtype} {tuple(rgb.shape)}")
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-@dataclass
-class Gallery:
-    """Images, labels, per-method heatmaps and predictions for the report's gallery.
-
-    images (G,C,H,W) in [0,1], C in {1,3}; labels (G,) int; maps: method -> (G,H,W) in [0,1];
-    predictions: method -> (G,) int; boxes (G,4) x0,y0,x1,y1 (exclusive) or None.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    maps: dict[str, torch.Tensor]
-    predictions: dict[str, torch.Tensor]
-    boxes: torch.Tensor | None = None
-    class_names: list[str] | None = None
-
-    def check(self) -> None:
-        """Raise ValueError (InputError) unless every tensor agrees on G and (H,W)."""
-        if self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
-            raise InputError(f"gallery images must be (G,C,H,W), C in {{1,3}}, got {tuple(self.images.shape)}")
-        g, _, h, w = self.images.shape
-        shapes = {"labels": (self.labels, (g,))}
-        if self.boxes is not None:
-            shapes["boxes"] = (self.boxes, (g, 4))
-        for name, m in self.maps.items():
-            if name not in self.predictions:
-                raise InputError(f"gallery has a map for method {name!r} but no predictions")
-            shapes[f"maps[{name!r}]"] = (m, (g, h, w))
-            shapes[f"predictions[{name!r}]"] = (self.predictions[name], (g,))
-        for what, (t, want) in shapes.items():
-            if tuple(t.shape) != want:
-                raise InputError(f"gallery {what} has shape {tuple(t.shape)}, expected {want} "
-                                 f"(G={g} images of size {h}x{w})")
-
-
-def _tile(rgb: np.ndarray, box: list[int] | None) -> str:
-    """Draw the 1px green box (clipped) on a uint8 (H,W,3) tile, upscale (nearest), encode."""
-    h, w = rgb.shape[:2]
-    if box is not None:
-        x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], w), min(box[3], h)
-        if x0 < x1 and y0 < y1:
-            rgb = rgb.copy()
-            rgb[[y0, y1 - 1], x0:x1] = _GREEN
-            rgb[y0:y1, [x0, x1 - 1]] = _GREEN
-    k = max(1, math.ceil(_MIN_TILE / max(h, w, 1)))
-    return png_data_uri(rgb.repeat(k, axis=0).repeat(k, axis=1))
-
-
-def _gallery_groups(g: Gallery) -> list[tuple[str, list[list[dict]]]]:
-    """The gallery's tiles, one row per image, grouped by true class (classes ascending, images in order)."""
-    g.check()
-    names = g.class_names or []
-
-    def cls(i: int) -> str:
-        return names[i] if 0 <= i < len(names) else str(i)
-
-    groups: dict[int, list[list[dict]]] = {}
-    for i in sorted(range(len(g.images)), key=lambda i: int(g.labels[i])):
-        image = g.images[i]
-        true = int(g.labels[i])
-        box = None if g.boxes is None else [int(v) for v in g.boxes[i]]
-        row = [dict(src=_tile(np.round(255 * _rgb_float(image)).astype(np.uint8), box),
-                    alt=f"image {i}, true class {cls(true)}", caption=f"true: {cls(true)}", wrong=False)]
-        for method, maps in g.maps.items():
-            pred = int(g.predictions[method][i])
-            row.append(dict(src=_tile(overlay(image, maps[i]), box),
-                            alt=f"{method} heatmap for image {i}: pred {cls(pred)}, true {cls(true)}",
-                            caption=f"pred: {cls(pred)} (true: {cls(true)})", wrong=pred != true))
-        groups.setdefault(true, []).append(row)
-    return [(cls(label), rows) for label, rows in groups.items()]
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        return _MISSING if v is None else str(v)
-    if isinstance(v, numbers.Integral):
-        return f"{int(v):,}"
-    return _MISSING if math.isnan(v) else f"{float(v):.3f}"
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
-    return [kv for k, v in d.items() for kv in
-            (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", str(v))])]
-
-
-def _figure_uri(fig: Figure) -> str:
-    """Draw a matplotlib figure (Agg, no pyplot) and encode it as a PNG data URI."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return png_data_uri(np.asarray(canvas.buffer_rgba())[..., :3])
-
-
-def _curves(history: dict[str, list[dict]]) -> str | None:
-    """One figure, two panels: train loss and validation accuracy per model, as a data URI."""
-    fig = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, key, label in zip(axes, ("train_loss", "val_acc"), ("train loss", "val accuracy")):
-        for model, epochs in history.items():
-            pts = [(e.get("epoch", j), e[key]) for j, e in enumerate(epochs) if e.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=model)
-        ax.set(xlabel="epoch", ylabel=label, title=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize="small")
-    if not any(ax.has_data() for ax in axes):
-        return None
-    return _figure_uri(fig)
-
-
-def _table(rows: dict[str, dict]) -> dict:
-    """``{name: {column: value}}`` -> ``{"columns": [...], "rows": [(name, [formatted values])]}``."""
-    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
-    return {"columns": columns, "rows": [(name, [_fmt(row.get(c)) for c in columns]) for name, row in rows.items()]}
-
-
-def write_report(path: str | Path, *, title: str, metrics: dict, gallery: Gallery | None = None,
-                 config: dict | None = None, history: dict[str, list[dict]] | None = None,
-                 figures: list[tuple[str, str]] | None = None,
-                 tables: list[tuple[str, dict[str, dict]]] | None = None, notes: list[str] | None = None) -> Path:
-    """Render the self-contained HTML report to ``path`` (atomically) and return the path.
-
-    metrics: {"dataset": str, "models": {name: {metric: value}}}; config: key/value dict (nested
-    dicts are flattened to dotted keys); history: model -> list of per-epoch dicts ("epoch",
-    "train_loss", "val_acc", ...); figures: extra (caption, image data URI) pairs, shown in order
-    after the gallery; tables: extra (title, {name: {column: value}}) tables after the metrics;
-    notes: lines shown under the title. The gallery is grouped by true class.
-    """
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    html = env.get_template("report.html.j2").render(
-        title=title,
-        generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
-        dataset=metrics.get("dataset"),
-        metrics=_table(metrics.get("models", {})),
-        tables=[(caption, _table(rows)) for caption, rows in tables or [] if rows],
-        notes=notes or [],
-        config=_flatten(config or {}),
-        curves=_curves(history) if history else None,
-        methods=list(gallery.maps) if gallery is not None else [],
-        gallery=_gallery_groups(gallery) if gallery is not None else [],
-        figures=figures or [],
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+__all__ = ["AttributeMaps", "ClipMaps", "DEMO_RUNS", "RunMaps", "Sources", "build_report", "explain_runs",
+           "gallery_from_runs", "read_sources"]  # fmt: skip
 
 
 # --- reports from run, evaluation and demo directories ------------------------------------
@@ -373,41 +143,6 @@ def _run_row(doc: dict, history: list[dict] | None) -> dict[str, Any]:
     return row
 
 
-def _line_figure(panels: list[tuple[str, str, str, dict[str, list[float]]]], x: Sequence[float] | None = None,
-                 xticks: Sequence[str] | None = None) -> str:  # fmt: skip
-    """Panels of lines side by side: each ``(title, xlabel, ylabel, {label: values})``; a data URI."""
-    fig = Figure(figsize=(5 * len(panels), 3.6), dpi=100, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (title, xlabel, ylabel, lines) in zip(axes, panels):
-        for label, values in lines.items():
-            xs = x if x is not None and len(x) == len(values) else range(len(values))
-            ax.plot(xs, values, marker="o", markersize=2, label=label)
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        if xticks is not None:
-            ax.set_xticks(range(len(xticks)), xticks, rotation=90, fontsize="x-small")
-        ax.grid(alpha=0.3)
-        if lines:
-            ax.legend(fontsize="small")
-    return _figure_uri(fig)
-
-
-def _matrix_figure(matrices: dict[str, list[list[float]]], labels: list[str], what: str) -> str:
-    """One annotated ``R x R`` matrix per method (values in [0, 1]); a data URI."""
-    fig = Figure(figsize=(max(3.5, 0.6 * len(labels) + 2) * len(matrices), max(3.2, 0.5 * len(labels) + 2)),
-                 dpi=100, layout="constrained")  # fmt: skip
-    axes = np.atleast_1d(fig.subplots(1, len(matrices)))
-    for ax, (method, m) in zip(axes, matrices.items()):
-        values = np.asarray(m, dtype=float)
-        im = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize="small")
-        ax.set_yticks(range(len(labels)), labels, fontsize="small")
-        for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small", color="white" if v < 0.6 else "black")
-        ax.set_title(f"{method}: pairwise {what}")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    return _figure_uri(fig)
-
-
 def _evaluation_parts(name: str, doc: dict, prefix: str) -> tuple[dict, list, list]:
     """Rows, tables and figures of one ``evaluation.json``."""
     rows = {f"{prefix}{run}/{method}": r for run, v in doc["runs"].items() if isinstance(v, dict)
@@ -421,7 +156,7 @@ def _evaluation_parts(name: str, doc: dict, prefix: str) -> tuple[dict, list, li
         panels = [(f"{kind} (mean over images)", "fraction of pixels " + ("removed" if kind == "deletion" else "inserted"),
                    "target probability", lines[kind]) for kind in ("deletion", "insertion") if lines[kind]]  # fmt: skip
         steps = max(len(v) for d in lines.values() for v in d.values())
-        figures.append((f"{name}: deletion and insertion curves", _line_figure(panels, np.linspace(0, 1, steps))))
+        figures.append((f"{name}: deletion and insertion curves", render.line_panels(panels, np.linspace(0, 1, steps))))
     stability = doc.get("stability") or {}
     if stability:
         tables.append((f"{name}: stability across runs (mean pairwise IoU and Dice{_threshold(doc)})",
@@ -430,13 +165,13 @@ def _evaluation_parts(name: str, doc: dict, prefix: str) -> tuple[dict, list, li
         for what in ("iou", "dice"):
             mats = {m: v[f"{what}_matrix"] for m, v in stability.items() if isinstance(v.get(f"{what}_matrix"), list)}
             if mats:
-                figures.append((f"{name}: stability matrix ({what.upper()})", _matrix_figure(mats, run_names, what.upper())))
+                figures.append((f"{name}: stability matrix ({what.upper()})", render.matrices(mats, run_names, what.upper())))
     sanity = doc.get("sanity") or {}
     lines = {f"{run}/{method}": [float(rho) for _, rho in steps] for run, per in sanity.items()
              for method, steps in per.items() if steps}  # fmt: skip
     if lines:
         layers = [str(layer) for layer, _ in next(iter(next(iter(sanity.values())).values()))]
-        figures.append((f"{name}: sanity check (cascading randomization)", _line_figure(
+        figures.append((f"{name}: sanity check (cascading randomization)", render.line_panels(
             [("rank correlation with the trained model's map", "randomized up to layer", "Spearman rho", lines)],
             xticks=layers if all(len(v) == len(layers) for v in lines.values()) else None)))  # fmt: skip
     return rows, tables, figures
@@ -501,11 +236,9 @@ def _demo_parts(name: str, doc: dict, prefix: str, notes: list[str]) -> tuple[di
                 importance.update({f"{c}, silent audio": v for c, v in silent.items() if isinstance(v, dict)})
             tables.append((f"{name}: modality importance (mean fusion-SE weight of each modality's slice, test split)",
                            importance))  # fmt: skip
-            from .asd import _importance_plot
-
             try:
                 figures.append((f"{name}: modality importance (speaking / not speaking, real and silent audio)",
-                                _importance_plot(doc)))  # fmt: skip
+                                render.importance_bars(doc)))  # fmt: skip
             except (KeyError, TypeError, ValueError) as e:
                 notes.append(f"{name}: modality importance chart left out (metrics.json lacks {e})")
         if silence:
@@ -525,7 +258,7 @@ def _demo_parts(name: str, doc: dict, prefix: str, notes: list[str]) -> tuple[di
 
 @dataclass
 class AttributeMaps:
-    """One attribute run's maps of ``G`` test images, for :func:`selfcam.faces.attribute_gallery`.
+    """One attribute run's maps of ``G`` test images, for :func:`selfcam.render.attribute_sheet`.
 
     images ``(G, 3, H, W)`` in [0, 1]; maps and masks ``(G, A, H, W)`` (masks bool, all False where
     the data has none); probs and attrs ``(G, A)``; names: the ``A`` attributes; data: the dataset spec.
@@ -794,35 +527,21 @@ def gallery_from_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequen
     return _image_gallery({n: r for n, r in loaded.items() if n not in others}, per_class, methods, notes)
 
 
-# --- drawing the computed maps ------------------------------------------------------------------
-
-
-def _attribute_figure(name: str, a: AttributeMaps) -> tuple[str, str]:
-    from .faces import attribute_gallery
-
-    outline = "green outline: the attribute's mask; " if a.masks.any() else "(this data has no attribute masks); "
-    caption = (f"Gallery, run {name}: per-attribute SE-CAM maps of {len(a.images)} test images of {a.data}: a row per "
-               f"image, the input then each attribute's own map over it; {outline}under each map: predicted "
-               "probability (truth), red when wrong")  # fmt: skip
-    return caption, attribute_gallery(a.images, a.maps, a.masks, a.probs, a.attrs, a.names)
-
-
-def _clip_figure(name: str, clip: ClipMaps) -> tuple[str, str]:
-    from .asd import _strip
-    from .data.speakers import FRAME_MEAN, FRAME_STD
-
-    frames = clip.frames.expand(-1, 3, -1, -1) if clip.frames.shape[1] == 1 else clip.frames
-    boxes = ", boxes in green" if clip.boxes is not None else ""
-    caption = f"Gallery, run {name}: {clip.caption} (frames over their per-frame SE-CAM maps{boxes})"
-    scale = max(2, math.ceil(_MIN_TILE / max(frames.shape[-2:])))
-    # _strip draws frames normalized as speaker clips are: hand it the [0, 1] frames that way
-    return caption, png_data_uri(_strip((frames - FRAME_MEAN) / FRAME_STD, clip.maps, clip.boxes, scale))
-
-
 def _run_figures(maps: RunMaps) -> list[tuple[str, str]]:
-    """The attribute sheets and clip strips of :func:`explain_runs`' result, as (caption, data URI)."""
-    return [*(_attribute_figure(n, a) for n, a in maps.attributes.items()),
-            *(_clip_figure(n, c) for n, clips in maps.clips.items() for c in clips)]  # fmt: skip
+    """(caption, data URI) of :func:`explain_runs`' attribute sheets and clip strips."""
+    figures = []
+    for name, a in maps.attributes.items():
+        outline = "green outline: the attribute's mask; " if a.masks.any() else "(this data has no attribute masks); "
+        figures.append((f"Gallery, run {name}: per-attribute SE-CAM maps of {len(a.images)} test images of {a.data}: a "
+                        f"row per image, the input then each attribute's own map over it; {outline}under each map: "
+                        "predicted probability (truth), red when wrong",
+                        render.png_data_uri(render.attribute_sheet(a.images, a.maps, a.masks, a.probs, a.attrs, a.names))))  # fmt: skip
+    for name, clips in maps.clips.items():
+        for clip in clips:
+            boxes = ", boxes in green" if clip.boxes is not None else ""
+            figures.append((f"Gallery, run {name}: {clip.caption} (frames over their per-frame SE-CAM maps{boxes})",
+                            render.png_data_uri(render.frame_strip(clip.frames, clip.maps, clip.boxes))))  # fmt: skip
+    return figures
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | None = None, per_class: int = 2,
@@ -880,8 +599,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | N
     tables.insert(0, ("Runs", run_rows))
     maps = explain_runs(src.runs, per_class, methods, notes)  # loads the models; what follows only draws
     names = [*src.demos, *src.evaluations, *src.runs]
-    return write_report(out, title=title or f"selfcam report: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}",
-                        metrics={"dataset": ", ".join(dict.fromkeys(str(d) for d in datasets if d)) or None,
-                                 "models": models},
-                        gallery=maps.gallery, config=config, history=history or None,
-                        figures=[*_run_figures(maps), *figures], tables=tables, notes=notes)  # fmt: skip
+    return render.write_report(out, title=title or f"selfcam report: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}",
+                               metrics={"dataset": ", ".join(dict.fromkeys(str(d) for d in datasets if d)) or None,
+                                        "models": models},
+                               gallery=maps.gallery, config=config, history=history or None,
+                               figures=[*_run_figures(maps), *figures], tables=tables, notes=notes)  # fmt: skip
