@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, check_options
 
-__all__ = ["Backbone", "create_backbone", "list_backbones", "CIFAR_DEPTHS"]
+__all__ = ["Backbone", "build_backbone", "create_backbone", "list_backbones", "timm_model", "torchvision_model", "CIFAR_DEPTHS"]
 
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110)
 
@@ -166,14 +166,25 @@ def _infer_channels(backbone: nn.Module, in_chans: int) -> int:
     return int(out.shape[1])
 
 
-def torchvision_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
-    """A torchvision CNN (random weights; ``kwargs`` go to its builder) cut at its last conv stage."""
+def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
+    """The whole torchvision classifier ``name`` with random weights (nothing is downloaded)."""
     import torchvision.models as tvm
 
     if name not in tvm.list_models(module=tvm):
         raise ConfigError(f"unknown backbone {name!r}; see `selfcam models` for the names")
-    model = tvm.get_model(name, weights=None, **kwargs)
-    _rebuild_first_conv(model, in_chans)
+    return tvm.get_model(name, weights=None, **kwargs)
+
+
+def _torchvision_classifier(model: nn.Module) -> tuple[str, nn.Module | None]:
+    """The key prefix of a torchvision CNN's classifier and its last linear layer."""
+    if hasattr(model, "layer4"):
+        return "fc.", getattr(model, "fc", None)
+    head = getattr(model, "classifier", None)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+    return "classifier.", linears[-1] if linears else None
+
+
+def _cut_torchvision(model: nn.Module, name: str, in_chans: int) -> Backbone:
     if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
         trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3)
         last: nn.Module = model.layer4
@@ -189,6 +200,18 @@ def torchvision_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbon
     return bb
 
 
+def _load_whole(model: nn.Module, pretrained: Any, classifier_prefix: str) -> Any:
+    """Load a weights file into a whole classifier; its classifier may be of another class count."""
+    from .pretrained import load_pretrained
+
+    return load_pretrained(model, pretrained, tolerate=(classifier_prefix,), adapt_first_conv=True)
+
+
+def torchvision_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
+    """A torchvision CNN (random weights; ``kwargs`` go to its builder) cut at its last conv stage."""
+    return build_backbone(name, in_chans, None, kwargs)[0]
+
+
 class _TimmFeatures(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -198,34 +221,76 @@ class _TimmFeatures(nn.Module):
         return self.model.forward_features(x)
 
 
-def timm_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
-    """A timm model (random weights; ``kwargs`` go to ``timm.create_model``) through ``forward_features``."""
+def timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """The whole timm model ``name`` with random weights (``kwargs`` go to ``timm.create_model``)."""
     try:
         import timm
     except ImportError as e:
         raise ConfigError(f"backbone 'timm:{name}' needs timm: pip install 'selfcam[timm]'") from e
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        return timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as e:  # timm's "Unknown model"
         raise ConfigError(f"unknown timm model {name!r}") from e
+
+
+def timm_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
+    """A timm model (random weights; ``kwargs`` go to ``timm.create_model``) through ``forward_features``."""
+    return build_backbone(f"timm:{name}", in_chans, None, kwargs)[0]
+
+
+def _timm_parts(name: str, in_chans: int, pretrained: Any, kwargs: dict[str, Any]) -> tuple[Backbone, nn.Module | None, Any]:
+    if pretrained is None:
+        model, classifier, report = timm_model(name, num_classes=0, in_chans=in_chans, **kwargs), None, None
+    else:
+        model = timm_model(name, in_chans=in_chans, **kwargs)
+        prefix = str(model.pretrained_cfg.get("classifier") or "") + "." if hasattr(model, "pretrained_cfg") else ""
+        report = _load_whole(model, pretrained, prefix)
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        model.reset_classifier(0)
     trunk = _TimmFeatures(model)
-    return Backbone(trunk, nn.Identity(), _infer_channels(trunk, in_chans), in_chans, splittable=False)
+    return Backbone(trunk, nn.Identity(), _infer_channels(trunk, in_chans), in_chans, splittable=False), classifier, report
 
 
-def create_backbone(name: str, in_chans: int = 3, **kwargs: Any) -> Backbone:
-    """Build a backbone by name (see the module docstring); ``kwargs`` go to its builder."""
+def build_backbone(name: str, in_chans: int, pretrained: Any, kwargs: dict[str, Any]) -> tuple[Backbone, nn.Module | None, Any]:
+    """:func:`create_backbone` with the weights file (or weights name) ``pretrained`` loaded into the whole
+    network before it is cut: ``(backbone, the file's classifier or None, PretrainedReport or None)``."""
     if in_chans < 1:
         raise ConfigError(f"in_chans must be >= 1, got {in_chans}")
+    from .pretrained import named_weights
+
+    named = named_weights(pretrained)
+    if named is not None and name != named.backbone:
+        raise ConfigError(f"pretrained {named.name!r} fits backbone {named.backbone!r}, not {name!r}")
     match = re.fullmatch(r"resnet(\d+)(-bottleneck)?", name)
     try:
         if name.startswith("timm:"):
-            return timm_backbone(name[5:], in_chans, **kwargs)
+            return _timm_parts(name[5:], in_chans, pretrained, kwargs)
         if match and (match[2] or int(match[1]) in CIFAR_DEPTHS):
             check_options(cifar_resnet, kwargs, f"backbone {name!r}")
-            return cifar_resnet(int(match[1]), in_chans, bottleneck=bool(match[2]), **kwargs)
-        return torchvision_backbone(name.removeprefix("torchvision:"), in_chans, **kwargs)
+            bb = cifar_resnet(int(match[1]), in_chans, bottleneck=bool(match[2]), **kwargs)
+            if pretrained is None:
+                return bb, None, None
+            from .pretrained import load_pretrained
+
+            return bb, None, load_pretrained(bb, pretrained, adapt_first_conv=True)
+        tv = name.removeprefix("torchvision:")
+        model = torchvision_model(tv, **kwargs)
+        _rebuild_first_conv(model, in_chans)
+        report = None if pretrained is None else _load_whole(model, pretrained, _torchvision_classifier(model)[0])
+        classifier = None if pretrained is None else _torchvision_classifier(model)[1]
+        return _cut_torchvision(model, tv, in_chans), classifier, report
     except TypeError as e:
         raise ConfigError(f"bad option for backbone {name!r}: {e}") from e
+
+
+def create_backbone(name: str, in_chans: int = 3, *, pretrained: Any = None, **kwargs: Any) -> Backbone:
+    """Build a backbone by name (see the module docstring); ``kwargs`` go to its builder.
+
+    ``pretrained``: a weights file (or a name of :data:`selfcam.pretrained.NAMED_WEIGHTS`) loaded into
+    the whole torchvision / timm network (its classifier may have another class count) or into the
+    CIFAR ResNet, strictly (:func:`selfcam.pretrained.load_pretrained`).
+    """
+    return build_backbone(name, in_chans, pretrained, kwargs)[0]
 
 
 def list_backbones() -> list[str]:

@@ -7,16 +7,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, build_backbone
 from .errors import ConfigError, InputError, check_options
 from .heads import HEADS, ExplainedOutput, Head, upsample
 
-__all__ = ["ModelConfig", "SelfExplainer", "create_model", "list_methods"]
+__all__ = ["ModelConfig", "SelfExplainer", "create_model", "init_classifier", "list_methods", "make_head"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,13 @@ class SelfExplainer(nn.Module):
     ``x``: ``(N, in_chans, H, W)``, normalized. Output: :class:`ExplainedOutput`
     with ``heatmap`` at feature resolution ``(N, h, w)``; :meth:`explain` resizes it
     to ``(N, H, W)``.
+
+    ``wrap_info``: what :func:`selfcam.wrap` found (a :class:`selfcam.wrap.WrapInfo`, None for other
+    models); ``pretrained_report``: the key report of the weights file it started from, if any.
     """
+
+    wrap_info: Any = None
+    pretrained_report: Any = None
 
     def __init__(self, backbone: Backbone, head: Head, config: ModelConfig) -> None:
         super().__init__()
@@ -114,12 +121,43 @@ def list_methods() -> list[str]:
     return list(HEADS)
 
 
+def make_head(method: str, backbone: Backbone, num_classes: int, head_kwargs: dict[str, Any]) -> Head:
+    """The ``method`` head for ``backbone``'s features (ABN gets a copy of its last stage when it has one)."""
+    if method not in HEADS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(HEADS)}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    head_cls = HEADS[method]
+    check_options(head_cls.__init__, head_kwargs, f"method {method!r}")
+    extra: dict[str, Any] = {}
+    if head_cls.needs_last_stage and backbone.splittable:  # the head copies the backbone's last stage (ABN)
+        extra["attention_stage"] = backbone.last
+    try:
+        return head_cls(backbone.out_channels, num_classes, **head_kwargs, **extra)
+    except TypeError as e:
+        raise ConfigError(f"bad option for method {method!r}: {e}") from e
+
+
+def init_classifier(head: Head, classifier: nn.Module | None) -> bool:
+    """Copy a linear ``classifier``'s weights into ``head.fc`` when the shapes agree; True when it did."""
+    fc = getattr(head, "fc", None)
+    if not isinstance(classifier, nn.Linear) or not isinstance(fc, nn.Linear) or fc.weight.shape != classifier.weight.shape:
+        return False
+    with torch.no_grad():
+        fc.weight.copy_(classifier.weight)
+        if fc.bias is not None:
+            fc.bias.copy_(classifier.bias if classifier.bias is not None else torch.zeros_like(fc.bias))
+    return True
+
+
 def create_model(
     method: str,
     backbone: str,
     num_classes: int,
     in_chans: int = 3,
     backbone_kwargs: dict[str, Any] | None = None,
+    *,
+    pretrained: str | Path | None = None,
     **head_kwargs: Any,
 ) -> SelfExplainer:
     """Build ``backbone`` (see :func:`selfcam.backbones.create_backbone`) with the ``method`` head.
@@ -127,20 +165,31 @@ def create_model(
     ``backbone_kwargs`` go to the backbone builder (``stem_stride`` for the CIFAR
     ResNets...), ``head_kwargs`` to the head (``reduction``/``factor`` for ``se``,
     ``fin_width`` for ``lfi-light``...).
+
+    ``pretrained``: a weights file (safetensors, a ``torch.save`` state dict or a timm / Lightning
+    checkpoint; :func:`selfcam.load_pretrained`) or a known name (``"efficientnet-lite0"`` with
+    ``backbone="timm:efficientnet_lite0"``), loaded strictly into the whole torchvision / timm network
+    before it is cut (a first conv of another channel count is adapted). The file's classifier
+    initialises the head's linear layer when its shape is ``(num_classes, K)``, and is otherwise left
+    out. The run records the architecture, not the file: its weights are in the run. Backbones
+    ``wrap:...`` are models made by :func:`selfcam.wrap`, rebuilt from their recorded options.
     """
+    backbone_kwargs = dict(backbone_kwargs or {})
+    if backbone.startswith("wrap:"):
+        from .wrap import rebuild
+
+        return rebuild(ModelConfig(method, backbone, num_classes, in_chans, dict(head_kwargs), backbone_kwargs),
+                       pretrained=pretrained)  # fmt: skip
     if method not in HEADS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(HEADS)}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    backbone_kwargs = dict(backbone_kwargs or {})
-    bb = create_backbone(backbone, in_chans, **backbone_kwargs)
-    head_cls = HEADS[method]
-    check_options(head_cls.__init__, head_kwargs, f"method {method!r}")
-    extra: dict[str, Any] = {}
-    if head_cls.needs_last_stage and bb.splittable:  # the head copies the backbone's last stage (ABN)
-        extra["attention_stage"] = bb.last
-    try:
-        head = head_cls(bb.out_channels, num_classes, **head_kwargs, **extra)
-    except TypeError as e:
-        raise ConfigError(f"bad option for method {method!r}: {e}") from e
-    return SelfExplainer(bb, head, ModelConfig(method, backbone, num_classes, in_chans, dict(head_kwargs), backbone_kwargs))
+    bb, classifier, report = build_backbone(backbone, in_chans, pretrained, backbone_kwargs)
+    head = make_head(method, bb, num_classes, head_kwargs)
+    if not init_classifier(head, classifier) and report is not None and isinstance(classifier, nn.Linear):
+        report.notes.append(f"the file's classifier ({classifier.in_features} -> {classifier.out_features}) is not used: "
+                            f"the head is {bb.out_channels} -> {num_classes}")  # fmt: skip
+    model = SelfExplainer(bb, head, ModelConfig(method, backbone, num_classes, in_chans, dict(head_kwargs), backbone_kwargs))
+    if report is not None:
+        model.pretrained_report = report
+    return model
