@@ -1,6 +1,7 @@
 """selfcam: classifiers that explain themselves in their own forward pass.
 
     model = selfcam.create_model("lfi", "resnet50", num_classes=10)
+    model = selfcam.wrap(torchvision_or_timm_or_your_model, "se")   # any classifier, its predictions kept by "plain"
     out = model(x)            # out.logits (N, classes), out.heatmap (N, h, w) in [0, 1]
 """
 
@@ -10,6 +11,8 @@ from .errors import CheckpointError, ConfigError, DataError, DivergenceError, In
 from .heads import HEADS, ExplainedOutput, minmax, register_head, upsample
 from .model import ModelConfig, SelfExplainer, create_model, list_methods
 from .checkpoint import load_checkpoint, save_checkpoint
+from .pretrained import PretrainedReport, load_pretrained
+from .wrap import WrapInfo, wrap
 from .tasks import TASKS, get_task, list_tasks, register_task
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "InputError",
     "TASKS",
     "ModelConfig",
+    "PretrainedReport",
     "SelfExplainer",
     "SelfcamError",
     "TrainConfig",
@@ -32,12 +36,15 @@ __all__ = [
     "list_methods",
     "list_tasks",
     "load_checkpoint",
+    "load_pretrained",
     "minmax",
     "posthoc_map",
     "register_head",
     "register_task",
     "save_checkpoint",
     "upsample",
+    "WrapInfo",
+    "wrap",
 ]
 
 

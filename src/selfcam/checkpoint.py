@@ -233,8 +233,13 @@ def load_state(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved in ``run_dir`` (any task); returns ``(model in eval mode, config dict)``."""
+def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu", *,
+                    model: nn.Module | Callable[[], nn.Module] | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """Rebuild the model saved in ``run_dir`` (any task); returns ``(model in eval mode, config dict)``.
+
+    ``model``: for a run of :func:`selfcam.wrap` on your own model class, a callable returning the bare
+    model (or the module itself); the run's config names the class but selfcam never imports it.
+    """
     from .tasks import get_task
 
     doc = read_config(run_dir)
@@ -242,9 +247,19 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file not found")
     state = read_safetensors(weights, str(map_location))
+    backbone = getattr(doc["model"], "backbone", None)
+    wrapped = isinstance(backbone, str) and backbone.startswith("wrap:")
     try:
-        model = get_task(doc["task"]).build(doc["model"])
+        if model is not None and not wrapped:
+            raise ConfigError(f"model= is for runs of selfcam.wrap on your own model; this run rebuilds itself "
+                              f"({get_task(doc['task']).describe(doc['model'])})")  # fmt: skip
+        if wrapped:
+            from .wrap import rebuild
+
+            built = rebuild(doc["model"], model=model)
+        else:
+            built = get_task(doc["task"]).build(doc["model"])
     except ConfigError as e:
         raise CheckpointError(f"{Path(run_dir) / CONFIG}: {e}") from e
-    load_state(model, state, f"{weights}: weights do not match config ({get_task(doc['task']).describe(doc['model'])})")
-    return model.to(map_location).eval(), doc
+    load_state(built, state, f"{weights}: weights do not match config ({get_task(doc['task']).describe(doc['model'])})")
+    return built.to(map_location).eval(), doc
