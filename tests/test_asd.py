@@ -16,13 +16,11 @@ from selfcam.asd import (
     LOG_EPS,
     ASDConfig,
     ASDModel,
-    ASDRecipe,
     evaluate_asd,
     importance_by_class,
     log_mel,
     mel_filterbank,
     modality_importance,
-    run_asd_demo,
 )
 from selfcam.checkpoint import load_checkpoint, save_checkpoint
 from selfcam.data.digits import box_mask
@@ -376,20 +374,3 @@ def test_asd_runs_of_the_format_before_tasks_still_load(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"selfcam_version": "0.1.0", "kind": "asd", "asd": raw["model"]}))
     loaded, doc = load_checkpoint(tmp_path)
     assert doc["task"] == "asd" and isinstance(loaded, ASDModel) and loaded.config == model.config
-
-
-@pytest.mark.slow
-def test_demo_writes_metrics_and_report(tmp_path: Path) -> None:
-    recipe = ASDRecipe(frames=4, size=32, train_size=24, val_size=8, test_size=24, epochs=1, batch_size=8)
-    metrics = run_asd_demo(tmp_path, recipe, progress=False, log=lambda s: None)
-    doc = json.loads((tmp_path / "metrics.json").read_text())
-    assert doc == json.loads(json.dumps(metrics))
-    for key in ("mAP", "frame_accuracy", "mouth_pointing_game", "modality_importance", "silence_check", "recipe", "train_seconds"):
-        assert key in doc
-    assert set(doc["modality_importance"]) == {"speaking", "not_speaking"}
-    assert set(doc["modality_importance"]["speaking"]) == {"audio", "face"}
-    assert 0 <= doc["mAP"] <= 1 and 0 <= doc["mouth_pointing_game"] <= 1
-    html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/gif;base64,") == 1 and html.count("data:image/png;base64,") >= 5
-    assert "audio replaced by silence" in html
-    assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -89,19 +89,21 @@ def test_demo_small_recipe_end_to_end(tmp_path: Path) -> None:
     code, text = _run("demo", "--out", str(out), "--epochs", "1", "--train-size", "256", "--test-size", "64", "--quiet")
     assert code == 0, text
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["dataset"] == "cluttered-digits"
-    assert set(metrics["models"]) == {"plain", "lfi", "lfi-light", "se", "abn", "gradcam"}
-    for name, row in metrics["models"].items():
-        assert {"accuracy", "pointing_game", "iou", "map_ms_per_image", "params"} <= row.keys(), name
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["pointing_game"] <= 1 and 0 <= row["iou"] <= 1
-        assert isinstance(row["params"], int) and row["map_ms_per_image"] > 0
-    assert metrics["models"]["gradcam"]["params"] == metrics["models"]["plain"]["params"]
+    assert metrics["format"] == "selfcam-demo" and metrics["task"] == "image" and metrics["dataset"] == "cluttered-digits"
+    assert set(metrics["runs"]) == {"plain", "lfi", "lfi-light", "se", "abn"} and metrics["n_items"] == 64
+    for name, run in metrics["runs"].items():
+        assert set(run["results"]) == {"self", "gradcam"} and isinstance(run["params"], int), name
+        for row in run["results"].values():
+            assert {"accuracy", "pointing_game", "iou", "map_ms_per_image"} <= row.keys(), name
+            assert 0 <= row["accuracy"] <= 1 and 0 <= row["pointing_game"] <= 1 and 0 <= row["iou"] <= 1
+            assert row["map_ms_per_image"] > 0
+    assert metrics["recipe"]["train_size"] == 256 and set(metrics["train_seconds"]) == set(metrics["runs"])
     html = (out / "report.html").read_text()
     parser = _Images()
     parser.feed(html)
     gallery = [s for s in parser.srcs if s.startswith("data:image/png;base64,")]
-    assert len(gallery) >= 16 * 7  # 16 rows: input + 6 methods
+    assert len(gallery) >= 10 * 2 * 7  # 2 images per class: input, 5 self maps, Grad-CAM of the plain run
     assert "http://" not in html and "https://" not in html
     for method in ("plain", "lfi", "lfi-light", "se", "abn"):
         assert (out / "runs" / method / "model.safetensors").is_file()
-    assert "cluttered digits, test split" in text
+    assert "cluttered-digits, test split (64 items)" in text

@@ -17,7 +17,7 @@ from selfcam.data.faces import (
     ATTRIBUTES, FACES_MEAN, FACES_STD, SyntheticFaces, read_masks, render_faces, sample_face_params, write_celeba,
 )  # fmt: skip
 from selfcam.errors import ConfigError, DataError
-from selfcam.faces import FacesRecipe, attribute_scores, evaluate_attributes, run_faces_demo
+from selfcam.faces import attribute_scores, evaluate_attributes
 from selfcam.heads import ExplainedOutput, MultiLabelSEHead, SEHead
 from selfcam.metrics import zhang_tolerance
 from selfcam.model import create_model
@@ -371,18 +371,3 @@ def test_training_smoke_through_fit(tmp_path: Path) -> None:
     assert 0 <= history[-1]["val_acc"] <= 1 and history[-1]["train_loss"] < 0.8  # BCE starts near log 2 = 0.69 + noise
     loaded, _ = load_checkpoint(tmp_path / "run")
     assert loaded.task == "attributes"
-
-
-@pytest.mark.slow
-def test_faces_demo_writes_metrics_and_report(tmp_path: Path) -> None:
-    recipe = FacesRecipe(stem_stride=2, epochs=1, train_size=64, val_size=16, test_size=24, batch_size=32)
-    lines: list[str] = []
-    metrics = run_faces_demo(tmp_path, recipe, progress=False, log=lines.append)
-    doc = json.loads((tmp_path / "metrics.json").read_text())
-    assert doc == metrics and set(doc) == {"attributes", "mean", "recipe", "train_seconds"}
-    assert list(doc["attributes"]) == list(ATTRIBUTES) and doc["recipe"]["train_size"] == 64
-    for row in doc["attributes"].values():
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["pointing_game"] <= row["pointing_game_15px"] <= 1 and 0 <= row["iou"] <= 1
-    html = (tmp_path / "report.html").read_text()
-    assert "Wearing_Earrings" in html and html.count("data:image/png;base64,") >= 2
-    assert (tmp_path / "run" / "model.safetensors").is_file() and lines

@@ -185,13 +185,14 @@ def test_build_report_from_runs_evaluation_and_demo(tmp_path):
     ev = _evaluation_dir(tmp_path / "ev")
     demo = tmp_path / "demo"
     demo.mkdir()
-    (demo / "metrics.json").write_text(json.dumps({"dataset": "cluttered-digits", "models": {"lfi": {"accuracy": 0.875}},
-                                                   "recipe": {"epochs": 5}}))
+    (demo / "metrics.json").write_text(json.dumps({"format": "selfcam-demo", "task": "image", "dataset": "cluttered-digits",
+                                                   "runs": {"lfi": {"results": {"self": {"accuracy": 0.875}}}},
+                                                   "recipe": {"epochs": 5}}))  # fmt: skip
     _run_dir(demo / "runs" / "lfi", "lfi")
     out = build_report([a, b, ev, demo], tmp_path / "report.html", per_class=1, methods=("gradcam",))
     html = out.read_text(encoding="utf-8")
     assert "http://" not in html and "https://" not in html and 'src="data:' in html
-    for text in ("ev/a/self", "0.750", "demo/lfi", "0.875", "<h2>Runs</h2>", "best_val_acc", "0.625",
+    for text in ("ev/a/self", "0.750", "demo/lfi/self", "0.875", "<h2>Runs</h2>", "best_val_acc", "0.625",
                  "ev: deletion and insertion curves", "ev: stability matrix (IOU)", "ev: stability matrix (DICE)",
                  "ev: sanity check", "demo (demo recipe).epochs", "a.model.method", "<h3>class 9</h3>"):
         assert text in html, text
@@ -232,6 +233,8 @@ def test_build_report_without_gallery_and_old_evaluation_format(tmp_path):
     (lambda p: (p.mkdir(), (p / "evaluation.json").write_text("{oops")), "evaluation.json: not valid JSON"),
     (lambda p: (p.mkdir(), (p / "metrics.json").write_text("[]")), "was it written by `selfcam demo`"),
     (lambda p: (p.mkdir(), (p / "metrics.json").write_text('{"note": "no metrics"}')), "was it written by `selfcam demo`"),
+    (lambda p: (p.mkdir(), (p / "metrics.json").write_text('{"models": {"se": {"accuracy": 1.0}}}')),
+     "written by an older selfcam demo"),
 ])
 def test_report_command_errors_name_the_path(tmp_path, setup, message):
     from typer.testing import CliRunner
@@ -312,14 +315,14 @@ def asd_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_dirs(tmp_path_factory):
     """(faces demo folder, ASD demo folder), each from a tiny recipe."""
-    from selfcam.asd import ASDRecipe, run_asd_demo
-    from selfcam.faces import FacesRecipe, run_faces_demo
+    from selfcam.demo import run_demo
+    from selfcam.recipes import demo_recipe
 
     root = tmp_path_factory.mktemp("demos")
-    run_faces_demo(root / "faces", FacesRecipe(stem_stride=2, epochs=1, train_size=32, val_size=8, test_size=12,
-                                               batch_size=16, image_size=32), progress=False, log=lambda s: None)  # fmt: skip
-    run_asd_demo(root / "asd", ASDRecipe(frames=4, size=32, train_size=16, val_size=8, test_size=16, epochs=1,
-                                         batch_size=8), progress=False, log=lambda s: None)  # fmt: skip
+    tiny = dict(epochs=1, train_size=32, val_size=8, test_size=12, batch_size=16, image_size=32)
+    run_demo(root / "faces", demo_recipe("faces", backbone_kwargs={"stem_stride": 2}, **tiny), progress=False, log=lambda s: None)
+    run_demo(root / "asd", demo_recipe("asd", data_options={"frames": 4}, **{**tiny, "test_size": 16, "batch_size": 8}),
+             progress=False, log=lambda s: None)  # fmt: skip
     return root / "faces", root / "asd"
 
 
@@ -412,28 +415,29 @@ def test_report_of_faces_and_asd_demo_folders(tmp_path, demo_dirs):
     from selfcam.report import build_report, read_sources
 
     faces, asd = demo_dirs
-    assert list(read_sources([faces, asd]).runs) == ["faces/run", "asd/model"]
+    assert list(read_sources([faces, asd]).runs) == ["se-multilabel", "se"]
     html = build_report([faces, asd], tmp_path / "r.html", per_class=2).read_text()
     fdoc, adoc = (json.loads((d / "metrics.json").read_text()) for d in demo_dirs)
+    frun, arun = fdoc["runs"]["se-multilabel"], adoc["runs"]["se"]
     assert _notes(html) == []
-    for text in ("<h2>faces: per-attribute test metrics", "<td>Wearing_Earrings</td>", "faces/se-multilabel (mean over attributes)",
-                 f"<td>{fdoc['attributes']['Beard']['iou']:.3f}</td>", f"<td>{fdoc['mean']['accuracy']:.3f}</td>",
-                 "asd/SE-CAM ASD (audio + face)", "asd/same model, audio replaced by silence", f"<td>{adoc['mAP']:.3f}</td>",
-                 "<h2>asd: modality importance", "<td>not_speaking, silent audio</td>",
-                 f"<td>{adoc['modality_importance']['speaking']['audio']:.3f}</td>", "<h2>asd: silence check",
-                 "faces (demo recipe).train_size", "asd (demo recipe).frames", "<td>faces/run</td>", "<td>asd/model</td>",
+    for text in ("<h2>faces: se-multilabel, per-attribute test metrics", "<td>Wearing_Earrings</td>", "faces/se-multilabel/self",
+                 f"<td>{frun['attributes']['Beard']['iou']:.3f}</td>", f"<td>{frun['results']['self']['accuracy']:.3f}</td>",
+                 "asd/se/self", "asd/se/self, audio replaced by silence", f"<td>{arun['results']['self']['mAP']:.3f}</td>",
+                 "<h2>asd: se, modality importance", "<td>not_speaking, silent audio</td>",
+                 f"<td>{arun['modality_importance']['speaking']['audio']:.3f}</td>", "<h2>asd: se, silence check",
+                 "faces (demo recipe).train_size", "asd (demo recipe).data_options.frames", "<td>se-multilabel</td>", "<td>se</td>",
                  "dataset: synthetic-faces, speaker-clips"):  # fmt: skip
         assert text in html, text
     figures = _figures(html)
-    assert np.array_equal(figures[next(c for c in figures if c.startswith("Gallery, run faces/run: per-attribute"))],
-                          _expected_sheet(faces / "run", 4))  # fmt: skip
-    shown = _check_strips(figures, "asd/model", asd / "model", SpeakerClips("test", 32, frames=4, size=32), 4, 32,
+    assert np.array_equal(figures[next(c for c in figures if c.startswith("Gallery, run se-multilabel: per-attribute"))],
+                          _expected_sheet(faces / "runs" / "se-multilabel", 4))  # fmt: skip
+    shown = _check_strips(figures, "se", asd / "runs" / "se", SpeakerClips("test", 32, frames=4, size=32), 4, 32,
                           lambda m, it: m.explain(it[0][None], it[1][None]).heatmap)  # fmt: skip
-    assert len(shown) == 4 and any(c.startswith("asd: modality importance") for c in figures)
+    assert len(shown) == 4 and any(c.startswith("asd: se, modality importance") for c in figures)
     result = CliRunner().invoke(app, ["report", str(faces), str(asd), "--out", str(tmp_path / "cli.html"), "--per-class", "1"])
     assert result.exit_code == 0, result.output
     cli = (tmp_path / "cli.html").read_text()
-    assert "of 2 test images of synthetic-faces" in cli and cli.count("<h2>Gallery, run asd/model: test clip") == 2
+    assert "of 2 test images of synthetic-faces" in cli and cli.count("<h2>Gallery, run se: test clip") == 2
 
 
 def test_report_of_a_video_run_and_notes_for_galleries_it_cannot_draw(tmp_path, faces_run):

@@ -13,19 +13,15 @@ The importance of a modality is the mean SE weight ``s`` over its slice of the c
 embedding (per clip; :func:`importance_by_class` averages it over a split by class). Training runs
 through :func:`selfcam.train.fit` (the ``asd`` task of :mod:`selfcam.tasks`; in training, ``audio_dropout``
 of the clips are heard as silence) and runs are saved like every other (:mod:`selfcam.checkpoint`).
-:func:`run_asd_demo` trains on
-:class:`~selfcam.data.speakers.SpeakerClips` and writes ``metrics.json`` and ``report.html``.
+:func:`evaluate_asd` scores a model; the demo is ``selfcam demo --task asd`` (:mod:`selfcam.demo`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F_
@@ -34,17 +30,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data.digits import box_mask
-from .data.speakers import FPS, FRAME_MEAN, FRAME_STD, KINDS, SpeakerClips
 from .errors import ConfigError, InputError
 from .metrics import pointing_game, zhang_tolerance
-from .render import clip_gif, frame_strip, importance_bars, png_data_uri, write_report
 from .video import SqueezeExcite, VideoBackbone, check_clip, upsample_clip
 
 __all__ = [
     "ASDConfig",
     "ASDModel",
     "ASDOutput",
-    "ASDRecipe",
     "AudioEncoder",
     "LogMel",
     "MODALITIES",
@@ -54,7 +47,6 @@ __all__ = [
     "mel_filterbank",
     "modality_importance",
     "predict_asd",
-    "run_asd_demo",
 ]
 
 MODALITIES: tuple[str, ...] = ("audio", "face")  # order of the slices in the concatenated embedding
@@ -402,119 +394,4 @@ def evaluate_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64) -> dic
         "silent_modality_importance": importance_by_class(silent["importance"], silent["labels"]),
         "silent_scores": {k: v for k, v in _scores(silent).items() if not k.startswith("mouth")},
     }  # fmt: skip
-    return metrics
-
-
-# --- the demo ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ASDRecipe:
-    """The quick ASD recipe (synthetic speaker clips; about 10 minutes on 2 CPU cores, docs/asd.md)."""
-
-    frames: int = 8
-    size: int = 64
-    train_size: int = 2000
-    val_size: int = 300
-    test_size: int = 500
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    seed: int = 0
-    backbone: str = "resnet8"
-    stem_stride: int = 2
-    output_stride: int = 8
-    visual_reduction: int = 4
-    fusion_reduction: int = 8
-    # measured choices (docs/asd.md): max pooling of the gated face map kept the frame maps on the
-    # mouth (pointing game 0.78-0.85 over seeds 0-2); the gate L1 and audio dropout did not make the
-    # audio importance fall reliably under silence and cost pointing game, so they are off
-    fusion_bias: bool = True
-    face_pool: str = "max"
-    gate_l1: float = 0.0
-    audio_dropout: float = 0.0
-
-
-def _figures(model: ASDModel, test: Dataset, metrics: dict[str, Any], fps: int) -> list[tuple[str, str]]:
-    """Heatmap strips of four test clips (two speaking, two not), a GIF of the first, the importance bars."""
-    labels = test.labels  # type: ignore[attr-defined]
-    picks = [int(i) for i in torch.nonzero(labels == 1).flatten()[:2]] + [int(i) for i in torch.nonzero(labels == 0).flatten()[:2]]
-    items = [test[i] for i in picks]
-    frames, wave = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
-    with torch.no_grad():
-        out = model.eval().explain(frames, wave)
-    raw = (frames * FRAME_STD + FRAME_MEAN).clamp(0, 1)  # the frames in [0, 1], as drawn
-    figures = []
-    for j, i in enumerate(picks):
-        boxes = items[j][4] if len(items[j]) > 4 else None
-        kind = KINDS[int(test.kinds[i])] if hasattr(test, "kinds") else ("speaking" if labels[i] else "not speaking")
-        caption = (f"Test clip {i} ({kind}): frames over per-frame SE-CAM maps, mouth box in green. Frame labels "
-                   f"{items[j][3].tolist()}, frame scores {[round(v, 1) for v in out.frame_score[j].tolist()]}, "
-                   f"audio/face importance {out.importance['audio'][j]:.3f}/{out.importance['face'][j]:.3f}")  # fmt: skip
-        figures.append((caption, png_data_uri(frame_strip(raw[j], out.heatmap[j], boxes, scale=2))))
-    boxes0 = items[0][4] if len(items[0]) > 4 else None
-    figures.append((f"Test clip {picks[0]} animated (4x slower): frame | SE-CAM overlay", clip_gif(raw[0], out.heatmap[0], boxes0, fps=fps)))
-    figures.append(("Modality importance: mean fusion-SE weight of each modality's slice", importance_bars(metrics)))
-    return figures
-
-
-def _row(m: dict[str, Any], imp: dict[str, dict[str, float]]) -> dict[str, Any]:
-    keys = ("mAP", "clip_AP", "frame_accuracy", "clip_accuracy", "mouth_pointing_game", "mouth_pointing_game_15px")
-    row = {k: m[k] for k in keys if k in m}
-    for cls in ("speaking", "not_speaking"):
-        for mod in MODALITIES:
-            row[f"{mod}_imp_{cls}"] = imp[cls][mod]
-    return row
-
-
-def run_asd_demo(
-    out_dir: str | Path, recipe: ASDRecipe | None = None, progress: bool = True, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Train SE-CAM ASD on synthetic speaker clips, evaluate on the test split, write
-    ``metrics.json``, ``report.html`` and the checkpoint under ``model/``; returns the metrics."""
-    from .train import TrainConfig, fit, seed_all
-
-    r = recipe or ASDRecipe()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    data = {split: SpeakerClips(split, n, frames=r.frames, size=r.size, seed=r.seed)  # type: ignore[arg-type]
-            for split, n in (("train", r.train_size), ("val", r.val_size), ("test", r.test_size))}  # fmt: skip
-    log(f"[asd] {r.train_size} / {r.val_size} / {r.test_size} clips generated in {time.perf_counter() - t0:.1f} s")
-    seed_all(r.seed)
-    model = ASDModel(ASDConfig(frames=r.frames, backbone=r.backbone,
-                               backbone_kwargs={"stem_stride": r.stem_stride, "output_stride": r.output_stride},
-                               visual_reduction=r.visual_reduction, fusion_reduction=r.fusion_reduction,
-                               fusion_bias=r.fusion_bias, face_pool=r.face_pool, gate_l1=r.gate_l1,
-                               audio_dropout=r.audio_dropout))  # fmt: skip
-    cfg = TrainConfig(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, seed=r.seed)
-    log(f"[asd] training {r.backbone} + audio CNN for {r.epochs} epochs")
-    t1 = time.perf_counter()
-    history = fit(model, data["train"], data["val"], cfg, out / "model", progress)
-    model = model.cpu().eval()
-    train_seconds = time.perf_counter() - t1
-    test_metrics = evaluate_asd(model, data["test"])
-    metrics: dict[str, Any] = {
-        **{k: test_metrics[k] for k in ("mAP", "frame_accuracy", "mouth_pointing_game")},
-        "modality_importance": test_metrics["modality_importance"],
-        "silence_check": test_metrics["silence_check"],
-        "clip_AP": test_metrics["clip_AP"], "clip_accuracy": test_metrics["clip_accuracy"],
-        "mouth_pointing_game_all_frames": test_metrics["mouth_pointing_game_all_frames"],
-        "mouth_pointing_game_15px": test_metrics["mouth_pointing_game_15px"],
-        "recipe": asdict(r), "train_seconds": round(train_seconds, 1),
-    }  # fmt: skip
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    silence = test_metrics["silence_check"]
-    table = {
-        "models": {
-            "SE-CAM ASD (audio + face)": _row(test_metrics, test_metrics["modality_importance"]),
-            "same model, audio replaced by silence": _row(silence["silent_scores"], silence["silent_modality_importance"]),
-        }
-    }
-    write_report(out / "report.html", title="selfcam demo: active speaker detection (synthetic clips)",
-                 metrics={"dataset": "synthetic speaker clips (test split)", **table}, config=asdict(r),
-                 history={"asd": history}, figures=_figures(model, data["test"], test_metrics, FPS))  # fmt: skip
-    log(f"[asd] mAP {metrics['mAP']:.3f}, frame accuracy {metrics['frame_accuracy']:.3f}, "
-        f"mouth pointing game {metrics['mouth_pointing_game']:.3f}, train {train_seconds:.0f} s")  # fmt: skip
     return metrics

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -91,48 +91,38 @@ def _table(title: str, rows: dict[str, dict[str, Any]], first: str = "model") ->
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for metrics.json, report.html and the runs."),
-    task: str = typer.Option("digits", help="digits (every head on cluttered digits), faces (SE-CAM per attribute) "
-                             "or asd (audio-visual active speaker detection)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs per model (default: the task's recipe)."),
-    backbone: str = typer.Option("resnet8", help="Backbone for every model (digits)."),
-    train_size: Optional[int] = typer.Option(None, help="Training samples (default: the task's recipe)."),
-    test_size: Optional[int] = typer.Option(None, help="Test samples (default: the task's recipe)."),
+    task: str = typer.Option("digits", help="digits (every head on cluttered digits), faces (SE-CAM per attribute), video "
+                             "(SE-CAM per frame of moving digits) or asd (audio-visual active speaker detection)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per model (default: the demo's recipe)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone for every model (default: the demo's recipe)."),
+    train_size: Optional[int] = typer.Option(None, help="Training samples (default: the demo's recipe)."),
+    test_size: Optional[int] = typer.Option(None, help="Test samples (default: the demo's recipe)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
-    methods: str = typer.Option("plain,lfi,lfi-light,se,abn", help="Comma-separated heads to train (digits)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated heads to train (default: the demo's; digits: "
+                                          "plain,lfi,lfi-light,se,abn)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train on built-in data with ground truth, score the maps, write metrics.json and report.html."""
-    from dataclasses import replace
+    from .demo import run_demo
+    from .recipes import DEMOS, demo_recipe
 
-    log = lambda s: console.print(s, markup=False, highlight=False)  # noqa: E731
-    sizes = {k: v for k, v in (("epochs", epochs), ("train_size", train_size), ("test_size", test_size)) if v is not None}
+    if task not in DEMOS:
+        raise typer.BadParameter(f"unknown demo {task!r}; choose from {', '.join(DEMOS)}", param_hint="--task")
+    recipe = demo_recipe(task, epochs=epochs, backbone=backbone, train_size=train_size, test_size=test_size, seed=seed,
+                         methods=_names(methods) if methods else None)  # fmt: skip
+    from .tasks import get_task
+
+    heads = get_task(recipe.task).methods
+    unknown = [m for m in recipe.methods if m not in heads]
+    if unknown:
+        raise typer.BadParameter(f"unknown method(s) {unknown} for the {task} demo; choose from {', '.join(heads)}", param_hint="--methods")
     t0 = time.perf_counter()
-    if task == "digits":
-        from .demo import DemoRecipe, run_demo
-        from .heads import HEADS
-
-        chosen = _names(methods)
-        unknown = [m for m in chosen if m not in HEADS]
-        if unknown:
-            raise typer.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(HEADS)}", param_hint="--methods")
-        recipe = replace(DemoRecipe(backbone=backbone, seed=seed), **sizes)
-        metrics = run_demo(out, recipe, chosen, progress=not quiet, log=log)
-        console.print(_table("cluttered digits, test split", metrics["models"]))
-    elif task == "faces":
-        from .faces import FacesRecipe, run_faces_demo
-
-        metrics = run_faces_demo(out, replace(FacesRecipe(seed=seed), **sizes), progress=not quiet, log=log)
-        console.print(_table("synthetic faces, test split", metrics["attributes"], first="attribute"))
-    elif task == "asd":
-        from .asd import ASDRecipe, run_asd_demo
-
-        metrics = run_asd_demo(out, replace(ASDRecipe(seed=seed), **sizes), progress=not quiet, log=log)
-        row = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        console.print(_table("synthetic speaker clips, test split", {"se-cam": row}))
-        for cls, imp in metrics["modality_importance"].items():
-            console.print(f"modality importance, {cls}: " + ", ".join(f"{k} {v:.3f}" for k, v in imp.items()))
-    else:
-        raise typer.BadParameter(f"unknown task {task!r}; choose from digits, faces, asd", param_hint="--task")
+    metrics = run_demo(out, recipe, progress=not quiet, log=lambda s: console.print(s, markup=False, highlight=False))
+    rows = {f"{run}/{m}": r for run, v in metrics["runs"].items() for m, r in v["results"].items()}
+    console.print(_table(f"{recipe.data}, test split ({metrics['n_items']} items)", rows))
+    for run, v in metrics["runs"].items():
+        for cls, imp in (v.get("modality_importance") or {}).items():
+            console.print(f"{run}: modality importance, {cls}: " + ", ".join(f"{k} {x:.3f}" for k, x in imp.items()))
     console.print(f"wall time {time.perf_counter() - t0:.0f} s; wrote {out / 'metrics.json'} and {out / 'report.html'}")
 
 

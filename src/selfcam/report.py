@@ -64,18 +64,17 @@ def _unique(path: Path, taken: dict[str, Any]) -> str:
     return str(path)
 
 
-DEMO_RUNS: tuple[str, ...] = ("runs/*", "run", "model")  # where demos keep their runs: digits, faces, asd
+DEMO_RUNS: tuple[str, ...] = ("runs/*",)  # where demos keep their runs (one per head)
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _is_demo(doc: Any) -> bool:
-    """A ``metrics.json`` of a demo: the digits demo's ``models``, the faces demo's ``attributes``, or
-    top-level metric values (the ASD demo)."""
-    return isinstance(doc, dict) and (isinstance(doc.get("models"), dict) or isinstance(doc.get("attributes"), dict)
-                                      or any(_number(v) for v in doc.values()))  # fmt: skip
+def _demo_problem(doc: Any) -> str | None:
+    """Why ``doc`` is not a demo's ``metrics.json`` of this version (``None`` when it is one)."""
+    if isinstance(doc, dict) and doc.get("format") == "selfcam-demo" and isinstance(doc.get("runs"), dict):
+        return None
+    if isinstance(doc, dict) and (isinstance(doc.get("models"), dict) or isinstance(doc.get("attributes"), dict)
+                                  or isinstance(doc.get("modality_importance"), dict)):  # fmt: skip
+        return "written by an older selfcam demo (before every demo shared one format); rerun `selfcam demo --task T`"
+    return "not a demo's metrics.json (no \"format\": \"selfcam-demo\" and no 'runs'); was it written by `selfcam demo`?"
 
 
 def read_sources(paths: Sequence[str | Path]) -> Sources:
@@ -97,14 +96,14 @@ def read_sources(paths: Sequence[str | Path]) -> Sources:
             kinds += 1
         if (path / "metrics.json").is_file():
             doc = _read_json(path / "metrics.json")
-            if not _is_demo(doc):
-                raise InputError(f"{path / 'metrics.json'}: no 'models' or 'attributes' object and no metric values; "
-                                 "was it written by `selfcam demo`?")  # fmt: skip
+            problem = _demo_problem(doc)
+            if problem:
+                raise InputError(f"{path / 'metrics.json'}: {problem}")
             demo = _unique(path, found.demos)
             found.demos[demo] = doc
             for pattern in DEMO_RUNS:
                 for run in sorted(r for r in path.glob(pattern) if (r / "config.json").is_file()):
-                    name = _unique(run, found.runs) if pattern == "runs/*" else f"{demo}/{run.name}"
+                    name = _unique(run, found.runs)
                     found.runs[name if name not in found.runs else str(run)] = run
             kinds += 1
         if (path / "config.json").is_file():
@@ -185,72 +184,42 @@ def _threshold(doc: dict) -> str:
 # --- demo metrics.json documents ---------------------------------------------------------------
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> one level with dotted keys, values kept as they are."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _plain(v: object) -> bool:
     return v is None or isinstance(v, (bool, str, numbers.Real))
 
 
-def _demo_parts(name: str, doc: dict, prefix: str, notes: list[str]) -> tuple[dict, list, list, str | None]:
-    """Metric rows, tables, figures and dataset of one demo's ``metrics.json``.
-
-    Digits demo (``models``): a row per model. Faces demo (``attributes``, ``mean``): a row of the
-    mean over attributes and a table with a row per attribute. ASD demo (top-level numbers,
-    ``modality_importance``, ``silence_check``): a row of the numbers, a row of the silent-audio
-    scores, the modality importance per class (real and silent audio) as a table and a bar chart,
-    and the silence check's values. Any other nested object becomes a table of its own (flattened).
-    """
+def _task_parts(name: str, doc: dict, prefix: str, notes: list[str]) -> tuple[dict, list, list]:
+    """What the task adds to a run's entry of an evaluation or demo document, as rows, tables and figures:
+    attribute runs a table with a row per attribute; ASD runs the scores with silent audio (a row), the
+    modality importance per class (a table and a bar chart) and the silence check (a table)."""
     rows: dict[str, dict] = {}
     tables: list[tuple[str, dict]] = []
     figures: list[tuple[str, str]] = []
-    if isinstance(doc.get("models"), dict):
-        rows = {f"{prefix}{m}": r for m, r in doc["models"].items() if isinstance(r, dict)}
-        return rows, tables, figures, doc.get("dataset")
-    handled = {"recipe"}
-    if isinstance(doc.get("attributes"), dict):
-        dataset = doc.get("dataset") or "synthetic-faces"
-        per = {a: r for a, r in doc["attributes"].items() if isinstance(r, dict)}
-        mean = doc["mean"] if isinstance(doc.get("mean"), dict) else {}
-        rows[f"{prefix}se-multilabel (mean over attributes)"] = {**mean, **{k: v for k, v in doc.items() if _number(v)}}
-        tables.append((f"{name}: per-attribute test metrics (pointing game and IoU on the images with the attribute)",
-                       {**per, **({"mean": mean} if mean else {})}))  # fmt: skip
-        handled |= {"attributes", "mean"}
-    else:
-        asd = isinstance(doc.get("modality_importance"), dict)
-        dataset = doc.get("dataset") or ("speaker-clips" if asd else None)
-        rows[f"{prefix}SE-CAM ASD (audio + face)" if asd else name] = {k: v for k, v in doc.items()
-                                                                    if _plain(v) and k != "dataset"}
-        silence = doc["silence_check"] if isinstance(doc.get("silence_check"), dict) else {}
+    for run, entry in doc["runs"].items():
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("attributes"), dict):
+            per = {a: r for a, r in entry["attributes"].items() if isinstance(r, dict)}
+            tables.append((f"{name}: {run}, per-attribute test metrics (pointing game and IoU on the images with the "
+                           "attribute)", per))  # fmt: skip
+        silence = entry["silence_check"] if isinstance(entry.get("silence_check"), dict) else {}
         if isinstance(silence.get("silent_scores"), dict):
-            rows[f"{prefix}same model, audio replaced by silence"] = silence["silent_scores"]
-        if asd:
-            importance = {c: v for c, v in doc["modality_importance"].items() if isinstance(v, dict)}
+            rows[f"{prefix}{run}/self, audio replaced by silence"] = silence["silent_scores"]
+        if isinstance(entry.get("modality_importance"), dict):
+            importance = {c: v for c, v in entry["modality_importance"].items() if isinstance(v, dict)}
             silent = silence.get("silent_modality_importance")
             if isinstance(silent, dict):
                 importance.update({f"{c}, silent audio": v for c, v in silent.items() if isinstance(v, dict)})
-            tables.append((f"{name}: modality importance (mean fusion-SE weight of each modality's slice, test split)",
-                           importance))  # fmt: skip
+            tables.append((f"{name}: {run}, modality importance (mean fusion-SE weight of each modality's slice)", importance))
             try:
-                figures.append((f"{name}: modality importance (speaking / not speaking, real and silent audio)",
-                                render.importance_bars(doc)))  # fmt: skip
+                figures.append((f"{name}: {run}, modality importance (speaking / not speaking, real and silent audio)",
+                                render.importance_bars(entry)))  # fmt: skip
             except (KeyError, TypeError, ValueError) as e:
-                notes.append(f"{name}: modality importance chart left out (metrics.json lacks {e})")
+                notes.append(f"{name}: {run}: modality importance chart left out (the document lacks {e})")
         if silence:
-            tables.append((f"{name}: silence check (every waveform replaced by zeros)",
+            tables.append((f"{name}: {run}, silence check (every waveform replaced by zeros)",
                            {"test split": {k: v for k, v in silence.items() if _plain(v)}}))  # fmt: skip
-        handled |= {"modality_importance", "silence_check"}
-    for key, value in doc.items():
-        if isinstance(value, dict) and key not in handled and value:
-            inner = {k: _flat(v) for k, v in value.items() if isinstance(v, dict)}
-            top = {k: v for k, v in value.items() if not isinstance(v, dict)}
-            tables.append((f"{name}: {key}", {**({key: top} if top else {}), **inner}))
-    return rows, tables, figures, dataset
+    return rows, tables, figures
 
 
 # --- maps of test inputs, computed from the runs ------------------------------------------------
@@ -570,21 +539,18 @@ def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str | N
     figures: list[tuple[str, str]] = []
     config: dict[str, Any] = {}
     datasets = []
-    for name, doc in src.demos.items():
-        rows, more_tables, more_figures, dataset = _demo_parts(name, doc, f"{name}/" if several else "", notes)
-        models.update(rows)
-        tables += more_tables
-        figures += more_figures
-        datasets.append(dataset)
-        if isinstance(doc.get("recipe"), dict):
-            config[f"{name} (demo recipe)"] = doc["recipe"]
-    for name, doc in src.evaluations.items():
-        rows, more_tables, more_figures = _evaluation_parts(name, doc, f"{name}/" if several else "")
-        models.update(rows)
-        tables += more_tables
-        figures += more_figures
+    documents = [(name, doc, "demo") for name, doc in src.demos.items()] + [(n, d, "evaluation") for n, d in src.evaluations.items()]
+    for name, doc, kind in documents:  # one family: demos are evaluations with their recipe
+        prefix = f"{name}/" if several else ""
+        for rows, more_tables, more_figures in (_evaluation_parts(name, doc, prefix), _task_parts(name, doc, prefix, notes)):
+            models.update(rows)
+            tables += more_tables
+            figures += more_figures
         datasets.append(doc.get("dataset"))
-        config[f"{name} (evaluation)"] = {k: doc.get(k) for k in ("dataset", "split", "n_images", "config") if k in doc}
+        if kind == "demo" and isinstance(doc.get("recipe"), dict):
+            config[f"{name} (demo recipe)"] = {**doc["recipe"], "train_seconds": doc.get("train_seconds")}
+        else:
+            config[f"{name} (evaluation)"] = {k: doc.get(k) for k in ("task", "dataset", "split", "n_items", "config") if k in doc}
     run_rows, history = {}, {}
     for name, path in src.runs.items():
         doc = read_config(path)
