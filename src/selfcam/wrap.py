@@ -182,6 +182,7 @@ class _Call:
     args: tuple[Any, ...]
     output: Any  # the object the module returned (identity checks)
     value: Any  # a copy taken when it returned (the model may change ``output`` in place later: DenseNet's ReLU)
+    linear_input: Tensor | None = None  # for nn.Linear: a copy of its input
 
 
 def _probe(model: nn.Module, run: Callable[[], Any]) -> tuple[Any, list[_Call]]:
@@ -199,7 +200,8 @@ def _probe(model: nn.Module, run: Callable[[], Any]) -> tuple[Any, list[_Call]]:
 
         def post(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
             value = output.clone() if isinstance(output, Tensor) else output
-            calls.append(_Call(name, mod, started[id(mod)].pop(), next(tick), args, output, value))
+            first = args[0].clone() if isinstance(mod, nn.Linear) and args and isinstance(args[0], Tensor) else None
+            calls.append(_Call(name, mod, started[id(mod)].pop(), next(tick), args, output, value, first))
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
@@ -294,7 +296,7 @@ class _Found:
     feats: Tensor  # (N, K, h, w)
     classifier: nn.Module | None
     classifier_name: str | None
-    logits: Tensor | None  # the classifier's output on the probe
+    classifier_input: Tensor | None  # what the classifier received on the probe
     norms: list[tuple[str, nn.Module]]  # LayerNorms that ran between F and the classifier
     features: str | None = None
     hint: str = ""  # why the logits may differ, when the model says (timm's class-token pooling)
@@ -309,7 +311,8 @@ def _post_candidates(found: _Found, k: int) -> list[tuple[str | None, nn.Module 
 
 
 def _choose_post(found: _Found, recorded: str | None, use_recorded: bool) -> tuple[str | None, nn.Module | None, bool, str]:
-    """The module between ``F`` and the pooling that makes GAP + the classifier give the original logits."""
+    """The module between ``F`` and the pooling whose GAP is exactly what the classifier receives (so GAP + the
+    classifier give the original logits, whatever its weights: a zero-initialised classifier proves nothing)."""
     k = found.feats.shape[1]
     cands = _post_candidates(found, k)
     if use_recorded:
@@ -318,15 +321,16 @@ def _choose_post(found: _Found, recorded: str | None, use_recorded: bool) -> tup
             raise ConfigError(f"recorded feature post-processing {recorded!r} is not in this model")
         cands = hit
     fc = found.classifier
-    if not isinstance(fc, nn.Linear) or found.logits is None:
+    if not isinstance(fc, nn.Linear) or found.classifier_input is None:
         return (cands[0][0], cands[0][1], False, "no linear classifier whose logits could be kept")
     if fc.in_features != k:
         return (cands[0][0], cands[0][1], False, f"the classifier {found.classifier_name} takes {fc.in_features} "
                 f"features, the map has {k} channels: its input is not GAP(F) (an MLP or a flattened grid)")  # fmt: skip
+    z = found.classifier_input.flatten(1)
     for name, module in cands:
         with torch.no_grad():
-            got = fc((found.feats if module is None else module(found.feats)).mean(dim=(-2, -1)))
-        if _close(got, found.logits):
+            got = (found.feats if module is None else module(found.feats)).mean(dim=(-2, -1))
+        if _close(got, z):
             return name, module, True, ""
     name, module = cands[0]
     why = found.hint or "something other than average pooling, a ReLU or a LayerNorm sits between them"
@@ -361,7 +365,7 @@ def _timm_route(model: nn.Module, x: Tensor, tokens: dict[str, Any] | None) -> t
     """timm: ``forward_features`` is the trunk, ``get_classifier()`` the classifier."""
     with torch.no_grad():
         feats = model.forward_features(x)
-    logits, calls = _probe(model, lambda: model.forward_head(feats))
+    _, calls = _probe(model, lambda: model.forward_head(feats))
     classifier = model.get_classifier()
     pre: list[nn.Module] = []
     if isinstance(feats, Tensor) and feats.dim() == 3:
@@ -382,8 +386,8 @@ def _timm_route(model: nn.Module, x: Tensor, tokens: dict[str, Any] | None) -> t
         grid = m(grid)
     norms = [(c.name, c.module) for c in calls if isinstance(c.module, nn.LayerNorm)]
     name = _name_of(model, classifier) if isinstance(classifier, nn.Module) else None
-    found = _Found(grid, classifier if isinstance(classifier, nn.Linear) else None, name,
-                   logits if isinstance(logits, Tensor) else None, norms)  # fmt: skip
+    z = next((c.linear_input for c in calls if c.module is classifier), None)
+    found = _Found(grid, classifier if isinstance(classifier, nn.Linear) else None, name, z, norms)
     if feats.dim() == 3 and getattr(model, "global_pool", None) == "token":
         found.hint = "the model classifies its class token; the head pools the patch tokens"
     return found, pre, tokens
@@ -451,7 +455,7 @@ def _find(model: nn.Module, x: Tensor, features: str | None, classifier: str | N
     norms = [(c.name, c.module) for c in calls
              if isinstance(c.module, nn.LayerNorm) and c.start > m.end and (cls is None or c.end < cls.start)]  # fmt: skip
     found = _Found(feats, cls.module if cls else None, cls.name if cls else None,
-                   cls.value if cls and isinstance(cls.value, Tensor) else None, norms, features=m.name)  # fmt: skip
+                   cls.linear_input if cls else None, norms, features=m.name)  # fmt: skip
     return found, calls
 
 
