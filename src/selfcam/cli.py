@@ -328,6 +328,8 @@ def export(
     format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 11 to 20."),
     size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels (default: the run's training size)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Clip length of the graph, for a video run built for "
+                                         "clips of any length (default: the run's training clips)."),
 ) -> None:
     """Export a run of any task to ONNX: the task's inputs and outputs (docs/export.md), dynamic batch, maps at input size."""
     import importlib.util
@@ -357,7 +359,7 @@ def export(
     meta: dict[str, Any] = {"preprocess": pre}
     if isinstance(data.get("class_names"), list):
         meta["class_names"] = data["class_names"]
-    frames = data.get("frames")  # the clip length, for a video model built for any length; checked by export_onnx
+    frames = frames or data.get("frames")  # the clip length, for a video model built for any length; checked by export_onnx
     path = export_onnx(model, out, size, frames=frames, opset=opset, metadata=meta)
     xs = example_inputs(model, size, frames)
     shapes = ", ".join(f"{name} (N, {', '.join(map(str, x.shape[1:]))})" for name, x in zip(graph.inputs, xs))

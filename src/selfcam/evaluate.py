@@ -33,7 +33,7 @@ from .errors import ConfigError, InputError, require_int
 from .explainers import EXPLAINERS, explain, get_explainer
 from .model import SelfExplainer
 
-__all__ = ["CLIP_METRICS", "METRICS", "EvalConfig", "check_fits", "explain_batch", "evaluate", "evaluate_clips",
+__all__ = ["CLIP_METRICS", "METRICS", "EvalConfig", "check_fits", "evaluate", "evaluate_clips",
            "evaluate_runs", "evaluate_task", "count_params", "task_metrics"]  # fmt: skip
 
 LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
@@ -90,12 +90,6 @@ class EvalConfig:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def explain_batch(model: SelfExplainer, x: Tensor, method: str = "self", **options: Any) -> tuple[Tensor, Tensor]:
-    """``(N, C, H, W) -> (logits (N, classes), maps (N, H, W) in [0, 1])`` (:func:`selfcam.explainers.explain`)."""
-    e = explain(model, x, method=method, **options)
-    return e.logits, e.maps
 
 
 def _batch_scores(model: SelfExplainer, x: Tensor, y: Tensor, masks: Tensor | None, logits: Tensor,
@@ -239,7 +233,8 @@ def _score(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig,
             masks = box_mask(batch[2].to(x.device), tuple(x.shape[-2:])) if len(batch) > 2 else None
             for method in (m for r, m in pairs if r == run):
                 t0 = time.perf_counter()
-                logits, maps = explain_batch(model, x, method, **cfg.posthoc_options.get(method, {}))
+                e = explain(model, x, method=method, **cfg.posthoc_options.get(method, {}))
+                logits, maps = e.logits, e.maps
                 sync(x.device)
                 seconds[run, method] += time.perf_counter() - t0
                 if not torch.isfinite(maps).all():

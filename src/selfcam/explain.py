@@ -31,7 +31,7 @@ from .data import STD as DIGITS_STD
 from .data.base import image_pixels, image_problem
 from .data.transforms import Transform
 from .errors import ConfigError, InputError, require_int
-from .evaluate import explain_batch
+from . import explainers
 from .model import SelfExplainer
 from .checkpoint import CONFIG
 from .posthoc import POSTHOC_METHODS
@@ -165,12 +165,11 @@ class Explanations:
 
 
 def check_methods(model: SelfExplainer, methods: Sequence[str]) -> tuple[str, ...]:
-    """Validate post-hoc method names for ``model``; returns them as a tuple."""
+    """Validate the post-hoc methods added beside ``model``'s own map (:func:`selfcam.explainers.check_methods`)."""
     unknown = [m for m in methods if m not in POSTHOC_METHODS]
     if unknown:
         raise ConfigError(f"unknown post-hoc method(s) {', '.join(unknown)}; choose from {', '.join(POSTHOC_METHODS)}")
-    if "cam" in methods and model.config.method != "plain":
-        raise ConfigError(f"the classic CAM needs a 'plain' model, this run is {model.config.method!r}")
+    explainers.check_methods(model, methods)
     if model.task != "image":
         raise ConfigError(f"explain shows one class per image; the {model.config.method!r} head is multi-label")
     return tuple(methods)
@@ -198,12 +197,12 @@ def explain_images(
     parts: dict[str, list[Tensor]] = {"logits": [], "self": [], **{m: [] for m in methods}}
     for i in progress(starts, len(starts)) if progress else starts:
         x = images[i : i + batch_size].to(device)
-        logits, maps = explain_batch(model, x, "self")
-        parts["logits"].append(logits.cpu())
-        parts["self"].append(maps.cpu())
+        own = explainers.explain(model, x)
+        parts["logits"].append(own.logits.cpu())
+        parts["self"].append(own.maps.cpu())
         for m in methods:
             with contextlib.redirect_stderr(io.StringIO()) if m == "scorecam" else contextlib.nullcontext():
-                parts[m].append(explain_batch(model, x, m)[1].cpu())  # Score-CAM: no tqdm bar per image
+                parts[m].append(explainers.explain(model, x, method=m).maps.cpu())  # Score-CAM: no tqdm bar per image
     logits = torch.cat(parts.pop("logits")).float()
     score, pred = torch.softmax(logits, dim=1).max(dim=1)
     return Explanations(logits, pred, score, {k: torch.cat(v) for k, v in parts.items()})

@@ -313,7 +313,7 @@ def _image_gallery(loaded: dict[str, tuple[torch.nn.Module, dict]], per_class: i
     """The per-class gallery of the image runs that share the most common dataset, size and seed."""
     from .data import load_dataset
     from .errors import SelfcamError
-    from .evaluate import explain_batch
+    from .explainers import explain
 
     grouped: dict[tuple, dict[str, Any]] = {}
     for name, (model, doc) in loaded.items():
@@ -348,7 +348,8 @@ def _image_gallery(loaded: dict[str, tuple[torch.nn.Module, dict]], per_class: i
             notes.append(f"gallery: run {name} left out (takes {model.config.in_chans} channels, {spec} has {x.shape[1]})")
             continue
         for method in ("self", *(methods if model.config.method == "plain" else ())):
-            logits, m = explain_batch(model, x, method)
+            e = explain(model, x, method=method)
+            logits, m = e.logits, e.maps
             head = model.config.method
             column = (name if name == head else f"{name} ({head})") if method == "self" else f"{name}/{method}"
             maps[column], preds[column] = m.cpu(), logits.argmax(dim=1).cpu()
