@@ -29,6 +29,7 @@ from .evaluate import EvalConfig, evaluate_runs
 from .model import SelfExplainer, create_model
 from .checkpoint import load_checkpoint
 from .recipes import Recipe
+from .tasks import get_task
 from .train import TrainConfig, fit, seed_all
 
 __all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "stability_experiment",
@@ -116,6 +117,8 @@ class _Runner:
         self.data, self.recipe, self.work_dir, self.progress, self.log = data, recipe, work_dir, progress, log
         r = recipe
         self.train = load_dataset(data, "train", r.train_size, size=r.image_size)
+        # the experiments compare the heads of the image task (the other tasks have one head each)
+        get_task("image").check_dataset(self.train, "experiment data")
         self.val = load_dataset(data, "val", r.val_size, size=r.image_size)
         self.test = load_dataset(data, "test", r.test_size, size=r.image_size)
 
