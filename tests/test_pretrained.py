@@ -16,6 +16,7 @@ import selfcam
 from selfcam.checkpoint import load_checkpoint, save_checkpoint
 from selfcam.errors import ConfigError, InputError
 from selfcam.pretrained import class_names, data_config, load_pretrained, read_state_dict
+from test_wrap import _one_thread  # noqa: F401  (autouse: one thread in this module too)
 
 SIZE = 64
 

@@ -22,6 +22,14 @@ IMAGE_HEADS = [name for name, head in HEADS.items() if head.task == "image"]
 SIZE = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # tiny inputs: a 2nd thread gains little, and on a busy 2-core machine costs up to 10x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TupleNet(nn.Module):
     """A user's classifier that returns ``(logits, embedding)`` and that FX cannot trace (shape-dependent branch)."""
 
