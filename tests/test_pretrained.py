@@ -165,6 +165,10 @@ def test_efficientnet_lite0_wrapped_plain_keeps_the_top1_on_real_photos(photos: 
     created = selfcam.create_model("plain", "timm:efficientnet_lite0", 1000, pretrained="efficientnet-lite0").eval()
     with torch.no_grad():
         assert created(photos).logits.argmax(1).tolist() == want.argmax(1).tolist()
+    # a new 10-class wrapped run from the same weights (what `--backbone wrap:timm:... --pretrained` would build)
+    new = selfcam.create_model("se", "wrap:timm:efficientnet_lite0", 10, pretrained="efficientnet-lite0")
+    assert new.pretrained_report.ok and new.config.backbone_kwargs["pretrained"] == "efficientnet-lite0"
+    assert new(photos[:1]).logits.shape == (1, 10) and not new.wrap_info.classifier_copied
 
 
 def test_efficientnet_lite0_weights_fit_only_their_architecture() -> None:

@@ -711,6 +711,9 @@ def rebuild(config: ModelConfig, model: nn.Module | Callable[[], nn.Module] | No
     if unknown:
         raise ConfigError(f"wrapped model options: unknown {sorted(unknown)} (known: {', '.join(_OPTIONS)})")
     options = {key: options.get(key) for key in _OPTIONS}
+    options["model_kwargs"] = dict(options["model_kwargs"] or {})
+    if pretrained is not None:  # create_model("...", "wrap:...", pretrained=...): a new run from a file
+        options["pretrained"] = str(pretrained)
     if model is None:
         if source.startswith("user:"):
             cls = source[5:]
