@@ -383,8 +383,10 @@ def _per_run(task: str, models: dict[str, torch.nn.Module], dataset: Dataset, cf
     """Attribute and ASD runs: the task's own scoring, one run at a time, as the family's document."""
     if cfg.methods != ("self",):
         raise ConfigError(f"{task} runs are scored on their own maps only (--methods self); got {', '.join(cfg.methods)}")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:  # before scoring: the per-task means divide by it
+        raise InputError("the dataset is empty: nothing to evaluate")
     runs: dict[str, Any] = {}
-    n = 0
     for run, model in models.items():
         t0 = time.perf_counter()
         if task == "attributes":
@@ -398,11 +400,8 @@ def _per_run(task: str, models: dict[str, torch.nn.Module], dataset: Dataset, cf
             doc = evaluate_asd(model, dataset, cfg.batch_size)
             results = {k: v for k, v in doc.items() if not isinstance(v, dict)}
             extra = {k: v for k, v in doc.items() if isinstance(v, dict)}
-        n = len(dataset)  # type: ignore[arg-type]
-        ms = 1000 * (time.perf_counter() - t0) / max(1, n)
+        ms = 1000 * (time.perf_counter() - t0) / n
         runs[run] = {"params": count_params(model), "results": {"self": _keep({**results, "ms_per_item": ms}, cfg.metrics)}, **extra}
-    if n == 0:
-        raise InputError("the dataset is empty: nothing to evaluate")
     return {"task": task, "n_items": n, "runs": runs}
 
 
