@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F_
-from sklearn.metrics import average_precision_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -352,6 +351,8 @@ def predict_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64, silent:
 
 
 def _ap(labels: Tensor, scores: Tensor) -> float:
+    from sklearn.metrics import average_precision_score  # here, not at import: scikit-learn takes ~1 s to import
+
     labels = labels.flatten().numpy()
     return float(average_precision_score(labels, scores.flatten().numpy())) if 0 < labels.sum() < len(labels) else float("nan")
 

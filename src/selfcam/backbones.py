@@ -293,10 +293,42 @@ def create_backbone(name: str, in_chans: int = 3, *, pretrained: Any = None, **k
     return build_backbone(name, in_chans, pretrained, kwargs)[0]
 
 
-def list_backbones() -> list[str]:
-    """The names :func:`create_backbone` accepts (timm's appear as ``timm:NAME``)."""
+def _torchvision_names() -> list[str]:
+    """torchvision's classification model names, cached per torchvision version under the user's cache
+    directory: importing torchvision.models takes over a second, and ``selfcam models`` should not wait for it."""
+    import json
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        tag = version("torchvision")
+    except PackageNotFoundError:
+        tag = None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfcam" / f"torchvision-{tag}-models.json"
+    if tag is not None:
+        try:
+            names = json.loads(cache.read_text(encoding="utf-8"))
+            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+                return names
+        except (OSError, ValueError):
+            pass
     import torchvision.models as tvm
 
+    names = sorted(tvm.list_models(module=tvm))
+    if tag is not None:
+        try:  # best effort: a read-only home only costs the next call the import
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(names), encoding="utf-8")
+            tmp.replace(cache)
+        except OSError:
+            pass
+    return names
+
+
+def list_backbones() -> list[str]:
+    """The names :func:`create_backbone` accepts (timm's appear as ``timm:NAME``)."""
     cifar = [f"resnet{d}" for d in CIFAR_DEPTHS] + [f"resnet{d}-bottleneck" for d in (20, 56, 110)]
-    return cifar + [f"torchvision:{n}" for n in sorted(tvm.list_models(module=tvm))] + ["timm:<name>"]
+    return cifar + [f"torchvision:{n}" for n in _torchvision_names()] + ["timm:<name>"]
 

@@ -35,7 +35,6 @@ from rich.table import Table
 from torch import Tensor
 
 from .errors import ConfigError, InputError, require_int
-from .evaluate import count_params, sync
 from .model import SelfExplainer, create_model
 
 __all__ = [
@@ -93,6 +92,16 @@ def _describe(device: torch.device) -> str:
         return f"cuda ({torch.cuda.get_device_name(device)})"
     threads = torch.get_num_threads()
     return f"{device.type} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queue, so wall times include the work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _time_ms(fn: Callable[[Tensor], Any], x: Tensor) -> float:
@@ -645,3 +654,123 @@ def metrics_cmd(
     for goal, met in doc["goals"].items():
         console.print(f"{'met' if met else 'NOT met'}: {goal}", highlight=False)
     console.print(f"wrote {json_path}", markup=False, highlight=False)
+
+
+# --- start-up ----------------------------------------------------------------------
+
+# modules a command that does not need them must not import at start (the start-up test guards this list)
+HEAVY_MODULES = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "pytorch_grad_cam", "matplotlib",
+                 "captum", "timm", "torchvision", "jinja2", "sklearn", "scipy", "quantus", "cv2", "onnx",
+                 "onnxruntime", "pandas")  # fmt: skip
+STARTUP_GOAL = 1.2  # x the time of `python -c "import torch"`
+_MODULES_PROBE = (  # run one CLI command in-process, then write which heavy modules it imported to $SELFCAM_MODULES_OUT
+    "import json, os, sys\n"
+    "sys.argv = ['selfcam', *json.loads(os.environ['SELFCAM_ARGV'])]\n"
+    "from selfcam.cli import main\n"
+    "try:\n    main()\nexcept SystemExit:\n    pass\n"
+    "heavy = json.loads(os.environ['SELFCAM_HEAVY'])\n"
+    "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+    "open(os.environ['SELFCAM_MODULES_OUT'], 'w').write(json.dumps(loaded))\n"
+)
+
+
+def heavy_modules_of(args: Sequence[str], heavy: Sequence[str] = HEAVY_MODULES) -> list[str]:
+    """The ``heavy`` top-level modules that ``selfcam ARGS`` has imported when it ends (a fresh process)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "modules.json"
+        env = {**os.environ, "SELFCAM_ARGV": json.dumps(list(args)), "SELFCAM_HEAVY": json.dumps(list(heavy)),
+               "SELFCAM_MODULES_OUT": str(out)}  # fmt: skip
+        subprocess.run([sys.executable, "-c", _MODULES_PROBE], env=env, check=True, capture_output=True)
+        return json.loads(out.read_text())
+
+
+def _selfcam_command() -> list[str]:
+    """The ``selfcam`` console script of this interpreter's environment, else ``python -m selfcam``."""
+    import sys
+
+    script = Path(sys.executable).with_name("selfcam")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "selfcam"]
+
+
+def startup(repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Wall time of ``selfcam --help``, ``selfcam models`` and ``selfcam info RUN`` against ``python -c "import torch"``.
+
+    Each is a fresh process. Every round runs all four once, the first one rotating from
+    round to round (so load changes hit all alike); ``warmup`` untimed rounds come first
+    (they fill the OS file cache). Times are medians in seconds; ``ratio`` is a command's
+    median over the median of ``import torch``. RUN is a tiny ``lfi`` ResNet-8 saved in a
+    temporary directory. ``heavy_modules`` lists the :data:`HEAVY_MODULES` each command
+    had imported when it ended (a separate, untimed run).
+
+    Returns ``{"repeats", "seconds": {NAME: s}, "ratio": {NAME: x}, "samples": {NAME: [s, ...]},
+    "heavy_modules": {NAME: [...]}, "goals"}``.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from .checkpoint import save_checkpoint
+
+    _positive(repeats=repeats)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            save_checkpoint(create_model("lfi", "resnet8", 10, 1), run)
+        cli = _selfcam_command()
+        args = {"selfcam --help": ["--help"], "selfcam models": ["models"], "selfcam info RUN": ["info", str(run)]}
+        commands = {'python -c "import torch"': [sys.executable, "-c", "import torch"],
+                    **{name: cli + a for name, a in args.items()}}  # fmt: skip
+        names = list(commands)
+        samples: dict[str, list[float]] = {m: [] for m in names}
+        for r in range(-warmup, repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                subprocess.run(commands[name], check=True, capture_output=True)
+                if r >= 0:
+                    samples[name].append(time.perf_counter() - t0)
+        heavy = {name: heavy_modules_of(a) for name, a in args.items()}
+    seconds = {m: statistics.median(ts) for m, ts in samples.items()}
+    base = seconds[names[0]]
+    ratio = {m: s / base for m, s in seconds.items()}
+    goals = {f"{m} <= {STARTUP_GOAL:g}x import torch": ratio[m] <= STARTUP_GOAL for m in args}
+    goals.update({f"{m} imports none of the heavy modules": not heavy[m] for m in args})
+    return {"repeats": repeats, "python": sys.version.split()[0], "torch": torch.__version__, "seconds": seconds,
+            "ratio": ratio, "samples": samples, "heavy_modules": heavy, "goals": goals}  # fmt: skip
+
+
+def startup_table(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"start-up, fresh processes, median of {doc['repeats']} (interleaved)")
+    for col in ("command", "s", "x import torch", "heavy modules imported"):
+        table.add_column(col, justify="left" if col in ("command", "heavy modules imported") else "right")
+    for m, s in doc["seconds"].items():
+        table.add_row(m, f"{s:.2f}", f"{doc['ratio'][m]:.2f}", ", ".join(doc["heavy_modules"].get(m, [])) or "-")
+    return table
+
+
+def _print_goals(doc: dict[str, Any], json_path: Path) -> None:
+    for goal, met in doc["goals"].items():
+        console.print(f"{'met' if met else 'NOT met'}: {goal}", markup=False, highlight=False)
+    console.print(f"wrote {json_path}", markup=False, highlight=False)
+
+
+@bench_app.command("startup")
+def startup_cmd(
+    json_path: Path = typer.Option(..., "--json", help="Where to write the results."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed rounds (median)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed rounds first."),
+) -> None:
+    """Start-up time of selfcam --help, models and info RUN against python -c 'import torch'."""
+    _json_target(json_path)
+    doc = startup(repeats, warmup)
+    _write_json(json_path, doc)
+    console.print(startup_table(doc))
+    _print_goals(doc, json_path)

@@ -394,12 +394,11 @@ def info(checkpoint: Path = typer.Argument(..., help="A run directory written by
     """Load a checkpoint and print its config."""
     from dataclasses import asdict
 
-    from .evaluate import count_params
     from .checkpoint import load_checkpoint
 
     model, doc = load_checkpoint(checkpoint)
     doc["model"] = asdict(doc["model"])
-    doc["params"] = count_params(model)
+    doc["params"] = sum(p.numel() for p in model.parameters())  # not evaluate.count_params: evaluate imports grad-cam
     console.print_json(json.dumps(doc))
 
 

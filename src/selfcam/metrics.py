@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F_
-from scipy.sparse import csc_matrix
-from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
@@ -380,6 +378,9 @@ def noisy_linear_imputation(
         fixed = inside & ~rem[nb]
         rhs[fixed] += weight * pixels[nb[fixed]]
     # diag * u_i - sum_{removed j} w_j u_j = sum_{kept j} w_j x_j: an SPD M-matrix, one block per image
+    from scipy.sparse import csc_matrix  # here: scipy is not imported at start
+    from scipy.sparse.linalg import spsolve
+
     system = csc_matrix((torch.cat([diag, *vals]).numpy(), (torch.cat(rows).numpy(), torch.cat(cols).numpy())), shape=(m, m))
     solution = torch.from_numpy(np.asarray(spsolve(system, rhs.numpy()))).reshape(m, c)
     if noise:
