@@ -104,15 +104,32 @@ def agreement() -> dict[str, Any]:
     return metric_agreement(n=4, size=32, repeats=1, warmup=0, threads=1)
 
 
+NO_PEER = ("insertion_curve", "average_drop")
+FORWARD_BOUND = {"deletion_curve": 17, "insertion_curve": 17, "cascading_randomization": None, "average_drop": 2,
+                 "confidence_change": 2, "increase_in_confidence": 2, "road_morf": 9, "road_lerf": 9}  # fmt: skip
+
+
 def test_metric_agreement_structure_and_values(agreement: dict[str, Any]) -> None:
     json.dumps(agreement)
     rows = agreement["metrics"]
-    assert set(rows) == {*AGREEING, "cascading_randomization"}
+    assert set(rows) == {*AGREEING, *NO_PEER, "cascading_randomization"}
     for name, r in rows.items():
+        assert r["selfcam_s"] > 0 and r["note"]
+        if name in NO_PEER:
+            assert r["peer"] is None and "peer_s" not in r
+            continue
         assert r["peer"] == ("grad-cam" if name in ("confidence_change", "increase_in_confidence", "road_morf",
                                                     "road_lerf") else "quantus")  # fmt: skip
-        assert r["selfcam_s"] > 0 and r["peer_s"] > 0 and r["note"]
+        assert r["peer_s"] > 0
         assert r["speedup"] == pytest.approx(r["peer_s"] / r["selfcam_s"])
+    for name, r in rows.items():  # the forward-bound metrics carry their floor, the others none
+        assert ("floor_s" in r) == (name in FORWARD_BOUND), name
+        if name in FORWARD_BOUND:
+            assert r["floor_s"] > 0 and r["x_floor"] == pytest.approx(r["selfcam_s"] / r["floor_s"])
+            passes = FORWARD_BOUND[name]
+            assert passes is None or r["floor_forwards"].startswith(f"{passes} x 4 images")
+            assert agreement["goals"][f"{name} <= 1.2x its forward floor"] == (r["x_floor"] <= 1.2)
+    assert rows["cascading_randomization"]["floor_forwards"].endswith("one batch of the images per pass")
     assert rows["pointing_game"]["max_abs_diff"] == 0.0
     for name in AGREEING:  # same definitions: same numbers
         assert rows[name]["max_abs_diff"] <= 1e-4, (name, rows[name])
@@ -120,6 +137,46 @@ def test_metric_agreement_structure_and_values(agreement: dict[str, Any]) -> Non
     assert len(mprt["per_layer_max_abs_diff"]) >= 10 and mprt["per_layer_max_abs_diff"][0] <= 1e-4
     assert mprt["layers_within_tolerance"] >= 1
     assert agreement["goals"]["pointing_game within 0.0001 of quantus"] is True
+
+
+def test_floor_runs_the_passes_as_stacked_or_sequential_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfcam import metrics
+
+    seen: list[int] = []
+    x = torch.zeros(4, 1, 8, 8)
+    bench._floor_fn(lambda t: seen.append(len(t)), x, 5, sequential=False)()
+    assert seen == [20]  # one stacked forward: 5 copies of the 4 images
+    seen.clear()
+    bench._floor_fn(lambda t: seen.append(len(t)), x, 5, sequential=True)()
+    assert seen == [4] * 5
+    seen.clear()
+    monkeypatch.setattr(metrics, "FORWARD_ELEMENTS", 2 * x.numel())  # at most 2 copies per call
+    bench._floor_fn(lambda t: seen.append(len(t)), x, 5, sequential=False)()
+    assert seen == [8, 8, 4]
+
+
+def test_batched_metric_forwards_give_the_per_step_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacking the perturbed copies into large forwards changes the call count, not the values."""
+    from selfcam import create_model, metrics
+
+    torch.manual_seed(0)
+    model = create_model("plain", "resnet8", 3, 1).eval()
+    x, maps, t = torch.randn(3, 1, 16, 16), torch.rand(3, 16, 16), torch.tensor([0, 1, 2])
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+
+    def every() -> list[torch.Tensor]:
+        return [metrics.deletion_curve(model, x, maps, t, 8), metrics.insertion_curve(model, x, maps, t, 8),
+                metrics.average_drop(model, x, maps, t), metrics.road(model, x, maps, t, (10, 50, 90), noise=0.0)]
+
+    batched = every()
+    assert calls == [27, 27, 6, 9]
+    calls.clear()
+    monkeypatch.setattr(metrics, "FORWARD_ELEMENTS", 1)  # one copy per forward, as before the batching
+    single = every()
+    assert calls == [3] * (9 + 9 + 2 + 3)
+    for a, b in zip(batched, single):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_max_abs_diff_by_hand() -> None:

@@ -138,6 +138,11 @@ def _json_target(path: Path) -> Path:
     return path
 
 
+def _show(table: Table) -> None:
+    """Print a table at least 150 columns wide (a pipe or a test runner would get 80 and truncate the cells)."""
+    Console(width=max(console.width, 150)).print(table)
+
+
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
@@ -348,7 +353,7 @@ def latency_cmd(
     _json_target(json_path)
     doc = latency(backbone, size, repeats, methods, scorecam_repeats, warmup, compile, device, threads=threads)
     _write_json(json_path, doc)
-    console.print(latency_table(doc))
+    _show(latency_table(doc))
     for goal, met in doc["goals"].items():
         console.print(f"{'met' if met else 'NOT met'}: {goal}", highlight=False)
     for head, c in doc.get("compile", {}).items():
@@ -362,12 +367,19 @@ def latency_cmd(
 
 @dataclass
 class _Case:
-    """One metric, two implementations of the same work: each returns values of one shape."""
+    """One metric, two implementations of the same work (each returns values of one shape), and its floor.
 
-    peer: str
+    ``passes``: forward passes of the ``N`` images the metric needs (0: it calls no model);
+    ``sequential``: each pass runs other weights (cascading randomization), so they cannot
+    share a batch. ``peer`` is None where no peer computes the same thing (timed for the floor only).
+    """
+
+    peer: str | None
     ours: Callable[[], Any]
-    theirs: Callable[[], Any]
+    theirs: Callable[[], Any] | None
     note: str
+    passes: int = 0
+    sequential: bool = False
 
 
 def _array(values: Any) -> np.ndarray:
@@ -386,18 +398,21 @@ def _max_abs_diff(a: Any, b: Any) -> float:
     return float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))
 
 
-def _wall_pair(case: _Case, repeats: int, warmup: int, device: torch.device) -> tuple[float, Any, float, Any]:
-    """Median seconds and last values of ``case.ours`` and ``case.theirs``, timed alternately.
+def _wall_sides(sides: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
+    """Median seconds and last values of each side (ours, the peer's, the floor), timed in turn.
 
-    ``warmup`` untimed calls per side first; then ``repeats`` rounds, each timing both
-    sides, the side that goes first alternating so load changes hit both alike. The
+    ``warmup`` untimed calls per side first; then ``repeats`` rounds, each timing every
+    side, round ``r`` starting at side ``r mod len`` so load changes hit all alike. The
     peers' console notices and numpy warnings are silenced (they are not our output).
     """
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    names = list(sides)
+    times: dict[str, list[float]] = {m: [] for m in names}
     values: dict[str, Any] = {}
     for r in range(-warmup, repeats):
-        for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
-            fn = getattr(case, side)
+        k = r % len(names)
+        for side in names[k:] + names[:k]:
+            fn = sides[side]
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sync(device)
@@ -407,7 +422,7 @@ def _wall_pair(case: _Case, repeats: int, warmup: int, device: torch.device) -> 
                 elapsed = time.perf_counter() - t0
             if r >= 0:
                 times[side].append(elapsed)
-    return statistics.median(times["ours"]), values["ours"], statistics.median(times["theirs"]), values["theirs"]
+    return {m: statistics.median(ts) for m, ts in times.items()}, values
 
 
 def _tie_free(maps: Tensor, weight: float = 1e-3) -> Tensor:
@@ -515,6 +530,8 @@ def _agreement_cases(
             cols.append(metric(x, cams64, targets, logits_model, return_diff=False))
         return np.stack(cols, axis=1)
 
+    resettable = sum(1 for m in model.modules()  # the layers cascading_randomization resets, one forward each
+                     if any(True for _ in m.parameters(recurse=False)) and callable(getattr(m, "reset_parameters", None)))
     road_note = ("grad-cam's ROAD{order} with its NoisyLinearImputer, softmax target, its percentile set so it "
                  "removes our round(p% HW) pixels, and noise 0 on both sides (the 0.01 noise draws differ)")  # fmt: skip
     return {
@@ -530,7 +547,10 @@ def _agreement_cases(
                                 lambda: quantus_call(quantus.PixelFlipping(features_in_step=hw // steps,
                                                                            perturb_baseline=0.0, **q_common)),
                                 f"Quantus PixelFlipping, {steps} steps of {hw // steps} pixels to 0, softmax; "
-                                "curve points after each step (Quantus has no step 0)"),
+                                "curve points after each step (Quantus has no step 0)", passes=steps + 1),
+        "insertion_curve": _Case(None, lambda: M.insertion_curve(model, x, maps, target, steps, "blur"), None,
+                                 f"no peer; {steps} steps from the blurred image, timed against its floor",
+                                 passes=steps + 1),
         "spearman": _Case("quantus", lambda: M.spearman(maps, other),
                           lambda: quantus.correlation_spearman(a_np.reshape(n, -1), other_np, batched=True),
                           "Quantus' MPRT similarity (scipy.stats.spearmanr, average ranks for ties) between the "
@@ -538,24 +558,55 @@ def _agreement_cases(
         "cascading_randomization": _Case("quantus", ours_mprt, quantus_mprt,
                                          "Quantus MPRT top-down, Spearman of CAM maps per layer; Quantus re-seeds "
                                          "every layer with the same seed, we use seed + i: only the first reset "
-                                         "and the deterministic ones (BatchNorm) draw the same weights"),
+                                         "and the deterministic ones (BatchNorm) draw the same weights",
+                                         passes=resettable + 1, sequential=True),
+        "average_drop": _Case(None, lambda: M.average_drop(model, x, maps, target), None,
+                              "no peer (grad-cam's DropInConfidence does not divide by Y); timed against its floor",
+                              passes=2),
         "confidence_change": _Case("grad-cam", lambda: M.confidence_change(model, x, maps, target),
                                    lambda: CamMultImageConfidenceChange()(x, maps.cpu().numpy(), targets, logits_model),
-                                   "grad-cam CamMultImageConfidenceChange, softmax target"),
+                                   "grad-cam CamMultImageConfidenceChange, softmax target", passes=2),
         "increase_in_confidence": _Case("grad-cam", lambda: M.increase_in_confidence(model, x, maps, target),
                                         lambda: IncreaseInConfidence()(x, maps.cpu().numpy(), targets, logits_model),
-                                        "grad-cam IncreaseInConfidence, softmax target"),
+                                        "grad-cam IncreaseInConfidence, softmax target", passes=2),
         "road_morf": _Case("grad-cam", lambda: M.road(model, x, maps, target, percentiles, "morf", noise=0.0),
-                           lambda: gradcam_road("morf"), road_note.format(order="MostRelevantFirst")),
+                           lambda: gradcam_road("morf"), road_note.format(order="MostRelevantFirst"),
+                           passes=len(percentiles)),
         "road_lerf": _Case("grad-cam", lambda: M.road(model, x, maps, target, percentiles, "lerf", noise=0.0),
-                           lambda: gradcam_road("lerf"), road_note.format(order="LeastRelevantFirst")),
+                           lambda: gradcam_road("lerf"), road_note.format(order="LeastRelevantFirst"),
+                           passes=len(percentiles)),
     }  # fmt: skip
 
 
-METRIC_NAMES = ("pointing_game", "energy_pointing_game", "iou", "deletion_curve", "spearman", "cascading_randomization",
-                "confidence_change", "increase_in_confidence", "road_morf", "road_lerf")  # fmt: skip
+METRIC_NAMES = ("pointing_game", "energy_pointing_game", "iou", "deletion_curve", "insertion_curve", "spearman",
+                "cascading_randomization", "average_drop", "confidence_change", "increase_in_confidence", "road_morf",
+                "road_lerf")  # fmt: skip
 AGREEMENT_TOLERANCE = 1e-4
 SPEEDUP_GOAL_QUANTUS = 10.0
+FLOOR_GOAL = 1.2  # a forward-bound metric's wall time at most this many times its forward passes'
+
+
+def _floor_fn(model: Callable[[Tensor], Any], x: Tensor, passes: int, sequential: bool) -> Callable[[], Any]:
+    """The forward passes a metric needs and nothing else: ``passes`` times the ``N`` images of ``x``.
+
+    As large batched forwards (copies stacked up to :data:`selfcam.metrics.FORWARD_ELEMENTS` input
+    elements per call, the batch itself at least), or, ``sequential``, one forward of ``x`` per pass
+    (cascading randomization: each pass runs other weights). The stacked input is built once, outside the timing.
+    """
+    from .metrics import FORWARD_ELEMENTS
+
+    if sequential:
+        chunks = [x] * passes
+    else:
+        per_call = max(1, FORWARD_ELEMENTS // x.numel()) * len(x)
+        chunks = list(x.repeat(passes, *([1] * (x.dim() - 1))).split(per_call))
+
+    def run() -> None:
+        with torch.no_grad():
+            for chunk in chunks:
+                model(chunk)
+
+    return run
 
 
 def metric_agreement(
@@ -577,8 +628,12 @@ def metric_agreement(
     then ``repeats`` timed calls per side; times are medians in seconds. ``threads``
     sets torch's CPU thread count for the run (restored after).
 
-    Returns ``{"n", "size", "device", "metrics": {NAME: {"selfcam_s", "peer", "peer_s",
-    "speedup" (peer_s / selfcam_s), "max_abs_diff", "agrees" (<= 1e-4), "note"}}, "goals"}``.
+    Each forward-bound metric is also timed against its floor (:func:`_floor_fn`: the
+    forward passes it needs, as large batched forwards), in the same rounds.
+
+    Returns ``{"n", "size", "device", "metrics": {NAME: {"selfcam_s", "peer", "note"[, "peer_s",
+    "speedup" (peer_s / selfcam_s), "max_abs_diff", "agrees" (<= 1e-4)][, "floor_s", "x_floor"
+    (selfcam_s / floor_s), "floor_forwards"]}}, "goals"}`` (peer ``None``: no peer, floor only).
     """
     from .data import box_mask, load_dataset
 
@@ -606,19 +661,32 @@ def metric_agreement(
         cases = _agreement_cases(model, x, target, maps, masks, seed)
         with _threads(threads):
             described = _describe(dev)
-            results = {name: _wall_pair(cases[name], repeats, warmup, dev) for name in chosen}
+            results = {}
+            for name in chosen:
+                case = cases[name]
+                sides = {"ours": case.ours, **({"theirs": case.theirs} if case.theirs is not None else {}),
+                         **({"floor": _floor_fn(model, x, case.passes, case.sequential)} if case.passes else {})}
+                results[name] = _wall_sides(sides, repeats, warmup, dev)
     rows: dict[str, dict[str, Any]] = {}
-    for name, (ours_s, ours, peer_s, theirs) in results.items():
+    for name, (secs, values) in results.items():
         case = cases[name]
-        diff = _max_abs_diff(ours, theirs)
-        rows[name] = {"selfcam_s": ours_s, "peer": case.peer, "peer_s": peer_s, "speedup": peer_s / ours_s,
-                      "max_abs_diff": diff, "agrees": diff <= AGREEMENT_TOLERANCE, "note": case.note}  # fmt: skip
-        if name == "cascading_randomization":  # (layers, N): how far down the cascade the two still agree
-            per_layer = [_max_abs_diff(a, b) for a, b in zip(_array(ours), _array(theirs))]
+        row: dict[str, Any] = {"selfcam_s": secs["ours"], "peer": case.peer, "note": case.note}
+        if case.theirs is not None:
+            diff = _max_abs_diff(values["ours"], values["theirs"])
+            row.update({"peer_s": secs["theirs"], "speedup": secs["theirs"] / secs["ours"], "max_abs_diff": diff,
+                        "agrees": diff <= AGREEMENT_TOLERANCE})  # fmt: skip
+        if case.passes:
+            row.update({"floor_s": secs["floor"], "x_floor": secs["ours"] / secs["floor"],
+                        "floor_forwards": f"{case.passes} x {len(x)} images" + (", one batch of the images per pass" if case.sequential else ", stacked")})  # fmt: skip
+        rows[name] = row
+        if name == "cascading_randomization" and case.theirs is not None:  # (layers, N): how far the two still agree
+            per_layer = [_max_abs_diff(a, b) for a, b in zip(_array(values["ours"]), _array(values["theirs"]))]
             rows[name]["per_layer_max_abs_diff"] = per_layer
             rows[name]["layers_within_tolerance"] = sum(d <= AGREEMENT_TOLERANCE for d in per_layer)
     quantus_rows = {k: r for k, r in rows.items() if r["peer"] == "quantus"}
-    goals = {f"{k} within {AGREEMENT_TOLERANCE:g} of {r['peer']}": r["agrees"] for k, r in rows.items()}
+    goals = {f"{k} within {AGREEMENT_TOLERANCE:g} of {r['peer']}": r["agrees"] for k, r in rows.items() if "agrees" in r}
+    goals.update({f"{k} <= {FLOOR_GOAL:g}x its forward floor": r["x_floor"] <= FLOOR_GOAL
+                  for k, r in rows.items() if "x_floor" in r})  # fmt: skip
     goals.update({f"{k} >= {SPEEDUP_GOAL_QUANTUS:g}x faster than quantus": r["speedup"] >= SPEEDUP_GOAL_QUANTUS
                   for k, r in quantus_rows.items()})  # fmt: skip
     return {"n": n, "size": size, "device": described, "repeats": repeats, "metrics": rows, "goals": goals}
@@ -627,11 +695,12 @@ def metric_agreement(
 def agreement_table(doc: dict[str, Any]) -> Table:
     """The rich table of a :func:`metric_agreement` document."""
     table = Table(title=f"selfcam metrics vs peers, {doc['n']} cluttered digits at {doc['size']} px, {doc['device']}")
-    for col in ("metric", "peer", "selfcam s", "peer s", "speed-up", "max |diff|"):
-        table.add_column(col, justify="left" if col in ("metric", "peer") else "right", no_wrap=col == "metric")
+    for col in ("metric", "peer", "selfcam s", "peer s", "speed-up", "max |diff|", "floor s", "x floor"):
+        table.add_column(col, justify="left" if col in ("metric", "peer") else "right", no_wrap=True)
     for name, r in doc["metrics"].items():
-        table.add_row(name, r["peer"], f"{r['selfcam_s']:.4f}", f"{r['peer_s']:.4f}", f"{r['speedup']:.1f}x",
-                      f"{r['max_abs_diff']:.2e}")  # fmt: skip
+        peer = [f"{r['peer_s']:.4f}", f"{r['speedup']:.1f}x", f"{r['max_abs_diff']:.2e}"] if "peer_s" in r else ["-"] * 3
+        floor = [f"{r['floor_s']:.4f}", f"{r['x_floor']:.2f}"] if "floor_s" in r else ["-"] * 2
+        table.add_row(name, r["peer"] or "-", f"{r['selfcam_s']:.4f}", *peer, *floor)
     return table
 
 
@@ -650,7 +719,7 @@ def metrics_cmd(
     _json_target(json_path)
     doc = metric_agreement(n, size, seed, repeats, metrics=metrics, device=device, threads=threads)
     _write_json(json_path, doc)
-    console.print(agreement_table(doc))
+    _show(agreement_table(doc))
     for goal, met in doc["goals"].items():
         console.print(f"{'met' if met else 'NOT met'}: {goal}", highlight=False)
     console.print(f"wrote {json_path}", markup=False, highlight=False)
@@ -772,5 +841,5 @@ def startup_cmd(
     _json_target(json_path)
     doc = startup(repeats, warmup)
     _write_json(json_path, doc)
-    console.print(startup_table(doc))
+    _show(startup_table(doc))
     _print_goals(doc, json_path)

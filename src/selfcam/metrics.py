@@ -124,6 +124,29 @@ def _target_prob(model: Callable[[Tensor], Any], x: Tensor, target: Tensor) -> T
     return torch.softmax(logits, dim=1).gather(1, target.to(logits.device).long()[:, None]).squeeze(1)
 
 
+# input elements per forward when a metric stacks several perturbed copies of its batch into one call
+# (4M: 4096 images of 32x32x1, 27 of 224x224x3; a batch larger than this still goes whole, one copy per call)
+FORWARD_ELEMENTS = 1 << 22
+
+
+def _target_probs(model: Callable[[Tensor], Any], variants: Sequence[Tensor] | Callable[[int], Tensor], count: int,
+                  target: Tensor) -> Tensor:  # fmt: skip
+    """``(N, count)``: :func:`_target_prob` of ``variants(i)`` (or ``variants[i]``), each ``(N, C, H, W)``, for
+    ``i < count``. Several copies share one forward pass (up to :data:`FORWARD_ELEMENTS` input elements):
+    small images are bound by per-call cost, and the model is in eval mode, so batching changes nothing."""
+    get = variants.__getitem__ if isinstance(variants, Sequence) else variants
+    first = get(0)
+    per_call = max(1, FORWARD_ELEMENTS // max(1, first.numel()))
+    probs, done = [], 0
+    while done < count:
+        k = min(per_call, count - done)
+        batch = [first if done + j == 0 else get(done + j) for j in range(k)]
+        p = _target_prob(model, torch.cat(batch) if k > 1 else batch[0], target.repeat(k) if k > 1 else target)
+        probs.append(p.view(k, -1))
+        done += k
+    return torch.cat(probs).T
+
+
 def _ranks(maps: Tensor, descending: bool) -> Tensor:
     """Position of every pixel in the map's order: ``(N, H, W) -> (N, H*W)`` long (ties: stable, row-major first)."""
     flat = maps.flatten(1)
@@ -211,8 +234,7 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
 def _confidences(model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``Y`` = p(target | x) and ``O`` = p(target | x * maps), both ``(N,)``."""
     check_maps(x, maps, target)
-    y = _target_prob(model, x, target)
-    o = _target_prob(model, x * maps[:, None].to(x.dtype), target)
+    y, o = _target_probs(model, [x, x * maps[:, None].to(x.dtype)], 2, target).unbind(1)
     return y, o
 
 
@@ -279,11 +301,12 @@ def _perturbation_curve(
     base = make_baseline(x, baseline)
     n, _, h, w = x.shape
     rank = _ranks(maps, descending=True).view(n, 1, h, w)
-    probs = []
-    for i in range(steps + 1):
+
+    def step(i: int) -> Tensor:
         top = rank < (2 * i * h * w + steps) // (2 * steps)  # round(i * HW / steps), halves up
-        probs.append(_target_prob(model, torch.where(top, x, base) if insert else torch.where(top, base, x), target))
-    return torch.stack(probs, dim=1)
+        return torch.where(top, x, base) if insert else torch.where(top, base, x)
+
+    return _target_probs(model, step, steps + 1, target)
 
 
 @torch.no_grad()
@@ -424,13 +447,13 @@ def road(
     n, _, h, w = x.shape
     rank = _ranks(maps, descending=order == "morf").view(n, h, w)
     generator = torch.Generator().manual_seed(seed)
-    probs = []
-    for p in ps:
-        k = _count(p / 100, h * w)
+    counts = [_count(p / 100, h * w) for p in ps]
+    for p, k in zip(ps, counts):
         if k >= h * w:
+            _target_prob(model, x, target)  # a bad target is the first problem to report, as with one forward per step
             raise ConfigError(f"ROAD percentile {p} removes all {h * w} pixels of a {h}x{w} image")
-        probs.append(_target_prob(model, noisy_linear_imputation(x, rank < k, noise, generator), target))
-    return torch.stack(probs, dim=1)
+    # imputed in percentile order (the noise draws follow it), the forwards batched over percentiles
+    return _target_probs(model, lambda i: noisy_linear_imputation(x, rank < counts[i], noise, generator), len(ps), target)
 
 
 # --- stability across runs -----------------------------------------------------------
@@ -497,10 +520,19 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
         raise InputError(f"spearman needs two tensors of the same shape (N, ...), got {tuple(a.shape)} and {tuple(b.shape)}")
     _check_finite(a, "maps")
     _check_finite(b, "maps")
-    ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return _spearman_centred(_centred_ranks(a), b)
+
+
+def _centred_ranks(a: Tensor) -> Tensor:
+    ra = _average_ranks(a.flatten(1))
+    return ra - ra.mean(1, keepdim=True)
+
+
+def _spearman_centred(ra: Tensor, b: Tensor) -> Tensor:
+    """:func:`spearman` with ``a``'s ranks given (centred, from :func:`_centred_ranks`), ``b`` checked by the caller."""
+    rb = _centred_ranks(b)
     rho = (ra * rb).sum(1) / ((ra * ra).sum(1) * (rb * rb).sum(1)).sqrt()
-    return rho.to(torch.promote_types(a.dtype, torch.float32) if a.is_floating_point() else torch.float32)
+    return rho.to(torch.promote_types(b.dtype, torch.float32) if b.is_floating_point() else torch.float32)
 
 
 def _fork_rng_for(module: nn.Module) -> Any:
@@ -545,11 +577,21 @@ def cascading_randomization(
     if not steps:
         raise ConfigError("the model has no parameterised module with reset_parameters() to randomize")
     original = explain(clone, x, target)
+    _check_finite(original, "maps")
+    ranked = _centred_ranks(original)  # once, not once per layer
+    on_cpu = all(p.device.type == "cpu" for p in clone.parameters())
     result = []
     for i, (name, module) in enumerate(steps):
         with _fork_rng_for(clone):
-            torch.manual_seed(seed + i)
+            if on_cpu:  # what torch.manual_seed does for CPU draws, without queueing lazy CUDA/XPU/MTIA seeding calls
+                torch.default_generator.manual_seed(seed + i)
+            else:
+                torch.manual_seed(seed + i)
             with torch.no_grad():
                 module.reset_parameters()
-        result.append((name, spearman(original, explain(clone, x, target))))
+        maps = explain(clone, x, target)
+        if maps.shape != original.shape:
+            raise InputError(f"explain returned maps of shape {tuple(maps.shape)} after a reset, {tuple(original.shape)} before")
+        _check_finite(maps, "maps")
+        result.append((name, _spearman_centred(ranked, maps)))
     return result
