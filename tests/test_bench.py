@@ -206,3 +206,70 @@ def test_metrics_command_writes_json(tmp_path: Path) -> None:
     assert "speed-up" in result.output
     bad = runner.invoke(bench_app, ["metrics", "--metrics", "nope", "--json", str(out)])
     assert isinstance(bad.exception, ConfigError) and "nope" in str(bad.exception)
+
+
+def test_train_throughput_document_on_a_tiny_run() -> None:
+    doc = bench.train_throughput("plain", n=64, size=16, batch_size=32, epochs=2, repeats=1,
+                                 datasets="cluttered-digits,idx,imagefolder", threads=1)  # fmt: skip
+    json.dumps(doc)
+    r = doc["methods"]["plain"]
+    assert set(doc["methods"]) == {"plain"} and r["fit_img_s"] > 0 and r["raw_img_s"] > 0
+    assert r["ratio"] == pytest.approx(r["fit_img_s"] / r["raw_img_s"])
+    assert doc["goals"]["fit plain >= 0.9x raw"] == (r["ratio"] >= 0.9)
+    assert {k: v["storage"] for k, v in doc["data"].items()} == {"cluttered-digits": "ClutteredDigits",
+                                                                  "idx": "ArrayImages", "imagefolder": "FileImages"}
+    for k, v in doc["data"].items():
+        assert v["ratio"] == pytest.approx(v["feed_img_s"] / v["consume_img_s"])
+        assert v["consume_img_s"] == doc["samples"]["raw plain, 3 channels" if v["in_chans"] == 3 else "raw plain"][0]
+    with pytest.raises(ConfigError, match="epochs"):
+        bench.train_throughput("plain", epochs=1)
+
+
+def test_raw_loop_trains_the_model() -> None:
+    from selfcam import create_model
+
+    torch.manual_seed(0)
+    model = create_model("plain", "resnet8", 2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    seconds = bench._raw_epochs(model, torch.randn(10, 1, 16, 16), torch.tensor([0, 1] * 5), 4, 2, 1e-2, 0.0, 0)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_memory_ratio_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def fake_peak(args: list[str]) -> float:
+        seen.append(args)
+        n = int(args[args.index("--n") + 1])
+        return 500.0 + (n / 10 if "cluttered-digits" in args else 0.0)
+
+    monkeypatch.setattr(bench, "peak_memory_of", fake_peak)
+    doc = bench.evaluate_memory(small=100, large=1000, repeats=2)
+    assert doc["data"]["cluttered-digits"]["ratio"] == pytest.approx(600 / 510)
+    assert doc["data"]["idx"]["ratio"] == 1.0 and doc["data"]["idx"]["metrics"] == "average_drop"
+    assert len(seen) == 8 and all(a[0] == "evaluate" and "--out" in a for a in seen)
+    assert list(doc["goals"].values()) == [False, True]
+
+
+def test_peak_memory_of_a_real_process_and_a_failing_one() -> None:
+    assert 20 < bench.peak_memory_of(["--help"]) < 4000
+    with pytest.raises(ConfigError, match="failed"):
+        bench.peak_memory_of(["info", "/no/such/run"])
+
+
+def test_render_writes_between_the_markers_only(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    startup = {"repeats": 5, "python": "3.11", "torch": "2", "seconds": {'python -c "import torch"': 2.0, "selfcam --help": 2.2},
+               "ratio": {'python -c "import torch"': 1.0, "selfcam --help": 1.1}, "heavy_modules": {"selfcam --help": []},
+               "goals": {"selfcam --help <= 1.2x import torch": True}}  # fmt: skip
+    (results / "startup.json").write_text(json.dumps(startup))
+    doc = tmp_path / "b.md"
+    doc.write_text("intro\n<!-- bench:startup -->\nold\n<!-- /bench:startup -->\n<!-- bench:train -->\nkept\n<!-- /bench:train -->\nend\n")
+    assert bench.render_docs(results, doc) == ["startup"]
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("<!-- bench:train -->\nkept\n<!-- /bench:train -->\nend\n")
+    assert "old" not in text and "| `selfcam --help` | 2.20 | 1.10 | - |" in text
+    assert "- met: selfcam --help <= 1.2x import torch" in text and "selfcam bench startup --json" in text
+    assert bench.render_docs(results, doc) == ["startup"] and doc.read_text() == text  # idempotent

@@ -843,3 +843,424 @@ def startup_cmd(
     _write_json(json_path, doc)
     _show(startup_table(doc))
     _print_goals(doc, json_path)
+
+
+# --- training throughput -----------------------------------------------------------
+
+TRAIN_GOAL = 0.9  # fit's images/s at least this share of the raw loop's
+DATA_SPECS = ("cluttered-digits", "idx", "cifar10", "imagefolder")
+
+
+def _write_data(kind: str, root: Path, n: int, size: int) -> str:
+    """A ``kind`` dataset of ``n`` random training images written under ``root``; returns its ``--data`` spec."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    if kind == "idx":
+        images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+        for name, a, code in (("train-images-idx3-ubyte", images, 3), ("train-labels-idx1-ubyte", labels, 1)):
+            head = bytes([0, 0, 8, code]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+            (root / name).write_bytes(head + a.tobytes())
+        return f"idx:{root}"
+    if kind == "cifar10":  # 5 training batches of (label, 3072 pixels) records
+        records = np.concatenate([labels[:, None], rng.integers(0, 256, (n, 3072), dtype=np.uint8)], 1)
+        for k, chunk in enumerate(np.array_split(records, 5), 1):
+            (root / f"data_batch_{k}.bin").write_bytes(chunk.tobytes())
+        (root / "test_batch.bin").write_bytes(records[:10].tobytes())
+        return f"cifar10:{root}"
+    if kind == "imagefolder":  # PNG files, one folder per class
+        for i in range(n):
+            folder = root / f"class{labels[i]}"
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        return f"imagefolder:{root}"
+    raise ConfigError(f"no writer for {kind!r}")
+
+
+def _raw_epochs(model: torch.nn.Module, x: Tensor, y: Tensor, batch_size: int, epochs: int, lr: float,
+                weight_decay: float, seed: int) -> list[float]:  # fmt: skip
+    """The raw PyTorch loop fit is compared with: seconds per epoch over pre-stacked ``x``, ``y``.
+
+    Same as fit's recipe: shuffled batches (the last partial one dropped when there are more
+    images than a batch), the model's own loss, AdamW with a one-cycle schedule stepped per batch.
+    """
+    n = len(x)
+    drop = n > batch_size
+    steps = n // batch_size if drop else math.ceil(n / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    seconds = []
+    for _ in range(epochs):
+        sync(x.device)
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        for b in range(steps):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            out = model(x[idx])
+            loss = model.loss(out, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        sync(x.device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def _fit_epochs(model: torch.nn.Module, data: Any, batch_size: int, epochs: int, lr: float, weight_decay: float,
+                seed: int, accelerator: str) -> list[float]:  # fmt: skip
+    """``selfcam.fit`` on ``data``: seconds per epoch from its history (epoch 0 includes Lightning's set-up)."""
+    from .train import TrainConfig, fit
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, accelerator=accelerator)
+    rows = fit(model, data, None, cfg, progress=False)
+    ends = [r["seconds"] for r in rows]
+    return [b - a for a, b in zip([0.0, *ends[:-1]], ends)]
+
+
+def _feed_seconds(dataset: Any, batch_size: int, num_workers: int = 0) -> float:
+    """One epoch of a DataLoader over ``dataset`` as fit builds it (shuffled, ``batch_size``), no model."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size, shuffle=True, num_workers=num_workers, drop_last=len(dataset) > batch_size)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - t0
+
+
+def train_throughput(
+    methods: Sequence[str] | str | None = None,
+    backbone: str = "resnet8",
+    n: int = 1024,
+    size: int = 32,
+    batch_size: int = 64,
+    epochs: int = 2,
+    repeats: int = 3,
+    datasets: Sequence[str] | str | None = None,
+    lr: float = 3e-3,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Training images/s of :func:`selfcam.fit` against a raw PyTorch loop, per head, in one run; and the data path.
+
+    Both train the same initial model (``backbone`` with each head, random weights from ``seed``)
+    on ``n`` cluttered digits at ``size`` px with the same batch, AdamW and one-cycle schedule,
+    ``epochs`` epochs per call; fit reads the dataset object through its DataLoader, the raw loop
+    indexes pre-stacked tensors. The first epoch of every call is a warm-up (Lightning's set-up,
+    allocator); images/s come from the later ones, the median over ``repeats`` rounds. Each round
+    runs every (head, side) once, starting one further along each round.
+
+    Data path: for each of ``datasets`` (the built-in generator, and idx, CIFAR binary and
+    ImageFolder files written to a temporary directory, ``n`` images each), a DataLoader epoch
+    as fit builds it, without a model, after one untimed epoch; ``feed_img_s`` is compared with
+    what the plain model consumes (the raw loop's images/s on that many channels).
+
+    Returns ``{"methods": {NAME: {"fit_img_s", "raw_img_s", "ratio"}}, "data": {SPEC: {"feed_img_s",
+    "consume_img_s", "ratio"}}, "goals", ...}``.
+    """
+    import copy
+    import tempfile
+
+    from .data import load_dataset
+
+    _positive(n=n, size=size, batch_size=batch_size, repeats=repeats)
+    if not isinstance(epochs, int) or epochs < 2:
+        raise ConfigError(f"epochs must be an integer >= 2 (the first is a warm-up), got {epochs!r}")
+    if threads is not None:
+        _positive(threads=threads)
+    chosen = _methods(methods, HEAD_METHODS, "--methods")
+    kinds = _methods(datasets, DATA_SPECS, "--datasets") if datasets != "" else []
+    dev = _device(device)
+    accelerator = "cpu" if dev.type == "cpu" else "gpu"
+    data = load_dataset("cluttered-digits", "train", n, seed=seed, size=size)
+    x, y = data.normalize(data.images).to(dev), data.labels.to(dev)
+    images = (n // batch_size) * batch_size if n > batch_size else n
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        initial = {m: create_model(m, backbone, data.num_classes, 1, {"stem_stride": 2}) for m in chosen}
+        if "plain" not in initial:
+            initial["plain"] = create_model("plain", backbone, data.num_classes, 1, {"stem_stride": 2})
+        plain3 = create_model("plain", backbone, data.num_classes, 3, {"stem_stride": 2})
+    x3 = x.repeat(1, 3, 1, 1)
+    recipe = (batch_size, epochs, lr, weight_decay, seed)
+    runs: dict[str, Callable[[], list[float]]] = {}
+    for m in chosen:
+        runs[f"fit {m}"] = lambda m=m: _fit_epochs(copy.deepcopy(initial[m]).to(dev), data, batch_size, epochs, lr,
+                                                   weight_decay, seed, accelerator)  # fmt: skip
+        runs[f"raw {m}"] = lambda m=m: _raw_epochs(copy.deepcopy(initial[m]).to(dev), x, y, *recipe)
+    if kinds:
+        runs["raw plain"] = lambda: _raw_epochs(copy.deepcopy(initial["plain"]).to(dev), x, y, *recipe)
+        runs["raw plain, 3 channels"] = lambda: _raw_epochs(copy.deepcopy(plain3).to(dev), x3, y, *recipe)
+    with tempfile.TemporaryDirectory() as tmp, _threads(threads):
+        described = _describe(dev)
+        feeds: dict[str, Any] = {}
+        for kind in kinds:
+            if kind == "cluttered-digits":
+                feeds[kind] = data
+            else:
+                root = Path(tmp) / kind
+                root.mkdir()
+                written = n + (n // 2 if kind == "imagefolder" else n // 4) + 20  # the val (and test) splits come out of them
+                feeds[kind] = load_dataset(_write_data(kind, root, written, size), "train", n, size=size)
+            _feed_seconds(feeds[kind], batch_size)  # untimed: the first pass may decode and cache
+        names = list(runs) + [f"feed {k}" for k in kinds]
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                if name.startswith("feed "):
+                    samples[name].append(n / _feed_seconds(feeds[name[5:]], batch_size))
+                else:
+                    later = runs[name]()[1:]
+                    samples[name].append(images * len(later) / sum(later))
+    rate = {name: statistics.median(v) for name, v in samples.items()}
+    rows = {m: {"fit_img_s": rate[f"fit {m}"], "raw_img_s": rate[f"raw {m}"],
+                "ratio": rate[f"fit {m}"] / rate[f"raw {m}"]} for m in chosen}  # fmt: skip
+    feed_rows = {}
+    for kind in kinds:
+        consume = rate["raw plain, 3 channels" if feeds[kind].in_chans == 3 else "raw plain"]
+        feed_rows[kind] = {"feed_img_s": rate[f"feed {kind}"], "consume_img_s": consume,
+                           "ratio": rate[f"feed {kind}"] / consume, "in_chans": feeds[kind].in_chans,
+                           "storage": type(feeds[kind]).__name__}  # fmt: skip
+    goals = {f"fit {m} >= {TRAIN_GOAL:g}x raw": r["ratio"] >= TRAIN_GOAL for m, r in rows.items()}
+    goals.update({f"{k} feeds >= what the model consumes": r["ratio"] >= 1.0 for k, r in feed_rows.items()})
+    return {"backbone": backbone, "size": size, "n": n, "batch_size": batch_size, "epochs": epochs, "repeats": repeats,
+            "device": described, "torch": torch.__version__, "methods": rows, "data": feed_rows, "samples": samples,
+            "goals": goals}  # fmt: skip
+
+
+def train_table(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"training images/s, {doc['backbone']} at {doc['size']} px, batch {doc['batch_size']}, "
+                        f"{doc['device']}, median of {doc['repeats']}")  # fmt: skip
+    for col in ("method", "fit img/s", "raw img/s", "fit / raw"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for m, r in doc["methods"].items():
+        table.add_row(m, f"{r['fit_img_s']:.0f}", f"{r['raw_img_s']:.0f}", f"{r['ratio']:.2f}")
+    for k, r in doc["data"].items():
+        table.add_row(f"data {k}", f"feeds {r['feed_img_s']:.0f}", f"consumes {r['consume_img_s']:.0f}", f"{r['ratio']:.2f}")
+    return table
+
+
+@bench_app.command("train")
+def train_cmd(
+    json_path: Path = typer.Option(..., "--json", help="Where to write the results."),
+    methods: Optional[str] = typer.Option(None, "--methods", help=f"Comma-separated subset of {','.join(HEAD_METHODS)}."),
+    backbone: str = typer.Option("resnet8", "--backbone", help="Backbone of every model."),
+    n: int = typer.Option(1024, "--n", help="Training images."),
+    size: int = typer.Option(32, "--size", help="Image side in pixels."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),
+    epochs: int = typer.Option(2, "--epochs", help="Epochs per call (the first is a warm-up)."),
+    repeats: int = typer.Option(3, "--repeats", help="Rounds (median)."),
+    datasets: Optional[str] = typer.Option(None, "--datasets", help=f"Data paths to time: subset of {','.join(DATA_SPECS)} ('' for none)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda... (default: cuda if available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+) -> None:
+    """Training throughput of selfcam.fit against a raw PyTorch loop per head, and of the data path."""
+    _json_target(json_path)
+    doc = train_throughput(methods, backbone, n, size, batch_size, epochs, repeats, datasets, device=device, threads=threads)
+    _write_json(json_path, doc)
+    _show(train_table(doc))
+    _print_goals(doc, json_path)
+
+
+# --- evaluate's memory -------------------------------------------------------------
+
+MEMORY_GOAL = 1.1  # peak memory on the large set at most this many times that on the small one
+_PEAK_PROBE = (  # run the selfcam CLI in-process, then print this process's peak resident memory (KiB on Linux)
+    "import json, os, resource, sys\n"
+    "sys.argv = ['selfcam', *json.loads(os.environ['SELFCAM_ARGV'])]\n"
+    "from selfcam.cli import main\n"
+    "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+    "print('SELFCAM_PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)\n"
+)
+
+
+def peak_memory_of(args: Sequence[str]) -> float:
+    """Peak resident memory (MiB) of a fresh process running ``selfcam ARGS``; ConfigError if it fails."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SELFCAM_ARGV": json.dumps(list(args))}
+    done = subprocess.run([sys.executable, "-c", _PEAK_PROBE], env=env, capture_output=True, text=True)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("SELFCAM_PEAK_KIB")), None)
+    if done.returncode != 0 or line is None or line.split()[2] not in ("0", "None"):
+        raise ConfigError(f"selfcam {' '.join(args)} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    return int(line.split()[1]) / 1024
+
+
+def evaluate_memory(small: int = 1000, large: int = 10000, metrics: str = "pointing_game,energy_pointing_game,iou,average_drop",
+                    batch_size: int = 50, size: int = 32, repeats: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Peak memory of ``selfcam evaluate`` on ``small`` and ``large`` cluttered-digit test images (fresh processes).
+
+    One ``lfi`` ResNet-8 run (random weights, saved to a temporary directory), ``--methods self``,
+    ``--metrics metrics``, ``--batch-size batch_size``; the two sizes alternate over ``repeats``
+    rounds and each keeps its largest peak. The generated images themselves are held in memory
+    (``size * size`` float32 each), which the ratio includes.
+
+    Two data sources: the built-in generator (``cluttered-digits``, built in memory in one go,
+    so its own construction is part of the peak) and an idx file of as many random images
+    (``idx``: uint8 pixels in memory, ``--metrics`` without the box metrics), which isolates
+    evaluate's own streaming.
+
+    Returns ``{"data": {SOURCE: {"peak_mib": {"small", "large"}, "ratio" (large / small)}}, "goals"}``.
+    """
+    import tempfile
+
+    from .checkpoint import save_checkpoint
+
+    _positive(small=small, large=large, batch_size=batch_size, size=size, repeats=repeats)
+    no_boxes = ",".join(m for m in metrics.split(",") if m.strip() in ("average_drop", "increase_in_confidence",
+                                                                        "deletion_auc", "insertion_auc", "road_morf",
+                                                                        "road_lerf")) or "average_drop"  # fmt: skip
+    peaks: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            save_checkpoint(create_model("lfi", "resnet8", 10, 1, {"stem_stride": 2}), run,
+                            data={"name": "cluttered-digits", "size": size})  # fmt: skip
+        (Path(tmp) / "idx").mkdir()
+        sources = {"cluttered-digits": (["--data", "cluttered-digits", "--split", "test"], metrics),
+                   "idx": (["--data", _write_data("idx", Path(tmp) / "idx", large + large // 8, size), "--split", "train"],
+                           no_boxes)}  # fmt: skip
+        for source, (data_args, chosen) in sources.items():
+            peaks[source] = {"small": [], "large": []}
+            for r in range(repeats):
+                for which in ("small", "large") if r % 2 == 0 else ("large", "small"):
+                    count = small if which == "small" else large
+                    args = ["evaluate", "--checkpoint", str(run), *data_args, "--n", str(count), "--methods", "self",
+                            "--metrics", chosen, "--batch-size", str(batch_size), "--out", str(Path(tmp) / which)]  # fmt: skip
+                    peaks[source][which].append(peak_memory_of(args))
+    rows = {}
+    for source, p in peaks.items():
+        peak = {k: max(v) for k, v in p.items()}
+        rows[source] = {"peak_mib": peak, "ratio": peak["large"] / peak["small"], "metrics": sources[source][1]}
+    goals = {f"evaluate on {source}: peak on {large} <= {MEMORY_GOAL:g}x on {small} images": r["ratio"] <= MEMORY_GOAL
+             for source, r in rows.items()}  # fmt: skip
+    return {"small": small, "large": large, "batch_size": batch_size, "size": size, "repeats": repeats, "data": rows,
+            "goals": goals}
+
+
+@bench_app.command("memory")
+def memory_cmd(
+    json_path: Path = typer.Option(..., "--json", help="Where to write the results."),
+    small: int = typer.Option(1000, "--small", help="Images of the small run."),
+    large: int = typer.Option(10000, "--large", help="Images of the large run."),
+    metrics: str = typer.Option("pointing_game,energy_pointing_game,iou,average_drop", "--metrics", help="evaluate's --metrics."),
+    batch_size: int = typer.Option(50, "--batch-size", help="evaluate's --batch-size."),
+    repeats: int = typer.Option(1, "--repeats", help="Rounds (largest peak of each)."),
+) -> None:
+    """Peak memory of selfcam evaluate on a small and a large image set: it should stream."""
+    _json_target(json_path)
+    doc = evaluate_memory(small, large, metrics, batch_size, repeats=repeats)
+    _write_json(json_path, doc)
+    for source, r in doc["data"].items():
+        console.print(f"peak memory of selfcam evaluate on {source}: {r['peak_mib']['small']:.0f} MiB on {small} images, "
+                      f"{r['peak_mib']['large']:.0f} MiB on {large} ({r['ratio']:.2f}x)", highlight=False)  # fmt: skip
+    _print_goals(doc, json_path)
+
+
+# --- docs/benchmarks.md from the JSON ----------------------------------------------
+
+RESULTS_DIR = Path("results/bench")
+BENCH_COMMANDS = {  # what made each results/bench/*.json (printed above its table)
+    "startup": "selfcam bench startup --json results/bench/startup.json",
+    "train": "selfcam bench train --threads 1 --json results/bench/train.json",
+    "metrics": "selfcam bench metrics --threads 1 --json results/bench/metrics.json",
+    "memory": "selfcam bench memory --json results/bench/memory.json",
+}
+
+
+def _goal_lines(doc: dict[str, Any]) -> list[str]:
+    return [f"- {'met' if met else '**NOT met**'}: {goal}" for goal, met in doc["goals"].items()]
+
+
+def _md_startup(doc: dict[str, Any]) -> list[str]:
+    lines = [f"Median of {doc['repeats']} fresh processes per command, interleaved (python {doc['python']}, "
+             f"torch {doc['torch']}).", "", "| command | s | x `import torch` | heavy modules imported |",
+             "|---|---:|---:|---|"]  # fmt: skip
+    for m, s in doc["seconds"].items():
+        lines.append(f"| `{m}` | {s:.2f} | {doc['ratio'][m]:.2f} | {', '.join(doc['heavy_modules'].get(m, [])) or '-'} |")
+    return lines
+
+
+def _md_train(doc: dict[str, Any]) -> list[str]:
+    lines = [f"{doc['backbone']}, {doc['n']} cluttered digits at {doc['size']} px, batch {doc['batch_size']}, AdamW + "
+             f"one-cycle, {doc['device']}; images/s of the epochs after the first of each call, median of "
+             f"{doc['repeats']} interleaved rounds.", "", "| method | `fit` img/s | raw loop img/s | fit / raw |",
+             "|---|---:|---:|---:|"]  # fmt: skip
+    for m, r in doc["methods"].items():
+        lines.append(f"| {m} | {r['fit_img_s']:.0f} | {r['raw_img_s']:.0f} | {r['ratio']:.2f} |")
+    if doc["data"]:
+        lines += ["", "Data path: one DataLoader epoch as `fit` builds it (shuffled, same batch, no workers), no model, "
+                  "against what the plain model consumes in the raw loop:", "",
+                  "| dataset | storage | feeds img/s | model consumes img/s | ratio |", "|---|---|---:|---:|---:|"]  # fmt: skip
+        for k, r in doc["data"].items():
+            lines.append(f"| {k} | {r['storage']} | {r['feed_img_s']:.0f} | {r['consume_img_s']:.0f} | {r['ratio']:.1f} |")
+    return lines
+
+
+def _md_metrics(doc: dict[str, Any]) -> list[str]:
+    lines = [f"{doc['n']} cluttered digits at {doc['size']} px, {doc['device']}; seconds, medians of {doc['repeats']} "
+             "interleaved calls (ours, the peer's, the floor).", "",
+             "| metric | peer | selfcam s | peer s | speed-up | max abs diff | floor s | x floor | floor forwards |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, r in doc["metrics"].items():
+        peer = (f"{r['peer_s']:.4f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.1e}" if "peer_s" in r else "- | - | -")
+        floor = f"{r['floor_s']:.4f} | {r['x_floor']:.2f} | {r['floor_forwards']}" if "floor_s" in r else "- | - | -"
+        lines.append(f"| {name} | {r['peer'] or '-'} | {r['selfcam_s']:.4f} | {peer} | {floor} |")
+    return lines
+
+
+def _md_memory(doc: dict[str, Any]) -> list[str]:
+    lines = [f"Peak resident memory of a fresh `selfcam evaluate` process (`--methods self`, batch {doc['batch_size']}, "
+             f"{doc['size']} px), largest of {doc['repeats']} run(s) each.", "",
+             f"| data | metrics | MiB on {doc['small']} | MiB on {doc['large']} | ratio |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for source, r in doc["data"].items():
+        lines.append(f"| {source} | {r['metrics']} | {r['peak_mib']['small']:.0f} | {r['peak_mib']['large']:.0f} | {r['ratio']:.2f} |")
+    return lines
+
+
+_RENDERERS = {"startup": _md_startup, "train": _md_train, "metrics": _md_metrics, "memory": _md_memory}
+
+
+def render_docs(results: Path = RESULTS_DIR, doc: Path = Path("docs/benchmarks.md")) -> list[str]:
+    """Write each ``results/NAME.json`` as markdown between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``
+    in ``doc``: the command that made it, its table and its goals. Returns the names written; a block
+    whose JSON is missing is left as it is."""
+    import re
+
+    text = doc.read_text(encoding="utf-8")
+    written = []
+    for name, render in _RENDERERS.items():
+        path = results / f"{name}.json"
+        begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        if not path.is_file() or begin not in text:
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        body = ["", "Generated by `selfcam bench render` from " f"`{path}`, made by:", "", "```bash",
+                BENCH_COMMANDS[name], "```", "", *render(data), "", "Goals:", "", *_goal_lines(data), ""]  # fmt: skip
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: "\n".join([begin, *body, end]), text, flags=re.S)
+        written.append(name)
+    doc.write_text(text, encoding="utf-8")
+    return written
+
+
+@bench_app.command("render")
+def render_cmd(
+    results: Path = typer.Option(RESULTS_DIR, "--results", help="Folder of the bench JSON files."),
+    doc: Path = typer.Option(Path("docs/benchmarks.md"), "--doc", help="Markdown file with <!-- bench:NAME --> blocks."),
+) -> None:
+    """Write the bench JSON files' tables and goals into docs/benchmarks.md (between its markers)."""
+    if not doc.is_file():
+        raise ConfigError(f"--doc {doc}: file not found")
+    names = render_docs(results, doc)
+    console.print(f"wrote {', '.join(names) or 'nothing'} into {doc}", markup=False, highlight=False)
