@@ -690,7 +690,7 @@ CASES = [
          _train_options(lambda: create_model("se", "resnet8", 10, 1, {"bogus": 1}), "--backbone-kwargs", '{"bogus": 1}')),
     Case("train-backbone-kwargs-wrong-type", "api+cli", ConfigError, r"backbone 'resnet8' option 'stem_stride' must be int, got '2'",
          _train_options(lambda: create_model("se", "resnet8", 10, 1, {"stem_stride": "2"}), "--backbone-kwargs", '{"stem_stride": "2"}')),
-    Case("train-kwargs-not-json", "cli", ConfigError, r"--head-kwargs is not valid JSON",
+    Case("train-kwargs-not-json", "cli", ConfigError, r"--head-kwargs: not valid JSON \(Expecting",
          _train_options(None, "--head-kwargs", "{reduction: 2")),
     # 8. weights files
     Case("weights-truncated", "api+cli", CheckpointError, r"not a readable safetensors file \(.+\)$", _weights(_half_weights)),

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, check_options
+from .safeio import check_depth
 
-__all__ = ["Backbone", "build_backbone", "create_backbone", "list_backbones", "timm_model", "torchvision_model", "CIFAR_DEPTHS"]
+__all__ = ["TIMM_OPTIONS", "TORCHVISION_OPTIONS", "Backbone", "build_backbone", "create_backbone", "list_backbones", "timm_model", "torchvision_model", "CIFAR_DEPTHS"]
 
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110)
 
@@ -166,12 +167,36 @@ def _infer_channels(backbone: nn.Module, in_chans: int) -> int:
     return int(out.shape[1])
 
 
+# The options selfcam passes on to timm.create_model and torchvision's builders, from any source (a
+# config.json, --backbone-kwargs, wrap's model_kwargs): an allow-list, so nothing in a run's files can
+# make them open a file or reach the network (timm's checkpoint_path, pretrained_cfg, pretrained_cfg_overlay,
+# cache_dir; torchvision's weights, weights_backbone, progress). num_classes and in_chans are set by selfcam.
+TIMM_OPTIONS = frozenset({"num_classes", "in_chans", "drop_rate", "drop_path_rate", "drop_block_rate", "output_stride",
+                          "global_pool", "img_size", "patch_size", "dynamic_img_size", "class_token", "reg_tokens",
+                          "act_layer", "scriptable", "exportable", "no_jit"})  # fmt: skip
+TORCHVISION_OPTIONS = frozenset({"num_classes", "dropout", "attention_dropout", "stochastic_depth_prob", "zero_init_residual",
+                                 "width_per_group", "groups", "replace_stride_with_dilation", "init_weights", "aux_logits",
+                                 "transform_input", "image_size"})  # fmt: skip
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # an architecture, optionally .tag; no hub, dir or URL prefix
+
+
+def _allowed(kwargs: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    refused = sorted(set(kwargs) - allowed)
+    if refused:
+        raise ConfigError(f"{what}: option(s) {', '.join(map(repr, refused))} refused: selfcam passes only "
+                          f"{', '.join(sorted(allowed))} to this library (options that load weights, read files or "
+                          "reach the network, such as checkpoint_path, pretrained_cfg_overlay or weights, never come "
+                          "from a config)")  # fmt: skip
+
+
 def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
-    """The whole torchvision classifier ``name`` with random weights (nothing is downloaded)."""
+    """The whole torchvision classifier ``name`` with random weights (nothing is downloaded); ``kwargs``
+    from :data:`TORCHVISION_OPTIONS` only."""
     import torchvision.models as tvm
 
     if name not in tvm.list_models(module=tvm):
         raise ConfigError(f"unknown backbone {name!r}; see `selfcam models` for the names")
+    _allowed(kwargs, TORCHVISION_OPTIONS, f"torchvision model {name!r}")
     return tvm.get_model(name, weights=None, **kwargs)
 
 
@@ -223,10 +248,17 @@ class _TimmFeatures(nn.Module):
 
 def timm_model(name: str, **kwargs: Any) -> nn.Module:
     """The whole timm model ``name`` with random weights (``kwargs`` go to ``timm.create_model``)."""
+    if not isinstance(name, str) or not _TIMM_NAME.fullmatch(name):
+        raise ConfigError(f"timm model name {name!r} refused: selfcam builds timm's registered architectures by their "
+                          "plain names only (hub names such as 'hf-hub:...', 'local-dir:...' or paths would read files "
+                          "or reach the network)")  # fmt: skip
+    _allowed(kwargs, TIMM_OPTIONS, f"timm model {name!r}")
     try:
         import timm
     except ImportError as e:
         raise ConfigError(f"backbone 'timm:{name}' needs timm: pip install 'selfcam[timm]'") from e
+    if not timm.is_model(name.split(".")[0]):
+        raise ConfigError(f"unknown timm model {name!r}")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as e:  # timm's "Unknown model"
@@ -261,6 +293,7 @@ def build_backbone(name: str, in_chans: int, pretrained: Any, kwargs: dict[str, 
     named = named_weights(pretrained)
     if named is not None and name != named.backbone:
         raise ConfigError(f"pretrained {named.name!r} fits backbone {named.backbone!r}, not {name!r}")
+    check_depth(name)  # before anything is built
     match = re.fullmatch(r"resnet(\d+)(-bottleneck)?", name)
     try:
         if name.startswith("timm:"):

@@ -31,7 +31,8 @@ from safetensors.torch import load, load_file, save_file
 from torch import Tensor, nn
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, check_options
+from .errors import CheckpointError, ConfigError, OutputError, SelfcamError, check_options
+from .safeio import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_IN_CHANS, check_model_limits, check_regular, read_json
 
 __all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "WEIGHTS", "atomic_write", "dataclass_from_json", "load_checkpoint",
            "read_config", "read_safetensors", "save_checkpoint", "write_json"]  # fmt: skip
@@ -50,9 +51,18 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, SelfcamError, MemoryError)) or not isinstance(e, Exception):
+            raise
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # disk full, quota, file too large
+            raise OutputError(f"{path}: cannot write: {_why(e)}; nothing was written") from e
         raise
+
+
+def _why(e: BaseException) -> str:
+    """An OSError's strerror ("No space left on device"), else the message."""
+    return getattr(e, "strerror", None) or str(e)
 
 
 def write_json(path: str | Path, doc: Any) -> None:
@@ -84,6 +94,7 @@ def dataclass_from_json(cls: type[C], d: Any, source: str, what: str = "model") 
             check_options(cls, {key: value}, "")  # the JSON scalar types
         except ConfigError as e:
             raise ConfigError(f"{source}: {what}.{key} must be {str(e).split(' must be ', 1)[1]}") from None
+    check_model_limits(d, f"{source}: {what}")  # before anything is built
     return cls(**d)
 
 
@@ -134,12 +145,10 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
                               f"{_format_hint(run)}")  # fmt: skip
     if not run.is_dir():
         raise CheckpointError(f"{run_dir}: checkpoint directory not found")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config file not found")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        doc = read_json(path, CheckpointError)  # regular files only; bounded size, nesting and integers
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: config file not found") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: no 'model' entry (the file holds a {type(doc).__name__}, not an object)")
     doc = _upgrade(doc, path)
@@ -190,6 +199,9 @@ def check_data(data: Any, source: str) -> None:
     for key, (ok, what) in DATA_FIELDS.items():
         if key in data and not ok(data[key]):
             raise ConfigError(f"{source}: data.{key} must be {what}, got {data[key]!r}")
+    for key, limit in (("size", MAX_IMAGE_SIZE), ("in_chans", MAX_IN_CHANS), ("frames", MAX_FRAMES)):
+        if isinstance(data.get(key), int) and data[key] > limit:
+            raise ConfigError(f"{source}: data.{key} = {data[key]} is over selfcam's limit of {limit:,}; refused")
 
 
 def _format_hint(path: Path) -> str:
@@ -212,6 +224,10 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]
     """Every tensor of the safetensors file ``path``; :class:`CheckpointError` naming it when it is not one."""
     path = Path(path)
     try:
+        check_regular(path, CheckpointError)  # a FIFO or a device is never opened
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weights file not found") from None
+    try:
         try:
             os.fsencode(path).decode("utf-8")
         except UnicodeDecodeError:  # safetensors opens UTF-8 paths only: hand it the bytes instead
@@ -219,6 +235,15 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]
         return load_file(str(path), device=device)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}){_format_hint(path)}") from e
+
+
+def check_finite(state: dict[str, Tensor], path: str | Path) -> None:
+    """CheckpointError naming ``path`` and the tensors when floating-point weights hold NaN or infinite values."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        listed = ", ".join(f"{k} ({n} of {state[k].numel()})" for k, n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"{path}: NaN or infinite weights in {len(bad)} tensor(s): {listed}; refused (a diverged "
+                              "or corrupt run)")  # fmt: skip
 
 
 def load_state(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
@@ -244,9 +269,8 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
 
     doc = read_config(run_dir)
     weights = Path(run_dir) / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file not found")
     state = read_safetensors(weights, str(map_location))
+    check_finite(state, weights)
     backbone = getattr(doc["model"], "backbone", None)
     wrapped = isinstance(backbone, str) and backbone.startswith("wrap:")
     try:

@@ -58,10 +58,9 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _json_object(text: str, option: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{option} is not valid JSON: {e}") from e
+    from .safeio import loads_json
+
+    value = loads_json(text, option)  # bounded nesting and integers: one error line, never a traceback
     if not isinstance(value, dict):
         raise ConfigError(f"{option} must be a JSON object like '{{\"key\": 1}}', got {text!r}")
     return value
@@ -177,6 +176,14 @@ def train(
     if resume is None and (o["method"] is None or out is None):
         raise typer.BadParameter("--method and --out are required unless you --resume a run")
     o["data"] = o["data"] or t.default_data
+    if o["image_size"] is not None:  # 0 is refused, not taken for the dataset's default
+        from .errors import require_int
+        from .safeio import MAX_IMAGE_SIZE
+
+        require_int("--image-size", o["image_size"], 1, MAX_IMAGE_SIZE)
+    from .errors import check_accelerator
+
+    check_accelerator(accelerator)
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
                       seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
@@ -245,6 +252,9 @@ def evaluate(
 
     if accelerator not in ("cpu", "gpu", "auto"):
         raise ConfigError(f"--accelerator must be cpu, gpu or auto, got {accelerator!r}")
+    from .errors import check_accelerator
+
+    check_accelerator(accelerator)
     device = "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     runs, size, task = {}, None, None
     for path in checkpoint:

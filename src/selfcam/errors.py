@@ -30,6 +30,11 @@ class DataError(SelfcamError):
     """A dataset that cannot be read or built."""
 
 
+class OutputError(SelfcamError, OSError):
+    """A file selfcam writes could not be written (disk full, quota, file too large), or an output that
+    would overwrite what selfcam did not create."""
+
+
 class DivergenceError(ConfigError, FloatingPointError):
     """Training stopped: the loss or the weights stopped being finite (usually: the learning rate is too high)."""
 
@@ -59,7 +64,20 @@ def check_options(fn: Callable[..., Any], options: dict[str, Any], what: str) ->
             raise ConfigError(f"{what} option {key!r} must be {names}, got {value!r}")
 
 
-def require_int(name: str, value: object, low: int = 1) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is an ``int`` (not a bool) ``>= low``."""
+def require_int(name: str, value: object, low: int = 1, high: int | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an ``int`` (not a bool) ``>= low`` (and ``<= high``:
+    selfcam's limit, named in the message)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} = {value} is over selfcam's limit of {high:,}; refused before allocating anything")
+
+
+def check_accelerator(accelerator: str, option: str = "--accelerator") -> None:
+    """ConfigError when ``accelerator`` asks for a GPU (gpu, cuda) and torch sees none."""
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {accelerator}: no GPU is available here (torch.cuda.is_available() is False); "
+                              "use cpu or auto")  # fmt: skip

@@ -31,6 +31,7 @@ from .data import STD as DIGITS_STD
 from .data.base import image_pixels, image_problem
 from .data.transforms import Transform
 from .errors import ConfigError, InputError, require_int
+from .safeio import check_regular, load_image
 from . import explainers
 from .model import SelfExplainer
 from .checkpoint import CONFIG
@@ -66,12 +67,14 @@ def find_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
     for given in map(Path, paths):
         if given.is_dir():
             found = []
-            for f in sorted(p for p in given.rglob("*") if p.is_file()):
+            for f in sorted(p for p in given.rglob("*") if p.is_file() or (p.exists() and not p.is_dir())):  # special files: skipped
                 ok = f.suffix.lower() in IMAGE_SUFFIXES and image_problem(f) is None
                 (found if ok else skipped).append(f)
             if not found:
                 raise InputError(f"{given}: directory holds no images ({', '.join(IMAGE_SUFFIXES)})")
             images += found
+        elif given.exists() and not given.is_file():
+            check_regular(given)  # a FIFO or a device given by name: refused, never opened
         elif given.is_file():
             reason = image_problem(given)
             if reason is not None:
@@ -136,9 +139,8 @@ class Preprocess:
 
     def load(self, path: str | Path) -> Tensor:
         """One image file -> float32 ``(C, size, size)`` in [0, 1] (not normalized)."""
-        try:
-            with Image.open(path) as im:
-                pixels = image_pixels(ImageOps.exif_transpose(im), "L" if self.in_chans == 1 else "RGB")
+        try:  # the one loader of training and evaluation too (regular files, pixel budget, EXIF, JPEG draft)
+            pixels = load_image(path, "L" if self.in_chans == 1 else "RGB", self.size)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise InputError(f"{path}: cannot decode image ({e})") from e
         chw = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1)

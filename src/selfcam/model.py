@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .backbones import Backbone, build_backbone
 from .errors import ConfigError, InputError, check_options
 from .heads import HEADS, ExplainedOutput, Head, upsample
+from .safeio import check_model_limits
 
 __all__ = ["ModelConfig", "SelfExplainer", "create_model", "init_classifier", "list_methods", "make_head"]
 
@@ -175,6 +176,8 @@ def create_model(
     ``wrap:...`` are models made by :func:`selfcam.wrap`, rebuilt from their recorded options.
     """
     backbone_kwargs = dict(backbone_kwargs or {})
+    check_model_limits({"backbone": backbone, "num_classes": num_classes, "in_chans": in_chans, "backbone_kwargs": backbone_kwargs,
+                        "head_kwargs": head_kwargs}, f"model {method} on {backbone}")  # fmt: skip
     if backbone.startswith("wrap:"):
         from .wrap import rebuild
 

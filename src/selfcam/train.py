@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CONFIG, load_checkpoint, read_config, read_safetensors, save_checkpoint, write_json
 from .errors import CheckpointError, ConfigError, DivergenceError, require_int
+from .safeio import read_json
 from .tasks import Task, get_task, task_of
 
 __all__ = [
@@ -97,7 +98,7 @@ class TrainConfig:
             raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
             raise ConfigError(f"accelerator must be auto, cpu, gpu, cuda or mps, got {self.accelerator!r}")
@@ -364,11 +365,9 @@ def _read_state(path: Path) -> TrainState:
     """Parse and validate ``path/state.json``."""
     file = path / STATE_JSON
     try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
+        doc = read_json(file, CheckpointError)  # regular files only; bounded size, nesting and integers
     except FileNotFoundError as e:
         raise CheckpointError(f"{file}: state file not found") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
     if isinstance(doc, dict) and doc.get("version") == 1 and "task" not in doc:  # written before tasks: an image run
         doc["task"], doc["version"] = _v1_task(doc.get("model")), STATE_VERSION
     _expect(doc, _STATE_SPEC, str(file))

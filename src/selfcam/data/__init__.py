@@ -18,7 +18,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, require_int
+from ..safeio import MAX_IMAGE_SIZE
 from .base import ImageDataset
 from .digits import MEAN, SIZES, SPLITS, STD, ClutteredDigits, box_mask, source_indices
 from .formats import FORMATS, open_format
@@ -40,8 +41,10 @@ def _generator(name: str, split: str, n: int | None, seed: int, size: int | None
         from .clips import SyntheticClips as cls
     else:
         from .speakers import SpeakerClips as cls
+    if size is not None:
+        require_int("size", size, 1, MAX_IMAGE_SIZE)  # 0 is refused, not taken for the default
     try:
-        return cls(split, GENERATORS[name][split] if n is None else n, size=size or 64, seed=seed, **options)
+        return cls(split, GENERATORS[name][split] if n is None else n, size=64 if size is None else size, seed=seed, **options)
     except TypeError as e:
         raise ConfigError(f"{name}: unknown option ({e})") from e
 

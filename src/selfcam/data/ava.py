@@ -43,6 +43,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError
+from ..safeio import check_regular, open_image
 from .speakers import FPS, FRAME_MEAN, FRAME_STD, SAMPLE_RATE, normalize_frames
 
 __all__ = ["AVAActiveSpeaker", "AVARow", "COLUMNS", "LABELS", "open_ava", "read_ava_csv", "read_wav", "write_ava"]
@@ -73,6 +74,7 @@ def read_ava_csv(path: str | Path) -> list[AVARow]:
     if not path.is_file():
         raise DataError(f"{path}: annotation CSV not found")
     rows: list[AVARow] = []
+    check_regular(path, DataError)
     with path.open(newline="", encoding="utf-8") as f:
         for line, fields in enumerate(csv.reader(f), start=1):
             if not fields or (line == 1 and fields[0].strip() == "video_id"):
@@ -105,6 +107,7 @@ def read_ava_csv(path: str | Path) -> list[AVARow]:
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """A PCM wav file -> (mono float32 samples in [-1, 1], sample rate); channels are averaged."""
     try:
+        check_regular(path, DataError)
         with wavfile.open(str(path), "rb") as w:
             channels, width, rate, count = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
             raw = w.readframes(count)
@@ -123,6 +126,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 def _wav_header(path: Path) -> tuple[int, int]:
     """(sample rate, samples per channel) of a wav file, reading only its header."""
     try:
+        check_regular(path, DataError)
         with wavfile.open(str(path), "rb") as w:
             return w.getframerate(), w.getnframes()
     except (wavfile.Error, EOFError) as e:
@@ -156,6 +160,7 @@ def _video_frames(path: Path, times: list[float]) -> list[Image.Image]:
     best: list[Any] = [None] * len(times)
     dist = [math.inf] * len(times)
     try:
+        check_regular(path, DataError)
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             container.seek(int(max(0.0, min(times) - 1.0) / stream.time_base), stream=stream)
@@ -245,7 +250,7 @@ class AVAActiveSpeaker(torch.utils.data.Dataset):
         if (self.root / "frames" / clip[0].video_id).is_dir():
             images = []
             for row in clip:
-                with Image.open(_frame_path(self.root, row)) as im:
+                with open_image(_frame_path(self.root, row), DataError) as im:
                     im.load()
                     images.append(im)
             return images

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, SelfcamError
+from ..safeio import MAX_CLASSES, image_pixels, load_image, open_image
 from .transforms import Transform
 
 __all__ = ["SPLITS", "VAL_FRACTION", "ArrayImages", "FileImages", "ImageDataset", "fixed_order", "image_pixels",
@@ -68,35 +68,17 @@ def take_first(index: np.ndarray, n: int | None, what: str) -> np.ndarray:
 
 def image_problem(path: str | Path) -> str | None:
     """``None`` when Pillow reads ``path`` as an image, else why not. Checks the header and, where
-    the format allows it without decoding (PNG: every chunk and its checksum), the rest of the file."""
+    the format allows it without decoding (PNG: every chunk and its checksum), the rest of the file;
+    special files (FIFOs, devices) are refused unopened and images over the pixel budget
+    (:data:`selfcam.safeio.MAX_IMAGE_BYTES`) by their header (:func:`selfcam.safeio.open_image`)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.verify()
+    except SelfcamError as e:
+        return str(e).removeprefix(f"{path}: ")
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for a broken file
         return str(e) or type(e).__name__
     return None
-
-
-def image_pixels(im: Image.Image, mode: str) -> np.ndarray:
-    """A Pillow image -> uint8 pixels in ``mode``: ``(h, w)`` for "L", ``(h, w, 3)`` for "RGB".
-
-    Pillow's own conversion clips 16- and 32-bit integer images at 255 and truncates float ones, so
-    those are scaled here: integers from 0..65535, floats ("F") from [0, 1]. ValueError says why a
-    float image with NaN, infinite or out-of-range values cannot be read.
-    """
-    if im.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.rint(np.clip(a, 0, 65535) / 257).astype(np.uint8))
-    elif im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        bad = int((~np.isfinite(a)).sum())
-        if bad:
-            raise ValueError(f"float image with {bad} NaN or infinite pixel(s)")
-        if a.size and (a.min() < 0 or a.max() > 1):
-            raise ValueError(f"float image with values in [{a.min():.4g}, {a.max():.4g}]; float images must hold "
-                             "intensities in [0, 1] (or save it as 8- or 16-bit)")  # fmt: skip
-        im = Image.fromarray(np.rint(a * 255).astype(np.uint8))
-    return np.array(im.convert(mode))  # a writable copy, as torch.from_numpy wants
 
 
 class ImageDataset(Dataset):
@@ -106,6 +88,12 @@ class ImageDataset(Dataset):
 
     def __init__(self, labels: Tensor, transform: Transform, class_names: Sequence[str], *, in_chans: int,
                  task: str = "multiclass", source: str = "") -> None:  # fmt: skip
+        if task == "multiclass" and len(class_names) < 2:
+            raise DataError(f"{source or type(self).__name__}: only {len(class_names)} class ({', '.join(map(repr, class_names))}); "
+                            "a classifier needs at least two classes")  # fmt: skip
+        if len(class_names) > MAX_CLASSES:
+            raise DataError(f"{source or type(self).__name__}: {len(class_names):,} classes, over selfcam's limit of "
+                            f"{MAX_CLASSES:,} (safeio.MAX_CLASSES)")  # fmt: skip
         self.labels = labels  # (n,) int64, or (n, A) float32 for multilabel
         self.transform = transform.for_channels(in_chans)
         self.class_names: list[str] = list(class_names)
@@ -173,9 +161,9 @@ class FileImages(ImageDataset):
     def load(self, i: int) -> Tensor:
         path = self.paths[i]
         try:
-            with Image.open(path) as im:
-                im.draft(self.mode, (self.size, self.size))  # JPEG: decode at a reduced scale >= size
-                pixels = image_pixels(im, self.mode)
+            pixels = load_image(path, self.mode, self.size, DataError)  # the loader of `selfcam explain` too
+        except SelfcamError:
+            raise
         except FileNotFoundError:
             raise DataError(f"{path}: image file is missing (listed in {self.source})") from None
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for a broken file

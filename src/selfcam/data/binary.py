@@ -8,7 +8,8 @@ training set (:func:`~selfcam.data.base.partition`), ``train`` the other 90 %.
 
 from __future__ import annotations
 
-import gzip
+import math
+import os
 import re
 import zlib
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..safeio import MAX_DECOMPRESSED_BYTES, check_regular, gzip_reader, open_regular, read_bytes, read_gzip
 from .base import VAL_FRACTION, ArrayImages, fixed_order, partition, take_first
 from .transforms import Transform
 
@@ -32,21 +34,23 @@ _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
 @lru_cache(maxsize=2)
-def _gunzip(path: Path, stamp: tuple[int, int]) -> np.ndarray:
-    """Decompressed bytes of a .gz file, kept for the next call (train and val read the same
-    files); ``stamp`` (mtime, size) makes a changed file a new entry."""
-    return np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8)
+def _gunzip(path: Path, stamp: tuple[int, int], limit: int) -> np.ndarray:
+    """Decompressed bytes of a .gz file (at most ``limit``: :func:`selfcam.safeio.read_gzip`), kept for
+    the next call (train and val read the same files); ``stamp`` (mtime, size) makes a changed file a new entry."""
+    return np.frombuffer(read_gzip(path, limit, DataError), np.uint8)
 
 
-def file_bytes(path: Path) -> np.ndarray:
-    """The bytes of ``path``, uint8 (k,) read-only: memory-mapped, or decompressed when the name ends in .gz."""
+def file_bytes(path: Path, limit: int = MAX_DECOMPRESSED_BYTES) -> np.ndarray:
+    """The bytes of ``path``, uint8 (k,) read-only: memory-mapped, or decompressed when the name ends in
+    .gz (refused past ``limit`` bytes). Regular files only: a FIFO or a device is refused unopened."""
     try:
         if path.suffix == ".gz":
-            st = path.stat()
-            return _gunzip(path.resolve(), (st.st_mtime_ns, st.st_size))
-        if path.stat().st_size == 0:
-            return np.zeros(0, np.uint8)
-        return np.memmap(path, np.uint8, mode="r")
+            st = check_regular(path, DataError)
+            return _gunzip(path.resolve(), (st.st_mtime_ns, st.st_size), limit)
+        with open_regular(path, DataError) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return np.zeros(0, np.uint8)
+            return np.memmap(f, np.uint8, mode="r")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, EOFError, zlib.error) as e:
@@ -62,9 +66,10 @@ def _split_rows(labels: np.ndarray, split: str) -> np.ndarray:
 
 def _names(path: Path, default: Sequence[str], count: int) -> list[str]:
     """Class names, one per non-empty line of ``path``; ``default`` when the file is absent."""
-    if not path.is_file():
+    if not path.exists():
         return list(default)
-    names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    text = read_bytes(path, 1 << 20, DataError, "class names file").decode(errors="replace")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != count:
         raise DataError(f"{path}: expected {count} class names, one per line, found {len(names)}")
     return names
@@ -78,19 +83,52 @@ def _check_labels(labels: np.ndarray, count: int, path: Path, low: int = 0) -> N
 # ---------------------------------------------------------------------------------------------- idx
 
 
+def _idx_header(head: bytes, path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(header length, dims, dtype) of the idx header at the start of ``head``; DataError for a wrong
+    magic number, a dimension of 0 or a shape over the size limit."""
+    if len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_TYPES or head[3] == 0:
+        raise DataError(f"{path}: not an idx file: magic number 0x{head[:4].hex()}, expected 0x0000, a type "
+                        "byte 08..0E and the number of dimensions (0x00000803 images, 0x00000801 labels)")  # fmt: skip
+    header = 4 + 4 * head[3]
+    if len(head) < header:
+        raise DataError(f"{path}: truncated or corrupt: {len(head)} bytes, shorter than its own header")
+    dims = tuple(int(d) for d in np.frombuffer(head[4:header], ">u4"))
+    dtype = np.dtype(_IDX_TYPES[head[2]])
+    if 0 in dims:
+        raise DataError(f"{path}: the header's shape {dims} has a dimension of 0 (no items, or items of no pixels)")
+    need = math.prod(dims) * dtype.itemsize  # Python integers: a shape cannot overflow into a small size
+    if need > MAX_DECOMPRESSED_BYTES:
+        raise DataError(f"{path}: the header's shape {dims} of {dtype.name} needs {need:,} bytes, over selfcam's limit "
+                        f"of {MAX_DECOMPRESSED_BYTES:,} (safeio.MAX_DECOMPRESSED_BYTES)")  # fmt: skip
+    return header, dims, dtype
+
+
 def read_idx_file(path: Path) -> np.ndarray:
     """One idx file -> its array (shape and dtype from the header); DataError naming ``path`` when
-    the magic number is wrong or the size does not match the header."""
-    buf = file_bytes(path)
-    if len(buf) < 4 or buf[0] or buf[1] or int(buf[2]) not in _IDX_TYPES or buf[3] == 0:
-        raise DataError(f"{path}: not an idx file: magic number 0x{buf[:4].tobytes().hex()}, expected 0x0000, a type "
-                        "byte 08..0E and the number of dimensions (0x00000803 images, 0x00000801 labels)")  # fmt: skip
-    header = 4 + 4 * int(buf[3])
-    if len(buf) < header:
-        raise DataError(f"{path}: truncated or corrupt: {len(buf)} bytes, shorter than its own header")
-    dims = tuple(int(d) for d in np.frombuffer(buf[4:header].tobytes(), ">u4"))
-    dtype = np.dtype(_IDX_TYPES[int(buf[2])])
-    expected = header + int(np.prod(dims)) * dtype.itemsize
+    the magic number is wrong, a dimension is 0 or the size does not match the header. A ``.gz``
+    file is decompressed only as far as its header says (a longer stream is refused)."""
+    if path.suffix == ".gz":
+        try:
+            with gzip_reader(path, DataError) as g:
+                head = g.read(4)
+                head += g.read(4 * head[3]) if len(head) == 4 else b""
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot read: {e}") from e
+        header, dims, dtype = _idx_header(head, path)
+        limit = header + math.prod(dims) * dtype.itemsize
+        try:
+            buf = file_bytes(path, limit)
+        except DataError as e:
+            if "decompresses to more than" not in str(e):
+                raise
+            raise DataError(f"{path}: decompresses to more than the {limit:,} bytes its header's shape {dims} needs; "
+                            "refused") from None  # fmt: skip
+    else:
+        buf = file_bytes(path)
+        header, dims, dtype = _idx_header(buf[: 4 + 4 * 255].tobytes(), path)
+    expected = header + math.prod(dims) * dtype.itemsize
     if len(buf) != expected:
         raise DataError(f"{path}: truncated or corrupt: {len(buf)} bytes, the header's shape {dims} of "
                         f"{dtype.name} needs {expected}")  # fmt: skip

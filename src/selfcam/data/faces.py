@@ -38,6 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError
+from ..safeio import read_bytes
 
 __all__ = [
     "ATTRIBUTES",
@@ -333,7 +334,7 @@ def read_masks(celeba_dir: str | Path) -> tuple[list[str], Tensor]:
     for path in (attr_path, mask_path):
         if not path.is_file():
             raise DataError(f"{path}: file not found")
-    lines = attr_path.read_text().splitlines()
+    lines = read_bytes(attr_path, 1 << 30, DataError, "attribute list").decode().splitlines()
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise DataError(f"{attr_path}: expected the image count on line 1 and attribute names on line 2")
     count, names = int(lines[0]), lines[1].split()

@@ -16,12 +16,14 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from ..safeio import open_regular, read_bytes
 from .base import SPLITS, VAL_FRACTION, FileImages, fixed_order, image_problem, partition, take_first
 from .transforms import Transform
 
 __all__ = ["read_celeba", "read_imagefolder"]
 
 _VAL_DIRS = ("val", "valid", "validation")
+_MAX_LIST_BYTES = 1 << 30  # CelebA's attribute list is 26 MB
 _ATTR_FILE, _PARTITION_FILE, _CELEBA_IMAGES = "list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"
 
 
@@ -113,6 +115,13 @@ def read_imagefolder(root: Path, split: str, n: int | None, transform: Transform
     paths, labels, skipped = _scan(folder, classes)
     if not paths:
         raise DataError(f"{folder}: no image files in its class folders")
+    if folder in (root, root / "train"):  # the folder the classes come from: every class needs images
+        empty = [name for k, name in enumerate(classes) if not (labels == k).any()]
+        if empty:
+            shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            raise DataError(f"{folder}: {len(empty)} of its {len(classes)} class folders hold no image files ({shown}); "
+                            f"the model would get {len(classes)} classes, {len(empty)} of them never seen: remove "
+                            "the empty folders")  # fmt: skip
     order = partition(labels, fractions)[part]
     keep: list[int] = []
     for i in order:  # readability check of the split's files, in order, until n are readable
@@ -149,7 +158,7 @@ def _digit_table(path: Path, skip: int, columns: int) -> tuple[list[str], np.nda
     DataError names the first line that does not fit.
     """
     try:
-        lines = path.read_bytes().split(b"\n")[skip:]
+        lines = read_bytes(path, _MAX_LIST_BYTES, DataError, "CelebA list").split(b"\n")[skip:]
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (CelebA needs {_ATTR_FILE} and {_PARTITION_FILE})") from None
     rows = [(i, parts) for i, line in enumerate(lines, skip + 1) if (parts := line.split(None, 1))]
@@ -174,8 +183,8 @@ def _digit_table(path: Path, skip: int, columns: int) -> tuple[list[str], np.nda
 def _header(path: Path) -> tuple[int, list[str]]:
     """(count, attribute names) from the first two lines of ``list_attr_celeba.txt``."""
     try:
-        with open(path, "rb") as f:
-            head = [f.readline().decode(errors="replace") for _ in range(2)]
+        with open_regular(path, DataError) as f:
+            head = [f.readline(1 << 20).decode(errors="replace") for _ in range(2)]
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (CelebA needs {_ATTR_FILE} and {_PARTITION_FILE})") from None
     if not head[0].strip().isdigit() or not head[1].split():

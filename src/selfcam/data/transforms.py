@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_int
+from ..safeio import MAX_IMAGE_SIZE
 
 __all__ = ["Transform"]
 
@@ -46,9 +47,8 @@ class Transform:
     flip: bool = False  # random horizontal flip (augmentation only)
 
     def __post_init__(self) -> None:
-        for name, value, low in (("size", self.size, 1), ("pad", self.pad, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        require_int("size", self.size, 1, MAX_IMAGE_SIZE)
+        require_int("pad", self.pad, 0, MAX_IMAGE_SIZE)
         mean, std = tuple(map(float, self.mean)), tuple(map(float, self.std))
         if len(mean) == 1 or len(std) == 1:  # one value stands for every channel
             mean, std = mean * (len(std) if len(mean) == 1 else 1), std * (len(mean) if len(std) == 1 else 1)
