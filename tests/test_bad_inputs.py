@@ -16,6 +16,7 @@ docs/bad-inputs.md is the same table in prose; a test keeps the two in step.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -42,7 +43,7 @@ from typer.testing import CliRunner
 from selfcam import metrics
 from selfcam.cli import app
 from selfcam.data import load_dataset
-from selfcam.errors import CheckpointError, ConfigError, DataError, InputError, SelfcamError
+from selfcam.errors import CheckpointError, ConfigError, DataError, InputError, OutputError, SelfcamError
 from selfcam.evaluate import EvalConfig, evaluate_runs
 from selfcam.explain import Preprocess, explain_files, find_images
 from selfcam.model import create_model
@@ -206,6 +207,7 @@ class Bad:
     marker: Path | None = None  # created if a pickle payload were ever executed
     check: Callable[[Any, list[str]], None] | None = None  # tolerated inputs: (API result, warnings) by hand
     cli_check: Callable[[Result, list[str]], None] | None = None  # tolerated inputs: (CLI result, warnings)
+    file_limit: int | None = None  # RLIMIT_FSIZE while the call runs: writes past it fail, as on a full disk
 
 
 @dataclass(frozen=True)
@@ -622,6 +624,259 @@ def _export_mismatch(env: Env, tmp: Path) -> Bad:
                names=str(run / "model.safetensors"), fresh=[tmp / "m.onnx"])  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- issue 18
+# Families 3-6 of issue 18: special files, amplification, absurd sizes, silent differences, config-to-loader
+# paths and the tracebacks that remained. A FIFO stands in for "a file that must never be opened": opening
+# one for reading blocks until a writer comes, so a reader that opens it runs into the deadline.
+
+
+def _fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+FIFO = r"a FIFO \(named pipe\), not a regular file; selfcam reads only regular files"
+
+
+# --- 14. special files anywhere selfcam reads
+
+
+def _imagefolder_fifo(env: Env, tmp: Path) -> Bad:
+    root = _image_tree(tmp / "tree", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    fifo = _fifo(root / "test" / "a" / "pipe.png")
+
+    def check(ds: Any, warned: list[str]) -> None:
+        assert len(ds) == 2 and dict(ds.skipped)[str(fifo)].startswith("unreadable image: a FIFO (named pipe)")
+        assert len(warned) == 1 and str(fifo) in warned[0]
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert json.loads((tmp / "eval" / "evaluation.json").read_text())["n_items"] == 2
+
+    return Bad(api=lambda: load_dataset(f"imagefolder:{root}", "test", size=SIZE), check=check,
+               cli=[_evaluate_cmd(env.rgb, f"imagefolder:{root}", tmp / "eval", "--split", "test")], cli_check=cli_check)  # fmt: skip
+
+
+def _explain_fifo(env: Env, tmp: Path) -> Bad:
+    fifo = _fifo(tmp / "pipe.png")
+    return Bad(api=lambda: find_images([fifo]), cli=[_explain_cmd(env.run, tmp / "out", fifo)], names=str(fifo), fresh=[tmp / "out"])
+
+
+def _explain_dir_fifo(env: Env, tmp: Path) -> Bad:
+    folder = tmp / "imgs"
+    good = _png(folder / "good.png", _noise(5, (SIZE, SIZE)))
+    fifo = _fifo(folder / "pipe.png")
+
+    def check(found: Any, warned: list[str]) -> None:
+        assert found == ([good], [fifo])
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert str(fifo) in result.stderr
+        assert [r["output"] for r in json.loads((tmp / "out" / "predictions.json").read_text())] == ["good.png"]
+
+    return Bad(api=lambda: find_images([folder]), check=check, cli=[_explain_cmd(env.run, tmp / "out", folder)], cli_check=cli_check)
+
+
+def _run_file_fifo(name: str, every: bool) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        run = _copy_run(env.run, tmp / "run")
+        (run / name).unlink()
+        _fifo(run / name)
+        cli = _every_command(run, tmp) if every else [["info", str(run)]]
+        return Bad(api=lambda: load_checkpoint(run), cli=cli, names=str(run / name), fresh=_checkpoint_fresh(tmp))
+
+    return build
+
+
+def _resume_state_replaced(make: Callable[[Path], Any]) -> Callable[[Env, Path], Bad]:
+    """The crashed run with its state.json replaced by ``make(path)``."""
+
+    def build(env: Env, tmp: Path) -> Bad:
+        run = Path(shutil.copytree(env.crashed, tmp / "run"))
+        (state,) = (run / "checkpoints").glob("step-*")
+        (state / "state.json").unlink()
+        make(state / "state.json")
+        return Bad(api=lambda: latest_state(run), cli=[["train", "--resume", str(run)]], names=str(state / "state.json"), run=run)
+
+    return build
+
+
+def _idx_replaced(name: str, make: Callable[[Path], Any]) -> Callable[[Env, Path], Bad]:
+    """idx data (10 classes) whose file ``name`` is replaced by ``make(path)`` (the raw twin removed)."""
+
+    def build(env: Env, tmp: Path) -> Bad:
+        d = _write_idx(tmp / "idx", list(range(10)) * 2, [0, 1, 2, 3])
+        for twin in (d / name.removesuffix(".gz"), d / name):
+            twin.unlink(missing_ok=True)
+        make(d / name)
+        return Bad(api=lambda: load_dataset(f"idx:{d}", "test"), cli=[_evaluate_cmd(env.run, f"idx:{d}", tmp / "eval")],
+                   names=str(d / name), fresh=[tmp / "eval"])  # fmt: skip
+
+    return build
+
+
+# --- 15. amplification: compressed inputs, pixel budgets, absurd models and tensors
+
+
+def _zeros_gz(megabytes: int) -> bytes:
+    """gzip members (concatenated, as gzip allows) of ``megabytes`` MB of zeros, compressed once."""
+    member = gzip.compress(bytes(2**20), compresslevel=1)
+    return member * megabytes
+
+
+def _gz_longer_than_header(path: Path) -> None:  # a 12-byte labels file, then 64 MB more
+    path.write_bytes(gzip.compress(_idx(np.array([0, 1, 2, 3], np.uint8))) + _zeros_gz(64))
+
+
+def _gz_header_too_large(path: Path) -> None:  # (100000, 200, 200) images: 4 GB, the stream a few bytes
+    path.write_bytes(gzip.compress(struct.pack(">BBBBIII", 0, 0, 8, 3, 100_000, 200, 200)))
+
+
+def _float_tiff_header(path: Path, side: int) -> Path:
+    """A little-endian TIFF whose header says ``side x side`` 32-bit float pixels (mode F), strips absent."""
+    entries = [(256, 4, side), (257, 4, side), (258, 3, 32), (259, 3, 1), (262, 3, 1), (273, 4, 8 + 2 + 12 * 10 + 4),
+               (277, 3, 1), (278, 4, side), (279, 4, side * side * 4), (339, 3, 3)]  # fmt: skip
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in entries)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(64))
+    return path
+
+
+def _over_pixel_budget(env: Env, tmp: Path) -> Bad:
+    f = _float_tiff_header(tmp / "huge.tif", 9000)  # 81 M pixels (under Pillow's own limit of 89 M) x 4 bytes
+    with Image.open(f) as im:
+        assert im.mode == "F" and im.size == (9000, 9000)
+
+    def api() -> Any:
+        return Preprocess.from_config(load_checkpoint(env.run)[1]).load(f)
+
+    return Bad(api=api, cli=[_explain_cmd(env.run, tmp / "out", f)], names=str(f), fresh=[tmp / "out"])
+
+
+def _api_and_train(api: Callable[[], Any] | None, *options: str, names: Callable[[Path], str] | None = None) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        return Bad(api=api, cli=[_train_cmd(tmp, *options)], fresh=[tmp / "trained"], names=names(tmp) if names else None)
+
+    return build
+
+
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+# --- 16. silent wrong answers: one image loader, finite weights, empty class folders
+
+
+def _nan_weights(env: Env, tmp: Path) -> bytes:
+    from safetensors.torch import save
+
+    model, _ = load_checkpoint(env.run)
+    state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    state["head.fc.weight"][0, 0] = float("nan")
+    state["head.fc.bias"][1] = float("inf")
+    return save(state)
+
+
+def _empty_class_folders(env: Env, tmp: Path) -> Bad:
+    root = _image_tree(tmp / "tree", {"train": {"a": 2, "b": 2}})
+    for k in range(9998):
+        (root / "train" / f"e{k:04d}").mkdir()
+    return Bad(api=lambda: load_dataset(f"imagefolder:{root}", "train", size=SIZE),
+               cli=[_train_cmd(tmp, "--data", f"imagefolder:{root}", "--train-size", "2", "--val-size", "1")],
+               names=str(root / "train"), fresh=[tmp / "trained"])  # fmt: skip
+
+
+def _exif_jpeg(path: Path, pixels: np.ndarray, orientation: int) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90, exif=exif.tobytes())
+    return path
+
+
+def _one_loader(env: Env, tmp: Path) -> Bad:
+    """A 96 x 48 JPEG with EXIF orientation 6 (rotate 90) in an ImageFolder tree: the dataset item, the file
+    through `explain`'s Preprocess, and `evaluate` / `explain` on it must all see the same upright pixels."""
+    root = tmp / "tree"
+    pixels = _noise(7, (48, 96, 3))
+    pixels[:, :48] //= 4  # a dark left half: rotation moves it to the top
+    f = _exif_jpeg(root / "a" / "x.jpg", pixels, 6)
+    _exif_jpeg(root / "b" / "y.jpg", _noise(8, (48, 96, 3)), 1)
+
+    def api() -> Any:
+        ds = load_dataset(f"imagefolder:{root}", "train", size=SIZE)
+        i = ds.paths.index(str(f)) if str(f) in ds.paths else None
+        return ds, i
+
+    def check(value: Any, warned: list[str]) -> None:
+        ds, i = value
+        prep = Preprocess.from_config(load_checkpoint(env.rgb)[1])
+        by_explain = prep.load(f)
+        assert by_explain.shape == (3, SIZE, SIZE)
+        assert by_explain[:, : SIZE // 2].mean() < 0.6 * by_explain[:, SIZE // 2 :].mean()  # upright: dark half on top
+        if i is not None:  # the training split holds it: the dataset's item is the same tensor
+            torch.testing.assert_close(ds.raw(i), by_explain, atol=0, rtol=0)
+        for item in range(len(ds)):
+            path = ds.paths[item]
+            torch.testing.assert_close(ds.raw(item), prep.load(path), atol=0, rtol=0)
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert [r["output"] for r in json.loads((tmp / "out" / "predictions.json").read_text())] == ["x.png"]
+
+    return Bad(api=api, check=check, cli=[_explain_cmd(env.rgb, tmp / "out", f)], cli_check=cli_check)
+
+
+# --- 17. config files that would make timm or torchvision open a file or reach the network
+
+
+def _config_loader(model: dict[str, Any]) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        fifo = _fifo(tmp / "never-opened")  # a loader that opened it would hang on it
+        text = json.dumps(model).replace("FIFO", str(fifo))
+        run = _copy_run(env.run, tmp / "run", config=lambda d: d["model"].update(json.loads(text)))
+        return Bad(api=lambda: load_checkpoint(run), cli=[["info", str(run)], ["export", "--checkpoint", str(run), "--out", str(tmp / "m.onnx")]],
+                   names=str(run / "config.json"), fresh=[tmp / "m.onnx"])  # fmt: skip
+
+    return build
+
+
+def _train_loader_option(env: Env, tmp: Path) -> Bad:
+    fifo = _fifo(tmp / "never-opened")
+    return Bad(api=lambda: create_model("se", "timm:resnet10t", 10, 1, {"checkpoint_path": str(fifo)}),
+               cli=[_train_cmd(tmp, "--backbone", "timm:resnet10t", "--backbone-kwargs", json.dumps({"checkpoint_path": str(fifo)}))],
+               fresh=[tmp / "trained"])  # fmt: skip
+
+
+# --- 18. tracebacks that remained: one-class data, idx dims, options torch or Lightning reject, disk full
+
+
+def _one_class(env: Env, tmp: Path) -> Bad:
+    root = _image_tree(tmp / "tree", {"train": {"a": 3}, "test": {"a": 1}})
+    return Bad(api=lambda: load_dataset(f"imagefolder:{root}", "train", size=SIZE),
+               cli=[_train_cmd(tmp, "--data", f"imagefolder:{root}", "--train-size", "2", "--val-size", "1")],
+               names=str(root), fresh=[tmp / "trained"])  # fmt: skip
+
+
+def _gpu_without_gpu(env: Env, tmp: Path) -> Bad:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from selfcam.train import TrainConfig, fit
+
+    def api() -> Any:
+        data = load_dataset("cluttered-digits", "train", 8, size=SIZE)
+        return fit(create_model("se", "resnet8", 10, 1), data, None, TrainConfig(epochs=1, batch_size=8, accelerator="gpu"),
+                   tmp / "api-run", progress=False)  # fmt: skip
+
+    return Bad(api=api, cli=[_train_cmd(tmp, "--accelerator", "gpu"), _evaluate_cmd(env.run, "cluttered-digits", tmp / "eval", "--n", "4",
+                                                                               "--accelerator", "gpu")],
+               fresh=[tmp / "trained", tmp / "eval", tmp / "api-run"])  # fmt: skip
+
+
+def _disk_full(env: Env, tmp: Path) -> Bad:
+    model, doc = load_checkpoint(env.run)
+    return Bad(api=lambda: save_checkpoint(model, tmp / "saved", data=doc["data"]), cli=[_train_cmd(tmp)],
+               run=tmp / "trained", file_limit=64 * 1024)  # fmt: skip
+
+
 UNREADABLE = r"not an image file Pillow can read \(.+\)"
 CASES = [
     # 1. empty, truncated, corrupt image files
@@ -723,6 +978,65 @@ CASES = [
     # 13. export
     Case("export-config-does-not-match-weights", "api+cli", CheckpointError, r"weights do not match config \(lfi on resnet8\)",
          _export_mismatch),
+    # issue 18, family 3: special files are refused unopened, wherever selfcam reads
+    Case("imagefolder-fifo-image", "api+cli", None, "", _imagefolder_fifo),
+    Case("explain-fifo-given", "api+cli", InputError, FIFO, _explain_fifo),
+    Case("explain-folder-with-fifo", "api+cli", None, "", _explain_dir_fifo),
+    Case("config-is-a-fifo", "api+cli", CheckpointError, FIFO, _run_file_fifo("config.json", every=True)),
+    Case("weights-are-a-fifo", "api+cli", CheckpointError, FIFO, _run_file_fifo("model.safetensors", every=False)),
+    Case("resume-state-json-fifo", "api+cli", CheckpointError, FIFO, _resume_state_replaced(_fifo)),
+    Case("idx-file-is-a-fifo", "api+cli", DataError, FIFO, _idx_replaced("t10k-images-idx3-ubyte", _fifo)),
+    # family 3: amplification (compressed inputs, pixel budgets, absurd models and tensors), refused with the limit named
+    Case("idx-gz-longer-than-its-header", "api+cli", DataError, r"decompresses to more than the 12 bytes its header's shape \(4,\) needs",
+         _idx_replaced("t10k-labels-idx1-ubyte.gz", _gz_longer_than_header)),
+    Case("idx-gz-header-over-limit", "api+cli", DataError, r"needs 4,000,000,000 bytes, over selfcam's limit of 2,147,483,648",
+         _idx_replaced("t10k-images-idx3-ubyte.gz", _gz_header_too_large)),
+    Case("explain-float-tiff-over-pixel-budget", "api+cli", InputError,
+         r"9000 x 9000 pixels of mode F decode to 324,000,000 bytes, over selfcam's pixel budget of 268,435,456", _over_pixel_budget),
+    Case("config-num-classes-1e9", "api+cli", CheckpointError, r"model\.num_classes = 1000000000 is over selfcam's limit of 100,000",
+         _config(lambda d: d["model"].update(num_classes=10**9))),
+    Case("train-depth-200000", "api+cli", ConfigError, r"depth 200000 is over selfcam's limit of 1202",
+         _api_and_train(lambda: create_model("se", "resnet200000-bottleneck", 10, 1), "--backbone", "resnet200000-bottleneck")),
+    Case("train-image-size-100000", "api+cli", ConfigError, r"size = 100000 is over selfcam's limit of 4,096",
+         _api_and_train(lambda: load_dataset("cluttered-digits", "train", 8, size=100_000), "--image-size", "100000")),
+    # family 4: silent wrong answers
+    Case("train-image-size-0", "api+cli", ConfigError, r"size must be an integer >= 1, got 0",
+         _api_and_train(lambda: load_dataset("cluttered-digits", "train", 8, size=0), "--image-size", "0")),
+    Case("weights-nan-and-inf", "api+cli", CheckpointError, r"NaN or infinite weights in 2 tensor\(s\): head\.fc\.(bias|weight)",
+         _weights(_nan_weights, "explain")),
+    Case("imagefolder-9998-empty-class-folders", "api+cli", DataError, r"9998 of its 10000 class folders hold no image files",
+         _empty_class_folders),
+    Case("exif-jpeg-one-loader", "api+cli", None, "", _one_loader),
+    # family 5: nothing in a run's files reaches a loader that reads files
+    Case("config-timm-checkpoint-path", "api+cli", CheckpointError, r"option\(s\) 'checkpoint_path' refused",
+         _config_loader({"backbone": "timm:resnet10t", "backbone_kwargs": {"checkpoint_path": "FIFO"}})),
+    Case("config-timm-pretrained-cfg-overlay", "api+cli", CheckpointError, r"option\(s\) 'pretrained_cfg_overlay' refused",
+         _config_loader({"backbone": "timm:resnet10t", "backbone_kwargs": {"pretrained_cfg_overlay": {"file": "FIFO"}}})),
+    Case("config-timm-hub-name", "api+cli", CheckpointError, r"timm model name 'hf-hub:timm/resnet10t\.a1_in1k' refused",
+         _config_loader({"backbone": "timm:hf-hub:timm/resnet10t.a1_in1k"})),
+    Case("config-wrapped-model-kwargs-checkpoint-path", "api+cli", CheckpointError, r"option\(s\) 'checkpoint_path' refused",
+         _config_loader({"method": "plain", "backbone": "wrap:timm:resnet10t", "backbone_kwargs": {"model_kwargs": {"checkpoint_path": "FIFO"}}})),
+    Case("train-backbone-kwargs-checkpoint-path", "api+cli", ConfigError, r"option\(s\) 'checkpoint_path' refused", _train_loader_option),
+    # family 6: tracebacks that remained
+    Case("config-json-nested-too-deep", "api+cli", CheckpointError, r"refused: JSON nested deeper than 64 levels",
+         _config(raw=b'{"model": {"method": "se", "head_kwargs": {"x": ' + _deep(100_000).encode() + b"}}}")),
+    Case("config-json-huge-integer", "api+cli", CheckpointError, r"refused: an integer of 5001 digits",
+         _config(raw=b'{"model": {"method": "se", "backbone": "resnet8", "num_classes": 1' + b"0" * 5000 + b"}}")),
+    Case("resume-state-json-nested-too-deep", "api+cli", CheckpointError, r"refused: JSON nested deeper than 64 levels",
+         _resume_state_replaced(lambda p: p.write_text('{"history": ' + _deep(5000) + "}"))),
+    Case("train-head-kwargs-nested-too-deep", "cli", ConfigError, r"--head-kwargs: refused: JSON nested deeper than 64 levels",
+         _train_options(None, "--head-kwargs", '{"reduction": ' + _deep(100_000) + "}")),
+    Case("train-head-kwargs-huge-integer", "cli", ConfigError, r"--head-kwargs: refused: an integer of 5000 digits",
+         _train_options(None, "--head-kwargs", '{"reduction": ' + "9" * 5000 + "}")),
+    Case("imagefolder-one-class", "api+cli", DataError, r"only 1 class \('a'\); a classifier needs at least two classes", _one_class),
+    Case("idx-zero-sized-dims", "api+cli", DataError, r"the header's shape \(0, 8, 8\) has a dimension of 0",
+         _idx_replaced("t10k-images-idx3-ubyte", lambda p: p.write_bytes(_idx(np.zeros((0, 8, 8), np.uint8))))),
+    Case("idx-dims-overflow", "api+cli", DataError, r"the header's shape \(2097152, 2097152, 4194304\) of uint8 needs 18,446,744,073,709,551,616 bytes",
+         _idx_replaced("t10k-images-idx3-ubyte", lambda p: p.write_bytes(struct.pack(">BBBBIII", 0, 0, 8, 3, 2**21, 2**21, 2**22)))),
+    Case("train-weight-decay-nan", "api+cli", ConfigError, r"weight_decay >= 0, got 0\.003, nan",
+         _api_and_train(lambda: __import__("selfcam.train").train.TrainConfig(weight_decay=float("nan")), "--weight-decay", "nan")),
+    Case("train-accelerator-gpu-without-gpu", "api+cli", ConfigError, r"accelerator gpu: no GPU is available here", _gpu_without_gpu),
+    Case("disk-full", "api+cli", OutputError, r"cannot write.*File too large", _disk_full),
 ]  # fmt: skip
 
 
@@ -769,8 +1083,24 @@ def _by_via(kind: str) -> list[Any]:
     return [pytest.param(c, id=c.id) for c in CASES if kind in c.via.split("+")]
 
 
-def _invoke(args: list[str]) -> tuple[Result, list[str]]:
-    with _warnings() as warned, _deadline():
+@contextlib.contextmanager
+def _file_limit(limit: int | None) -> Iterator[None]:
+    """Writes of files past ``limit`` bytes fail (EFBIG; Python ignores SIGXFSZ), as writes on a full disk do."""
+    if limit is None:
+        yield
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _invoke(args: list[str], file_limit: int | None = None) -> tuple[Result, list[str]]:
+    with _warnings() as warned, _deadline(), _file_limit(file_limit):
         result = runner.invoke(app, args)
     return result, warned
 
@@ -787,7 +1117,7 @@ def test_the_table_is_sound() -> None:
 def test_api(case: Case, env: Env, tmp_path: Path) -> None:
     bad = case.build(env, tmp_path)
     assert bad.api is not None
-    with _warnings() as warned, _deadline():
+    with _warnings() as warned, _deadline(), _file_limit(bad.file_limit):
         if case.error is None:
             value = bad.api()
         else:
@@ -810,7 +1140,7 @@ def test_cli(case: Case, env: Env, tmp_path: Path) -> None:
     bad = case.build(env, tmp_path)
     assert bad.cli
     for args in bad.cli:
-        result, warned = _invoke(args)
+        result, warned = _invoke(args, bad.file_limit)
         if case.error is None:
             assert result.exit_code == 0, (args, result.output, result.exception)
             assert bad.cli_check is not None
@@ -830,7 +1160,7 @@ def test_cli(case: Case, env: Env, tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", [p for p in _by_via("cli") if p.values[0].error is not None])
 def test_cli_debug_raises_instead(case: Case, env: Env, tmp_path: Path) -> None:
     bad = case.build(env, tmp_path)
-    result, _ = _invoke(["--debug", *bad.cli[0]])
+    result, _ = _invoke(["--debug", *bad.cli[0]], bad.file_limit)
     assert result.exit_code == 1 and type(result.exception) is case.error, (result.output, result.exception)
     assert re.search(case.match, str(result.exception))
     trace = "".join(traceback.format_exception(*result.exc_info))  # what the terminal shows

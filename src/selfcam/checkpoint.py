@@ -94,7 +94,7 @@ def dataclass_from_json(cls: type[C], d: Any, source: str, what: str = "model") 
             check_options(cls, {key: value}, "")  # the JSON scalar types
         except ConfigError as e:
             raise ConfigError(f"{source}: {what}.{key} must be {str(e).split(' must be ', 1)[1]}") from None
-    check_model_limits(d, f"{source}: {what}")  # before anything is built
+    check_model_limits(d, source, f"{what}.")  # before anything is built
     return cls(**d)
 
 

@@ -139,10 +139,9 @@ class Preprocess:
 
     def load(self, path: str | Path) -> Tensor:
         """One image file -> float32 ``(C, size, size)`` in [0, 1] (not normalized)."""
-        try:  # the one loader of training and evaluation too (regular files, pixel budget, EXIF, JPEG draft)
-            pixels = load_image(path, "L" if self.in_chans == 1 else "RGB", self.size)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InputError(f"{path}: cannot decode image ({e})") from e
+        # the one loader of training and evaluation too (regular files, pixel budget, EXIF, JPEG draft);
+        # InputError "PATH: cannot decode image (why)" for whatever Pillow raised
+        pixels = load_image(path, "L" if self.in_chans == 1 else "RGB", self.size)
         chw = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1)
         return self._transform.prepare(chw)  # type: ignore[attr-defined]
 

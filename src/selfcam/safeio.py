@@ -44,7 +44,7 @@ MAX_JSON_BYTES = 64 * 2**20  # config.json, state.json, evaluation.json: a few k
 MAX_JSON_DEPTH = 64  # selfcam's documents nest 5 levels deep
 MAX_JSON_INT = 2**64  # integers of at most 64 bits (seeds included)
 MAX_DECOMPRESSED_BYTES = 2 * 2**30  # a .gz input (MNIST's largest file is 47 MB decompressed)
-MAX_IMAGE_BYTES = 512 * 2**20  # one decoded image at its own bit depth: 16-bit RGBA 8192 x 8192, 8-bit RGB 13377 x 13377
+MAX_IMAGE_BYTES = 256 * 2**20  # one decoded image at its own bit depth: Pillow's 89 M pixels at 8-bit RGB, 67 M at 32-bit float
 MAX_IMAGE_SIZE = 4096  # a model's input side in pixels (--image-size, --size, data.size)
 MAX_CLASSES = 100_000  # ImageNet-21k has 21841
 MAX_IN_CHANS = 1024
@@ -251,13 +251,19 @@ def load_image(path: str | Path, mode: str, size: int | None = None, error: type
 
     Regular files only, within the pixel budget (:func:`open_image`); a JPEG is drafted to ``size``
     when given; EXIF orientation is applied; 16-bit and float images are scaled
-    (:func:`image_pixels`). ``error`` for the budget and special files; Pillow's own exceptions
-    (OSError, ValueError...) for files it cannot decode pass through for the caller to word.
+    (:func:`image_pixels`). Every failure is ``error``: ``PATH: cannot decode image (why)`` for a file
+    Pillow cannot decode, whatever it raised (OSError, SyntaxError, struct.error...); FileNotFoundError
+    passes through for the caller's own message.
     """
     from PIL import ImageOps
 
-    with open_image(path, error, draft=None if size is None else (mode, size)) as im:
-        return image_pixels(ImageOps.exif_transpose(im), mode)
+    try:
+        with open_image(path, error, draft=None if size is None else (mode, size)) as im:
+            return image_pixels(ImageOps.exif_transpose(im), mode)
+    except (SelfcamError, FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for a broken file
+        raise error(f"{path}: cannot decode image ({str(e) or type(e).__name__})") from e
 
 
 # ---------------------------------------------------------------------------------------------- model configs
@@ -275,12 +281,12 @@ def check_depth(backbone: Any, where: str = "backbone") -> None:
 _FIELD_LIMITS = {"num_classes": MAX_CLASSES, "in_chans": MAX_IN_CHANS, "frames": MAX_FRAMES, "sample_rate": 1_000_000}
 
 
-def check_model_limits(fields: dict[str, Any], where: str) -> None:
+def check_model_limits(fields: dict[str, Any], where: str, prefix: str = "") -> None:
     """ConfigError when a model config (its fields, options included) would build an absurd model:
     ``num_classes`` over :data:`MAX_CLASSES`, ``in_chans`` over :data:`MAX_IN_CHANS`, ``frames``
     over :data:`MAX_FRAMES`, a CIFAR ResNet deeper than :data:`MAX_CIFAR_DEPTH`, any other integer
     (widths, kernels, options) over :data:`MAX_OPTION_INT`. Nothing is allocated before it."""
-    check_depth(fields.get("backbone"), f"{where}: backbone")
+    check_depth(fields.get("backbone"), f"{where}: {prefix}backbone")
     stack = [(k, v) for k, v in fields.items()]
     while stack:
         key, value = stack.pop()
@@ -293,5 +299,5 @@ def check_model_limits(fields: dict[str, Any], where: str) -> None:
             limit = _FIELD_LIMITS.get(name, MAX_OPTION_INT)
             if abs(value) > limit:
                 const = {"num_classes": "MAX_CLASSES", "in_chans": "MAX_IN_CHANS", "frames": "MAX_FRAMES"}.get(name, "MAX_OPTION_INT")
-                raise ConfigError(f"{where}: {key} = {value} is over selfcam's limit of {limit:,} (safeio.{const}); "
+                raise ConfigError(f"{where}: {prefix}{key} = {value} is over selfcam's limit of {limit:,} (safeio.{const}); "
                                   "refused before building the model")  # fmt: skip

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CONFIG, load_checkpoint, read_config, read_safetensors, save_checkpoint, write_json
-from .errors import CheckpointError, ConfigError, DivergenceError, require_int
+from .errors import CheckpointError, ConfigError, DivergenceError, OutputError, SelfcamError, check_accelerator, require_int
 from .safeio import read_json
 from .tasks import Task, get_task, task_of
 
@@ -475,8 +475,11 @@ def _write_state(run_dir: Path, tensors: dict[str, Tensor], doc: dict[str, Any])
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, SelfcamError) or type(e).__name__ == "SafetensorError":  # disk full
+            raise OutputError(f"{final}: cannot write the training state: {getattr(e, 'strerror', None) or e}; the "
+                              "states written before are kept") from e  # fmt: skip
         raise
     for path in root.iterdir():
         if path != final and (path.name.startswith(".tmp-") or path.name.startswith("step-")):
@@ -753,6 +756,7 @@ def fit(
     run = Path(run_dir) if run_dir is not None else None
     if resume and run is None:
         raise ConfigError("resume=True needs the run_dir to resume from")
+    check_accelerator(cfg.accelerator, "accelerator")  # Lightning's own refusal is a traceback
     task = task_of(model)
     task.check_dataset(train_set, "training data")
     record = {**task.data_record(train_set), "train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0}  # type: ignore[arg-type]
