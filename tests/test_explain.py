@@ -206,3 +206,110 @@ def test_cli_explain_errors_are_one_line(tmp_path: Path) -> None:
     assert code == 2 and "unknown post-hoc method(s) foo" in out
     code, out = _run("explain", "--checkpoint", str(tmp_path / "nope"), str(img), "--out", str(tmp_path / "o"))
     assert code == 2 and "checkpoint directory not found" in out
+
+
+# --- every task: attribute panels from files, dataset items of image, attribute, video and ASD runs ---
+
+
+def _task_run(tmp_path: Path, task: str) -> Path:
+    """A random-weight run of ``task`` whose config records its built-in data as ``fit`` would (32 px, short clips)."""
+    from selfcam.asd import ASDConfig, ASDModel
+    from selfcam.data import load_dataset
+    from selfcam.tasks import get_task
+    from selfcam.video import create_video_model
+
+    torch.manual_seed(0)
+    t = get_task(task)
+    options = {"frames": 4} if task in ("video", "asd") else {}
+    data = load_dataset(t.default_data, "train", 8, size=32, **options)
+    model = {"image": lambda: create_model("se", "resnet8", 10, 1),
+             "attributes": lambda: create_model("se-multilabel", "resnet8", 5, 3),
+             "video": lambda: create_video_model("resnet8", 10, 1, frames=4),
+             "asd": lambda: ASDModel(ASDConfig(frames=4))}[task]()  # fmt: skip
+    run = tmp_path / f"{task}-run"
+    save_checkpoint(model, run, data={**t.data_record(data), "seed": 0})
+    return run
+
+
+def test_attribute_run_explains_files_with_a_map_per_attribute(tmp_path: Path) -> None:
+    run = _task_run(tmp_path, "attributes")
+    model, doc = load_checkpoint(run)
+    img = _png(tmp_path / "in" / "face.png", np.random.default_rng(0).integers(0, 255, (40, 40, 3)))
+    code, output = _run("explain", str(img), "--checkpoint", str(run), "--out", str(tmp_path / "o"))
+    assert code == 0, output
+    (record,) = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    names = doc["data"]["class_names"]
+    assert list(record["attributes"]) == names and len(names) == 5
+    x = Preprocess.from_config(doc).load(img)
+    with torch.no_grad():
+        probs = torch.sigmoid(model.explain(Preprocess.from_config(doc).normalize(x)[None]).logits)[0]
+    assert record["attributes"] == pytest.approx(dict(zip(names, probs.tolist())), abs=1e-4)
+    assert record["present"] == [n for n, p in zip(names, probs) if p > 0.5]
+    picture = np.asarray(Image.open(tmp_path / "o" / "face.png"))
+    one = panel(x, {f"a{i}": torch.zeros(32, 32) for i in range(5)}, "caption")
+    assert picture.shape[0] == one.shape[0] and picture.shape[1] >= one.shape[1]  # input + 5 attribute tiles
+
+
+@pytest.mark.parametrize("task", ["image", "attributes"])
+def test_explain_items_of_the_runs_own_data(tmp_path: Path, task: str) -> None:
+    from selfcam.explain import explain_items
+    from selfcam.tasks import get_task
+
+    run = _task_run(tmp_path, task)
+    model, doc = load_checkpoint(run)
+    model.eval()
+    records = explain_items(model, doc, tmp_path / "o", n=4)
+    assert [r["output"] for r in records] == [f"item-{r['item']}.png" for r in records] and len(records) == 4
+    spec, data = get_task(task).run_data(doc, "test", None if task == "image" else 64)
+    for r in records:
+        x = data[r["item"]][0]
+        with torch.no_grad():
+            logits = model.explain(x[None]).logits[0]
+        if task == "image":
+            assert r["class"] == int(logits.argmax()) and r["true"] == doc["data"]["class_names"][int(data[r["item"]][1])]
+        else:
+            assert list(r["attributes"].values()) == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-4)
+        assert (tmp_path / "o" / r["output"]).is_file()
+    if task == "image":  # spread over the classes: four different true digits
+        assert len({r["true"] for r in records}) == 4
+
+
+@pytest.mark.parametrize("task", ["video", "asd"])
+def test_cli_explain_clips_writes_strips_gifs_and_predictions(tmp_path: Path, task: str) -> None:
+    from selfcam.render import frame_strip
+
+    run = _task_run(tmp_path, task)
+    code, output = _run("explain", "--checkpoint", str(run), "--out", str(tmp_path / "o"), "--n", "2")
+    assert code == 0, output
+    records = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert len(records) == 2 and len({r["true"] for r in records}) == 2  # one clip of each of two classes
+    model, doc = load_checkpoint(run)
+    model.eval()
+    from selfcam.tasks import get_task
+
+    _, data = get_task(task).run_data(doc, "test", 32)
+    for r in records:
+        item = data[r["item"]]
+        with torch.no_grad():
+            out = model.explain(item[0][None], item[1][None]) if task == "asd" else model.explain(item[0][None])
+        strip = np.asarray(Image.open(tmp_path / "o" / r["output"]).convert("RGB"))
+        from selfcam.explain import raw_item
+
+        boxes = item[4] if task == "asd" else item[2]
+        want = frame_strip(raw_item(data, r["item"], item), out.heatmap[0], boxes)  # batched there, one clip here
+        diff = np.abs(strip.astype(int) - want.astype(int))
+        assert strip.shape == want.shape and diff.max() <= 3 and diff.mean() < 0.01
+        with Image.open(tmp_path / "o" / r["gif"]) as gif:
+            assert gif.n_frames == 4
+        if task == "asd":
+            assert r["importance"]["audio"] == pytest.approx(float(out.importance["audio"][0]), abs=1e-4)
+        else:
+            assert r["class"] == int(out.logits[0].argmax())
+
+
+def test_clip_runs_refuse_image_files_in_one_line(tmp_path: Path) -> None:
+    run = _task_run(tmp_path, "video")
+    img = _png(tmp_path / "a.png", np.zeros((8, 8)))
+    code, output = _run("explain", str(img), "--checkpoint", str(run), "--out", str(tmp_path / "o"))
+    assert code == 2 and "error:" in output and "video run" in output and len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

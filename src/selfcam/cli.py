@@ -278,30 +278,40 @@ def evaluate(
 
 @app.command()
 def explain(
-    images: list[Path] = typer.Argument(..., help="Image files, or directories searched recursively."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files, or directories searched recursively (image and "
+                                                  "attribute runs). Without them: items of --data."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Run directory written by `selfcam train`."),
-    out: Path = typer.Option(..., "--out", help="Directory for one PNG per image and predictions.json."),
+    out: Path = typer.Option(..., "--out", help="Directory for one PNG per image (clips: PNG strip + GIF) and predictions.json."),
     methods: str = typer.Option("", "--methods", help="Comma-separated post-hoc maps to add: cam, gradcam, gradcam++, scorecam, rise, lime."),
+    data: Optional[str] = typer.Option(None, "--data", help="Without files: the dataset whose items to explain "
+                                       "(default: the run's own data, as it was trained). " + _DATA_HELP),
+    split: str = typer.Option("test", "--split", help="Without files: the split of --data."),
+    n: int = typer.Option(8, "--n", help="Without files: how many items, spread over the classes."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
     alpha: float = typer.Option(0.5, "--alpha", help="Weight of the image in the overlay (grad-cam's image_weight)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels (default: the run's training size)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels of image files (default: the run's training size)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Explain image files: input, the model's own map and post-hoc maps side by side, one PNG each."""
+    """Explain image files, or items of a dataset (any task): the input, the model's own map and post-hoc
+    maps side by side (attribute runs: one map per attribute; video and ASD runs: per-frame strips and GIFs)."""
     from rich.progress import track
 
-    from .explain import explain_files, find_images
+    from .explain import explain_files, explain_items, find_images
     from .checkpoint import CONFIG, load_checkpoint
 
+    model, doc = load_checkpoint(checkpoint)
+    if not images:
+        records = explain_items(model, doc, out, data=data, split=split, n=n, methods=_names(methods), batch_size=batch_size, alpha=alpha)
+        console.print(f"explained {len(records)} item(s) of {data or doc.get('data', {}).get('name')} ({split}); wrote "
+                      f"{out}/*.png and {out / 'predictions.json'}", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        return
+    if data is not None:
+        raise typer.BadParameter("give image files or --data, not both")
     files, skipped = find_images(images)
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
         err_console.print(f"warning: skipped {len(skipped)} non-image file(s): {shown}", markup=False, highlight=False,
                           soft_wrap=True)  # fmt: skip
-    model, doc = load_checkpoint(checkpoint)
-    if doc["task"] != "image":
-        raise ConfigError(f"{checkpoint}: explain draws image runs' maps so far; this is a {doc['task']} run "
-                          "(docs/tasks.md says what works for each task)")  # fmt: skip
     bar = None if quiet or not any(p.is_dir() for p in images) else (
         lambda it, total: track(it, total=total, description="explaining", console=err_console))  # fmt: skip
     records = explain_files(model, doc, files, out, _names(methods), batch_size=batch_size, alpha=alpha, size=size,

@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data import MEAN as DIGITS_MEAN
 from .data import STD as DIGITS_STD
@@ -36,15 +37,22 @@ from . import explainers
 from .model import SelfExplainer
 from .checkpoint import CONFIG
 from .posthoc import POSTHOC_METHODS
-from .render import panel
+from .render import clip_frames, frame_strip, gif_bytes, panel
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "AttributeMaps",
+    "ClipMaps",
     "Preprocess",
     "Explanations",
-    "find_images",
-    "explain_images",
+    "attribute_maps",
+    "clip_maps",
     "explain_files",
+    "explain_images",
+    "explain_items",
+    "find_images",
+    "raw_item",
+    "spread_over_classes",
 ]
 
 # torchvision's ImageFolder extensions, plus GIF
@@ -154,9 +162,10 @@ class Preprocess:
 class Explanations:
     """What :func:`explain_images` returns for ``N`` images.
 
-    logits ``(N, classes)``; pred ``(N,)`` int64; score ``(N,)`` softmax probability of
-    ``pred``; maps: method -> ``(N, H, W)`` in [0, 1] at input size, ``"self"`` first (the
-    head's own map), then each post-hoc method for class ``pred``. All on the CPU.
+    logits ``(N, classes)``; maps: method -> ``(N, H, W)`` in [0, 1] at input size (``(N, A, H, W)``
+    for an attribute model), ``"self"`` first (the head's own map), then each post-hoc method for
+    class ``pred``. pred ``(N,)`` int64 and score ``(N,)`` its softmax probability; for an attribute
+    model pred ``(N, A)`` bool (present) and score ``(N, A)`` sigmoid probabilities. All on the CPU.
     """
 
     logits: Tensor
@@ -165,15 +174,12 @@ class Explanations:
     maps: dict[str, Tensor]
 
 
-def check_methods(model: SelfExplainer, methods: Sequence[str]) -> tuple[str, ...]:
+def check_methods(model: nn.Module, methods: Sequence[str]) -> tuple[str, ...]:
     """Validate the post-hoc methods added beside ``model``'s own map (:func:`selfcam.explainers.check_methods`)."""
     unknown = [m for m in methods if m not in POSTHOC_METHODS]
     if unknown:
         raise ConfigError(f"unknown post-hoc method(s) {', '.join(unknown)}; choose from {', '.join(POSTHOC_METHODS)}")
-    explainers.check_methods(model, methods)
-    if model.task != "image":
-        raise ConfigError(f"explain shows one class per image; the {model.config.method!r} head is multi-label")
-    return tuple(methods)
+    return explainers.check_methods(model, methods)
 
 
 def explain_images(
@@ -205,7 +211,11 @@ def explain_images(
             with contextlib.redirect_stderr(io.StringIO()) if m == "scorecam" else contextlib.nullcontext():
                 parts[m].append(explainers.explain(model, x, method=m).maps.cpu())  # Score-CAM: no tqdm bar per image
     logits = torch.cat(parts.pop("logits")).float()
-    score, pred = torch.softmax(logits, dim=1).max(dim=1)
+    if model.task == "attributes":
+        score = torch.sigmoid(logits)
+        pred = score > 0.5
+    else:
+        score, pred = torch.softmax(logits, dim=1).max(dim=1)
     return Explanations(logits, pred, score, {k: torch.cat(v) for k, v in parts.items()})
 
 
@@ -217,6 +227,68 @@ def _unique_names(files: Sequence[Path]) -> list[str]:
         n = seen[f.stem] = seen.get(f.stem, 0) + 1
         names.append(f"{f.stem}.png" if n == 1 else f"{f.stem}-{n}.png")
     return names
+
+
+def _names(doc: dict[str, Any], k: int) -> list[str]:
+    """The run's class (or attribute) names, ``doc["data"]["class_names"]``, else ``"0"``, ``"1"``..., ``k`` of them."""
+    stored = (doc.get("data") or {}).get("class_names")
+    names = [str(c) for c in stored] if isinstance(stored, list) else []
+    return [names[c] if c < len(names) else str(c) for c in range(k)]
+
+
+class _Outputs:
+    """Files written into ``out``: all of them, plus ``predictions.json``, or (on any failure) none."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict[str, Any]] = []
+        self.written: list[Path] = []
+
+    def image(self, name: str, picture: Any) -> None:
+        Image.fromarray(picture).save(self.out / name)
+        self.written.append(self.out / name)
+
+    def gif(self, name: str, frames: Sequence[Any], duration_ms: int) -> None:
+        (self.out / name).write_bytes(gif_bytes(frames, duration_ms))
+        self.written.append(self.out / name)
+
+    def __enter__(self) -> _Outputs:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is None:
+            (self.out / "predictions.json").write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
+        else:  # a file that fails half-way: the pictures already written go, nothing half-done stays
+            for f in self.written:
+                f.unlink(missing_ok=True)
+
+
+def _panels(model: SelfExplainer, raw: Tensor, x: Tensor, methods: Sequence[str], names: list[str], alpha: float,
+            titles: Sequence[str], batch_size: int) -> Iterator[tuple[Any, dict[str, Any]]]:  # fmt: skip
+    """For each image: ``(panel, record)``: the input beside its maps (every attribute's, for an attribute
+    model), under ``"TITLE: predicted ..."``; the record holds the prediction."""
+    result = explain_images(model, x, methods, batch_size=batch_size)
+    for j, title in enumerate(titles):
+        if model.task == "attributes":
+            probs = {n: round(float(p), 4) for n, p in zip(names, result.score[j])}
+            present = [n for n, yes in zip(names, result.pred[j]) if yes]
+            maps = {f"{n} (p={p:.2f})": m for (n, p), m in zip(probs.items(), result.maps["self"][j])}
+            caption = f"{title}: attributes present: {', '.join(present) or 'none'} (each attribute's own map)"
+            record: dict[str, Any] = {"attributes": probs, "present": present}
+        else:
+            c, p = int(result.pred[j]), float(result.score[j])
+            maps = {f"self ({model.config.method})" if m == "self" else m: v[j] for m, v in result.maps.items()}
+            caption = f"{title}: predicted {names[c]}, softmax {p:.3f}"
+            record = {"class": c, "class_name": names[c], "score": p}
+        yield panel(raw[j], maps, caption, alpha), record
+
+
+def _check_options(model: SelfExplainer, methods: Sequence[str], batch_size: int, alpha: float) -> tuple[str, ...]:
+    require_int("batch_size", batch_size)
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    return check_methods(model, methods)
 
 
 def explain_files(
@@ -232,42 +304,201 @@ def explain_files(
     progress: Progress | None = None,
     source: str = CONFIG,
 ) -> list[dict[str, Any]]:
-    """Explain image ``files`` with a run (``model``, ``doc`` from :func:`selfcam.load_checkpoint`).
+    """Explain image ``files`` with an image or attribute run (``model``, ``doc`` from :func:`selfcam.load_checkpoint`).
 
     Writes ``out_dir/<stem>.png`` per file (see :func:`selfcam.render.panel`) and
-    ``out_dir/predictions.json``: a list of ``{"file", "output", "class", "class_name", "score"}``,
-    which is also returned. Class names come from ``doc["data"]["class_names"]`` when stored.
+    ``out_dir/predictions.json``: a list of ``{"file", "output", "class", "class_name", "score"}``
+    (attribute runs: ``{"file", "output", "attributes": {name: probability}, "present": [names]}``),
+    which is also returned. Names come from ``doc["data"]["class_names"]`` when stored.
     ``source`` names the config file in error messages.
     """
-    methods = check_methods(model, methods)
-    require_int("batch_size", batch_size)
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    if getattr(model, "task", None) not in ("image", "attributes"):
+        raise ConfigError(f"explain reads image files for image and attribute runs; this is a {getattr(model, 'task', '?')} "
+                          "run: explain its clips from a dataset (explain_items, or `selfcam explain` without files)")  # fmt: skip
+    methods = _check_options(model, methods, batch_size, alpha)
     prep = Preprocess.from_config(doc, size, source)
-    names_cfg = (doc.get("data") or {}).get("class_names")
-    class_names = [str(c) for c in names_cfg] if isinstance(names_cfg, list) else []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    names = _names(doc, model.config.num_classes)
     files = [Path(f) for f in files]
     outputs = _unique_names(files)
-    label = f"self ({model.config.method})"
-    records: list[dict[str, Any]] = []
     starts = range(0, len(files), batch_size)
-    try:  # a file that fails to decode half-way: the panels already written go, nothing half-done stays
+    with _Outputs(out_dir) as out:
         for i in progress(starts, len(starts)) if progress else starts:
             chunk = files[i : i + batch_size]
             raw = torch.stack([prep.load(f) for f in chunk])
-            result = explain_images(model, prep.normalize(raw), methods, batch_size=batch_size)
-            for j, f in enumerate(chunk):
-                c, p = int(result.pred[j]), float(result.score[j])
-                name = class_names[c] if c < len(class_names) else str(c)
-                maps = {label if m == "self" else m: v[j] for m, v in result.maps.items()}
-                picture = panel(raw[j], maps, f"{f.name}: predicted {name}, softmax {p:.3f}", alpha)
-                records.append({"file": str(f), "output": outputs[i + j], "class": c, "class_name": name, "score": p})
-                Image.fromarray(picture).save(out / outputs[i + j])
-        (out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
-    except BaseException:
-        for r in records:
-            (out / r["output"]).unlink(missing_ok=True)
-        raise
-    return records
+            drawn = _panels(model, raw, prep.normalize(raw), methods, names, alpha, [f.name for f in chunk], batch_size)
+            for j, (picture, record) in enumerate(drawn):
+                out.image(outputs[i + j], picture)
+                out.records.append({"file": str(chunk[j]), "output": outputs[i + j], **record})
+    return out.records
+
+
+# --- dataset items: the maps of a run on the data it was trained on (any task) ----------------------
+
+
+def raw_item(data: Any, i: int, item: tuple | None = None) -> Tensor:
+    """Item ``i`` of a dataset in [0, 1] (an image ``(C, H, W)`` or a clip's frames ``(T, C, H, W)``):
+    ``raw(i)`` (on-disk datasets, clips), ``raw_images(i)`` (faces), ``images[i]`` (digits), else the
+    normalized item undone with the dataset's mean and std."""
+    if hasattr(data, "raw"):
+        return data.raw(i)
+    if hasattr(data, "raw_images"):
+        return data.raw_images(i)
+    if hasattr(data, "images"):
+        return data.images[i]
+    x = (item if item is not None else data[i])[0]
+    mean, std = (torch.as_tensor(getattr(data, k), dtype=x.dtype).view(-1, 1, 1) for k in ("mean", "std"))
+    return (x * std + mean).clamp(0, 1)
+
+
+def spread_over_classes(labels: Any, n: int) -> list[int]:
+    """``n`` indices, as many of each class as fit (classes ascending, first items of each class first)."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1:  # multi-label targets: the first n
+        return list(range(min(n, len(labels))))
+    per = math.ceil(n / max(1, len(labels.unique())))
+    picked: dict[int, list[int]] = {}
+    for i, c in enumerate(labels.tolist()):
+        if len(picked.setdefault(c, [])) < per:
+            picked[c].append(i)
+    return [i for c in sorted(picked) for i in picked[c]][:n]
+
+
+@dataclass
+class AttributeMaps:
+    """An attribute run's maps of ``G`` images: images ``(G, 3, H, W)`` in [0, 1]; maps and masks
+    ``(G, A, H, W)`` (masks bool, all False where the data has none); probs and attrs ``(G, A)``;
+    names: the ``A`` attributes; data: the dataset spec."""
+
+    images: Tensor
+    maps: Tensor
+    masks: Tensor
+    probs: Tensor
+    attrs: Tensor
+    names: list[str]
+    data: str
+
+
+@dataclass
+class ClipMaps:
+    """One clip of a video or ASD run: frames ``(T, C, H, W)`` in [0, 1], C in {1, 3}; maps ``(T, H, W)``
+    in [0, 1]; boxes ``(T, 4)`` (x0, y0, x1, y1 exclusive) or None; caption: what to say of it;
+    record: the prediction, as :func:`explain_items` stores it."""
+
+    frames: Tensor
+    maps: Tensor
+    boxes: Tensor | None
+    caption: str
+    record: dict[str, Any]
+
+
+def _fits(model: nn.Module, x: Tensor, spec: str) -> None:
+    chans = model.config.in_chans
+    if x.shape[-3] != chans:
+        raise ConfigError(f"the model takes {chans} channel(s); {spec} has {x.shape[-3]}")
+
+
+def attribute_maps(model: SelfExplainer, data: Any, idx: Sequence[int], spec: str) -> AttributeMaps:
+    """Each attribute's map of items ``idx`` of an attribute dataset ``data`` (named ``spec``)."""
+    items = [data[i] for i in idx]
+    x = torch.stack([it[0] for it in items])
+    attrs = torch.stack([torch.as_tensor(it[1]) for it in items]).float()
+    _fits(model, x, spec)
+    if attrs.ndim != 2 or attrs.shape[1] != model.config.num_classes:
+        raise ConfigError(f"the model gives {model.config.num_classes} attributes; {spec} has labels of shape {tuple(attrs.shape[1:])}")
+    masks = (torch.stack([it[2] for it in items]).bool() if len(items[0]) > 2
+             else torch.zeros(len(items), attrs.shape[1], *x.shape[-2:], dtype=torch.bool))  # fmt: skip
+    images = torch.stack([raw_item(data, i, it) for i, it in zip(idx, items)])
+    with torch.no_grad():
+        out = model.eval().explain(x.to(next(model.parameters()).device))
+    names = [str(n) for n in (getattr(data, "class_names", None) or range(attrs.shape[1]))]
+    return AttributeMaps(images=images.expand(-1, 3, -1, -1), maps=out.heatmap.cpu(), masks=masks,
+                         probs=torch.sigmoid(out.logits).cpu(), attrs=attrs, names=names, data=spec)  # fmt: skip
+
+
+def clip_maps(model: nn.Module, data: Any, idx: Sequence[int], spec: str) -> list[ClipMaps]:
+    """Per-frame maps of clips ``idx`` of a video or ASD dataset ``data`` (named ``spec``)."""
+    asd = model.task == "asd"
+    items = [data[i] for i in idx]
+    batch = torch.utils.data.default_collate(items)
+    _fits(model, batch[0], spec)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        inputs = (batch[0], batch[1]) if asd else (batch[0],)
+        out = model.eval().explain(*(t.to(device) for t in inputs))
+    names = [str(c) for c in getattr(data, "class_names", None) or ()]
+
+    def cls(c: int) -> str:
+        return names[c] if 0 <= c < len(names) else str(c)
+
+    clips = []
+    where = 4 if asd else 2  # the boxes' place in an item: mouth boxes (ASD), the object's boxes (video)
+    for j, (i, item) in enumerate(zip(idx, items)):
+        true = int(item[2] if asd else item[1])
+        if asd:
+            importance = {k: round(float(v[j]), 4) for k, v in out.importance.items()}
+            record = {"true": cls(true), "score": float(out.score[j]), "frame_labels": item[3].tolist(),
+                      "frame_scores": [round(v, 3) for v in out.frame_score[j].tolist()], "importance": importance}  # fmt: skip
+            what = (f"true: {cls(true)}, speaking score {record['score']:.2f}; frame labels {record['frame_labels']}, "
+                    f"frame scores {[round(v, 1) for v in record['frame_scores']]}; audio/face importance "
+                    f"{importance.get('audio', float('nan')):.3f}/{importance.get('face', float('nan')):.3f}")  # fmt: skip
+        else:
+            prob = torch.softmax(out.logits[j].float(), 0)
+            pred = int(prob.argmax())
+            record = {"true": cls(true), "class": pred, "class_name": cls(pred), "score": float(prob[pred])}
+            what = f"true: {cls(true)}, predicted: {cls(pred)} (p={record['score']:.2f})"
+        clips.append(ClipMaps(frames=raw_item(data, i, item), maps=out.heatmap[j].cpu(),
+                              boxes=item[where] if len(item) > where else None,
+                              caption=f"clip {i} of {spec}: {what}", record=record))  # fmt: skip
+    return clips
+
+
+def explain_items(
+    model: nn.Module,
+    doc: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    data: str | None = None,
+    split: str = "test",
+    n: int = 8,
+    methods: Sequence[str] = (),
+    batch_size: int = 32,
+    alpha: float = 0.5,
+    fps: float = 25,
+) -> list[dict[str, Any]]:
+    """Explain ``n`` items of a dataset with a run of any task: ``data`` (default: the data the run was
+    trained on, rebuilt as :meth:`selfcam.tasks.Task.run_data` does) for ``split``, spread over the classes.
+
+    Image and attribute runs: ``out_dir/item-<i>.png`` panels as :func:`explain_files` draws them.
+    Video and ASD runs: ``out_dir/clip-<i>.png`` (frames over their per-frame maps, ground-truth boxes
+    in green) and ``out_dir/clip-<i>.gif`` (frame | map, 4x slower than ``fps``). Also
+    ``out_dir/predictions.json``: one record per item (``"item"``, ``"output"``, the prediction), returned.
+    """
+    from .tasks import task_of
+
+    require_int("n", n)
+    task = task_of(model)
+    spec, dataset = task.run_data(doc, split, spec=data, n=None if task.name == "image" else 16 * n)
+    if len(dataset) == 0:
+        raise InputError(f"{spec} ({split}) holds no items")
+    idx = spread_over_classes(getattr(dataset, "labels", range(len(dataset))), n)
+    with _Outputs(out_dir) as out:
+        if task.name in ("video", "asd"):
+            for clip, i in zip(clip_maps(model, dataset, idx, spec), idx):
+                out.image(f"clip-{i}.png", frame_strip(clip.frames, clip.maps, clip.boxes))
+                out.gif(f"clip-{i}.gif", clip_frames(clip.frames, clip.maps, clip.boxes), int(1000 * 4 / fps))
+                out.records.append({"item": i, "output": f"clip-{i}.png", "gif": f"clip-{i}.gif", "caption": clip.caption, **clip.record})
+            return out.records
+        methods = _check_options(model, methods, batch_size, alpha)
+        items = [dataset[i] for i in idx]
+        x = torch.stack([it[0] for it in items])
+        _fits(model, x, spec)
+        raw = torch.stack([raw_item(dataset, i, it) for i, it in zip(idx, items)])
+        names = _names(doc, model.config.num_classes)
+        drawn = _panels(model, raw, x, methods, names, alpha, [f"item {i} of {spec}" for i in idx], batch_size)
+        for i, it, (picture, record) in zip(idx, items, drawn):
+            out.image(f"item-{i}.png", picture)
+            truth = torch.as_tensor(it[1])
+            true = ({"true_present": [names[a] for a in range(len(names)) if truth[a] > 0.5]} if truth.ndim
+                    else {"true": names[int(truth)] if 0 <= int(truth) < len(names) else str(int(truth))})  # fmt: skip
+            out.records.append({"item": i, "output": f"item-{i}.png", **true, **record})
+    return out.records

@@ -11,7 +11,6 @@ all of it to :func:`selfcam.render.write_report`, which writes one self-containe
 from __future__ import annotations
 
 import json
-import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 from selfcam.errors import InputError
 
 from . import render
+from .explain import AttributeMaps, ClipMaps, attribute_maps, clip_maps, raw_item, spread_over_classes
 from .render import Gallery
 
 __all__ = ["AttributeMaps", "ClipMaps", "DEMO_RUNS", "RunMaps", "Sources", "build_report", "explain_runs",
@@ -226,34 +226,6 @@ def _task_parts(name: str, doc: dict, prefix: str, notes: list[str]) -> tuple[di
 
 
 @dataclass
-class AttributeMaps:
-    """One attribute run's maps of ``G`` test images, for :func:`selfcam.render.attribute_sheet`.
-
-    images ``(G, 3, H, W)`` in [0, 1]; maps and masks ``(G, A, H, W)`` (masks bool, all False where
-    the data has none); probs and attrs ``(G, A)``; names: the ``A`` attributes; data: the dataset spec.
-    """
-
-    images: torch.Tensor
-    maps: torch.Tensor
-    masks: torch.Tensor
-    probs: torch.Tensor
-    attrs: torch.Tensor
-    names: list[str]
-    data: str
-
-
-@dataclass
-class ClipMaps:
-    """One test clip of a video or ASD run: frames ``(T, C, H, W)`` in [0, 1], C in {1, 3}; maps
-    ``(T, H, W)`` in [0, 1]; boxes ``(T, 4)`` (x0, y0, x1, y1 exclusive) or None; caption: what to say of it."""
-
-    frames: torch.Tensor
-    maps: torch.Tensor
-    boxes: torch.Tensor | None
-    caption: str
-
-
-@dataclass
 class RunMaps:
     """What :func:`explain_runs` computed: the per-class gallery of the image runs, and per run name
     the attribute maps of attribute runs and the clips of video and ASD runs."""
@@ -269,29 +241,6 @@ class _Skip(Exception):
 
 # what building or reading test data, or running a model on it, raises when they do not fit
 _UNAVAILABLE = (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError)
-
-
-def _raw_image(data: Any, i: int, item: tuple | None = None) -> torch.Tensor:
-    """Item ``i`` of a dataset in [0, 1]: ``raw(i)`` (on-disk datasets, clips), ``raw_images(i)`` (faces),
-    ``images[i]`` (digits), else the normalized item undone with the dataset's mean and std."""
-    if hasattr(data, "raw"):
-        return data.raw(i)
-    if hasattr(data, "raw_images"):
-        return data.raw_images(i)
-    if hasattr(data, "images"):
-        return data.images[i]
-    x = (item if item is not None else data[i])[0]
-    mean, std = (torch.as_tensor(getattr(data, k), dtype=x.dtype).view(-1, 1, 1) for k in ("mean", "std"))
-    return (x * std + mean).clamp(0, 1)
-
-
-def _pick(labels: torch.Tensor, per_class: int) -> list[int]:
-    """The first ``per_class`` indices of each class, classes ascending."""
-    picked: dict[int, list[int]] = {}
-    for i, c in enumerate(labels.tolist()):
-        if len(picked.setdefault(c, [])) < per_class:
-            picked[c].append(i)
-    return [i for c in sorted(picked) for i in picked[c]]
 
 
 def _load_runs(runs: dict[str, Path], notes: list[str]) -> dict[str, tuple[torch.nn.Module, dict]]:
@@ -333,9 +282,9 @@ def _image_gallery(loaded: dict[str, tuple[torch.nn.Module, dict]], per_class: i
     try:
         n = 20 * per_class * max(m.config.num_classes for m in models.values()) if spec == "cluttered-digits" else None
         data = load_dataset(spec, "test", n, seed=seed, size=size)
-        idx = _pick(torch.as_tensor(data.labels), per_class)
+        idx = spread_over_classes(data.labels, per_class * len(torch.as_tensor(data.labels).unique()))
         items = [data[i] for i in idx]
-        images = torch.stack([_raw_image(data, i, it) for i, it in zip(idx, items)])
+        images = torch.stack([raw_item(data, i, it) for i, it in zip(idx, items)])
     except (SelfcamError, OSError) as e:
         notes.append(f"gallery: test images of {spec} unavailable ({e})")
         return None
@@ -359,89 +308,32 @@ def _image_gallery(loaded: dict[str, tuple[torch.nn.Module, dict]], per_class: i
                    class_names=list(getattr(data, "class_names", []) or []) or None)  # fmt: skip
 
 
-def _test_data(doc: dict, n: int, **options: Any) -> tuple[str, Any]:
-    """``(spec, the first n test items of the run's recorded data)``: the generator with the run's
-    data seed and size, or its on-disk data; :class:`_Skip` when it cannot be built or read here."""
-    from .data import load_dataset
+def _test_data(model: torch.nn.Module, doc: dict, n: int) -> tuple[str, Any]:
+    """``(spec, the first n test items of the run's recorded data)`` (:meth:`selfcam.tasks.Task.run_data`);
+    :class:`_Skip` when they cannot be built or read here."""
+    from .errors import SelfcamError
+    from .tasks import task_of
+
+    try:
+        return task_of(model).run_data(doc, "test", n)
+    except (SelfcamError, *_UNAVAILABLE) as e:
+        spec = (doc.get("data") or {}).get("name")
+        raise _Skip(f"test data of {spec} unavailable here: {e}" if spec else "no dataset name recorded") from e
+
+
+def _run_maps(model: torch.nn.Module, doc: dict, per_class: int) -> AttributeMaps | list[ClipMaps]:
+    """Attribute runs: each attribute's map of the first ``2 * per_class`` test images. Video and ASD
+    runs: per-frame maps of ``2 * per_class`` test clips spread over the classes (of the first ``16 * per_class``)."""
     from .errors import SelfcamError
 
-    data, train = doc.get("data") or {}, doc.get("train") or {}
-    spec = data.get("name")
-    if not spec:
-        raise _Skip("no dataset name recorded")
-    try:
-        return spec, load_dataset(spec, "test", n, seed=data.get("seed", train.get("seed", 0)), size=data.get("size"), **options)
-    except (SelfcamError, *_UNAVAILABLE) as e:
-        raise _Skip(f"test data of {spec} unavailable here: {e}") from e
-
-
-def _attribute_maps(model: torch.nn.Module, doc: dict, per_class: int) -> AttributeMaps:
-    """Each attribute's map of the first ``2 * per_class`` test images (about ``per_class`` with each attribute)."""
-    record = doc.get("data") or {}
-    names = record.get("class_names") or record.get("attributes")
-    spec = str(record.get("name"))
-    options = {"attributes": list(names)} if names and (spec == "synthetic-faces" or spec.startswith("celeba:")) else {}
-    spec, data = _test_data(doc, 2 * per_class, **options)
-    g = min(2 * per_class, len(data))
-    items = [data[i] for i in range(g)]
-    x = torch.stack([it[0] for it in items])
-    attrs = torch.stack([torch.as_tensor(it[1]) for it in items]).float()
-    if attrs.ndim != 2 or attrs.shape[1] != model.config.num_classes or x.shape[1] != model.config.in_chans:
-        raise _Skip(f"the model takes {model.config.in_chans} channel(s) and gives {model.config.num_classes} attributes; "
-                    f"{spec} has {x.shape[1]} channel(s) and labels of shape {tuple(attrs.shape[1:])}")  # fmt: skip
-    masks = (torch.stack([it[2] for it in items]).bool() if len(items[0]) > 2
-             else torch.zeros(g, attrs.shape[1], *x.shape[-2:], dtype=torch.bool))  # fmt: skip
-    images = torch.stack([_raw_image(data, i, it) for i, it in enumerate(items)])
-    with torch.no_grad():
-        out = model.explain(x)
-    names = list(getattr(data, "class_names", None) or names or [str(a) for a in range(attrs.shape[1])])
-    return AttributeMaps(images=images.expand(-1, 3, -1, -1), maps=out.heatmap.cpu(), masks=masks,
-                         probs=torch.sigmoid(out.logits).cpu(), attrs=attrs, names=names, data=spec)  # fmt: skip
-
-
-def _clip_maps(model: torch.nn.Module, doc: dict, per_class: int) -> list[ClipMaps]:
-    """Per-frame maps of ``2 * per_class`` test clips of a video or ASD run, spread over the classes."""
-    record, asd = doc.get("data") or {}, doc["task"] == "asd"
-    frames = record.get("frames") or getattr(model.config, "frames", None)
-    spec = str(record.get("name"))
-    options: dict[str, Any] = {}
-    if frames and (spec in ("synthetic-clips", "speaker-clips") or spec.startswith("ava:")):
-        options["frames"] = frames
-    if spec == "speaker-clips" and record.get("sample_rate"):
-        options["sample_rate"] = record["sample_rate"]
     k = 2 * per_class
-    spec, data = _test_data(doc, 8 * k, **options)
-    labels = getattr(data, "labels", None)
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        idx = _pick(labels, math.ceil(k / max(1, len(labels.unique()))))[:k]
-    else:
-        idx = list(range(min(k, len(data))))
-    items = [data[i] for i in idx]
-    batch = torch.utils.data.default_collate(items)
-    with torch.no_grad():
-        out = model.eval().explain(batch[0], batch[1]) if asd else model.eval().explain(batch[0])
-    names = list(getattr(data, "class_names", None) or record.get("class_names") or [])
-
-    def cls(c: int) -> str:
-        return names[c] if 0 <= c < len(names) else str(c)
-
-    clips = []
-    where = 4 if asd else 2  # the boxes' place in an item: mouth boxes (ASD), the object's boxes (video)
-    for j, (i, item) in enumerate(zip(idx, items)):
-        true = int(item[2] if asd else item[1])
-        if asd:
-            what = (f"true: {cls(true)}, speaking score {float(out.score[j]):.2f}; frame labels {item[3].tolist()}, "
-                    f"frame scores {[round(v, 1) for v in out.frame_score[j].tolist()]}; audio/face importance "
-                    f"{float(out.importance['audio'][j]):.3f}/{float(out.importance['face'][j]):.3f}")  # fmt: skip
-        else:
-            prob = torch.softmax(out.logits[j], 0)
-            pred = int(prob.argmax())
-            what = f"true: {cls(true)}, predicted: {cls(pred)} (p={float(prob[pred]):.2f})"
-        clips.append(ClipMaps(frames=_raw_image(data, i, item), maps=out.heatmap[j].cpu(),
-                              boxes=item[where] if len(item) > where else None,
-                              caption=f"test clip {i} of {spec}: {what}"))  # fmt: skip
-    return clips
+    spec, data = _test_data(model, doc, k if doc["task"] == "attributes" else 8 * k)
+    try:
+        if doc["task"] == "attributes":
+            return attribute_maps(model, data, range(min(k, len(data))), spec)
+        return clip_maps(model, data, spread_over_classes(getattr(data, "labels", range(len(data))), k), spec)
+    except SelfcamError as e:
+        raise _Skip(str(e)) from e
 
 
 def explain_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequence[str] = (),
@@ -467,9 +359,9 @@ def explain_runs(runs: dict[str, Path], per_class: int = 2, methods: Sequence[st
             continue
         try:
             if task == "attributes":
-                found.attributes[name] = _attribute_maps(model, doc, per_class)
+                found.attributes[name] = _run_maps(model, doc, per_class)
             elif task in ("video", "asd"):
-                found.clips[name] = _clip_maps(model, doc, per_class)
+                found.clips[name] = _run_maps(model, doc, per_class)
             else:
                 notes.append(f"gallery: run {name} left out (the report draws no maps of {task} runs)")
         except _Skip as e:
@@ -509,7 +401,7 @@ def _run_figures(maps: RunMaps) -> list[tuple[str, str]]:
     for name, clips in maps.clips.items():
         for clip in clips:
             boxes = ", boxes in green" if clip.boxes is not None else ""
-            figures.append((f"Gallery, run {name}: {clip.caption} (frames over their per-frame SE-CAM maps{boxes})",
+            figures.append((f"Gallery, run {name}: test {clip.caption} (frames over their per-frame SE-CAM maps{boxes})",
                             render.png_data_uri(render.frame_strip(clip.frames, clip.maps, clip.boxes))))  # fmt: skip
     return figures
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from selfcam.errors import InputError
 
-__all__ = ["attribute_sheet", "clip_gif", "draw_box", "frame_strip", "gif_data_uri", "mask_outline", "overlay",
+__all__ = ["attribute_sheet", "clip_frames", "clip_gif", "draw_box", "frame_strip", "gif_bytes", "gif_data_uri", "mask_outline", "overlay",
            "panel", "png_data_uri", "tile"]  # fmt: skip
 
 Array = np.ndarray | torch.Tensor
@@ -141,8 +141,12 @@ def png_data_uri(rgb: np.ndarray) -> str:
 
 
 def gif_data_uri(frames: Sequence[np.ndarray], duration_ms: int, loop: int = 0) -> str:
-    """Animated GIF of uint8 (H,W,3) frames, all one size, ``duration_ms`` each (``loop`` 0: for ever)
-    -> ``"data:image/gif;base64,..."``."""
+    """:func:`gif_bytes` as ``"data:image/gif;base64,..."``."""
+    return _data_uri(gif_bytes(frames, duration_ms, loop), "image/gif")
+
+
+def gif_bytes(frames: Sequence[np.ndarray], duration_ms: int, loop: int = 0) -> bytes:
+    """An animated GIF file of uint8 (H,W,3) frames, all one size, ``duration_ms`` each (``loop`` 0: for ever)."""
     if not len(frames):
         raise InputError("a GIF needs at least one frame")
     shapes = sorted({(str(np.asarray(f).dtype), *np.shape(f)) for f in frames})
@@ -151,7 +155,7 @@ def gif_data_uri(frames: Sequence[np.ndarray], duration_ms: int, loop: int = 0) 
     pics = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
     buf = io.BytesIO()
     pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=duration_ms, loop=loop)
-    return _data_uri(buf.getvalue(), "image/gif")
+    return buf.getvalue()
 
 
 def _font(size: int = _FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -240,13 +244,11 @@ def frame_strip(frames: Array, maps: Array, boxes: Array | None = None, scale: i
     return np.concatenate(rows, 0).repeat(s, 0).repeat(s, 1)
 
 
-def clip_gif(frames: Array, maps: Array, boxes: Array | None = None, *, fps: float = 25, slowdown: float = 4,
-             scale: int = 3) -> str:  # fmt: skip
-    """An animated GIF of a clip, one GIF frame per frame: the frame | its map's overlay, boxes in green,
-    upscaled by ``scale`` and shown ``slowdown`` times slower than ``fps``.
+def clip_frames(frames: Array, maps: Array, boxes: Array | None = None, scale: int = 3) -> list[np.ndarray]:
+    """One picture per frame of a clip: the frame | its map's overlay, boxes in green, upscaled by ``scale``.
 
     frames ``(T, C, H, W)`` in [0, 1], C in {1, 3}; maps ``(T, h, w)`` in [0, 1]; boxes ``(T, 4)`` or None
-    -> ``"data:image/gif;base64,..."`` of T frames, each ``(s H, 2 s W)``.
+    -> T uint8 arrays ``(s H, 2 s W, 3)`` (the frames of :func:`gif_bytes`).
     """
     _check_clip(frames, maps, boxes)
     pics = []
@@ -254,4 +256,11 @@ def clip_gif(frames: Array, maps: Array, boxes: Array | None = None, *, fps: flo
         box = None if boxes is None else boxes[t]
         pics.append(np.concatenate([tile(frames[t], box=box, scale=scale),
                                     tile(frames[t], maps[t], box=box, scale=scale)], 1))  # fmt: skip
-    return gif_data_uri(pics, int(1000 * slowdown / fps))
+    return pics
+
+
+def clip_gif(frames: Array, maps: Array, boxes: Array | None = None, *, fps: float = 25, slowdown: float = 4,
+             scale: int = 3) -> str:  # fmt: skip
+    """:func:`clip_frames` as an animated GIF, shown ``slowdown`` times slower than ``fps``:
+    ``"data:image/gif;base64,..."`` of T frames."""
+    return gif_data_uri(clip_frames(frames, maps, boxes, scale), int(1000 * slowdown / fps))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..asd import MODALITIES, ASDConfig, ASDModel
-from .base import MAPS_NOTE, Task, TaskGraph, register_task
+from .base import MAPS_NOTE, Task, TaskGraph, clip_options, register_task
 
 __all__ = ["ASDTask"]
 
@@ -54,3 +54,9 @@ class ASDTask(Task):
 
     def data_record(self, dataset: Any) -> dict[str, Any]:
         return {**super().data_record(dataset), "frames": dataset.num_frames, "sample_rate": dataset.sample_rate}
+
+    def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
+        options = clip_options(record, ("speaker-clips",))
+        if record.get("name") == "speaker-clips" and record.get("sample_rate"):
+            options["sample_rate"] = record["sample_rate"]
+        return options

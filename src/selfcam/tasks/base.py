@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import dataclass_from_json
 from ..errors import ConfigError
 
-__all__ = ["MAPS_NOTE", "TASKS", "Task", "TaskGraph", "get_task", "register_task", "task_of"]
+__all__ = ["MAPS_NOTE", "TASKS", "Task", "TaskGraph", "clip_options", "get_task", "register_task", "task_of"]
 
 TASKS: dict[str, "Task"] = {}
 MAPS_NOTE = "in [0, 1], at input resolution"
@@ -43,6 +43,13 @@ class TaskGraph:
     def __post_init__(self) -> None:
         if not 1 <= len(self.inputs) <= 2 or not self.outputs:  # the export wrapper takes one or two tensors
             raise ConfigError(f"an ONNX graph has one or two inputs and at least one output, got {self.inputs} -> {self.outputs}")
+
+
+def clip_options(record: dict[str, Any], generators: tuple[str, ...]) -> dict[str, Any]:
+    """``{"frames": T}`` when a run records its clip length and its data takes one (the clip generators
+    named, or ``ava:DIR``); ``{}`` otherwise."""
+    name, frames = str(record.get("name")), record.get("frames")
+    return {"frames": frames} if frames and (name in generators or name.startswith("ava:")) else {}
 
 
 def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
@@ -149,3 +156,28 @@ class Task:
         if getattr(dataset, "class_names", None) is not None:
             record["class_names"] = [str(c) for c in dataset.class_names]
         return record
+
+    def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The :func:`selfcam.data.load_dataset` options that rebuild the data a run recorded
+        (``record``: its config's ``"data"``) as it was trained on: clip length, sample rate,
+        attribute names. Options only for the recorded source itself."""
+        return {}
+
+    def run_data(self, doc: dict[str, Any], split: str = "test", n: int | None = None, *, spec: str | None = None,
+                 seed: int | None = None) -> tuple[str, Dataset]:  # fmt: skip
+        """``(spec, dataset)``: ``split`` of the data a run was trained on, or of ``spec``, at the run's
+        input size; a generator gets the run's data seed unless ``seed`` is given. ``doc``: a config as
+        :func:`selfcam.load_checkpoint` returns it. :class:`ConfigError` when no data is named."""
+        from ..data import load_dataset
+
+        record = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+        recorded = record.get("name")
+        spec = spec or recorded
+        if not spec:
+            raise ConfigError("the run records no dataset name (config.json data.name); name the data (--data)")
+        if seed is None:
+            seed = record.get("seed", (doc.get("train") or {}).get("seed", 0))
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"the run's data seed must be an integer, got {seed!r}")
+        options = self.data_options(record) if spec == recorded else {}
+        return spec, load_dataset(spec, split, n, seed=seed, size=record.get("size"), **options)

@@ -62,3 +62,7 @@ class AttributesTask(ImageTask):
     accuracy: ClassVar[str] = "multilabel"
     default_data: ClassVar[str] = "synthetic-faces"
     graph: ClassVar[TaskGraph] = TaskGraph(("image",), ("logits", "heatmap"), {"heatmap": "one map per attribute, " + MAPS_NOTE})
+
+    def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
+        names, spec = record.get("class_names") or record.get("attributes"), str(record.get("name"))
+        return {"attributes": list(names)} if names and (spec == "synthetic-faces" or spec.startswith("celeba:")) else {}

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..video import VideoConfig, VideoSelfExplainer, create_video_model
-from .base import MAPS_NOTE, Task, TaskGraph, register_task
+from .base import MAPS_NOTE, Task, TaskGraph, clip_options, register_task
 
 __all__ = ["VideoTask"]
 
@@ -39,3 +39,6 @@ class VideoTask(Task):
 
     def data_record(self, dataset: Any) -> dict[str, Any]:
         return {**super().data_record(dataset), "frames": dataset.num_frames}
+
+    def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
+        return clip_options(record, ("synthetic-clips",))
