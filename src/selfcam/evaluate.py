@@ -13,6 +13,8 @@ Every map, the model's own (``"self"``) or a post-hoc one, comes from one interf
   ``"attributes"``: a row per attribute);
 - ASD runs: :func:`selfcam.asd.evaluate_asd` (the run's entry adds ``"modality_importance"`` and
   ``"silence_check"``).
+
+Each task's :meth:`~selfcam.tasks.Task.evaluate` says which of these it is, and its ``metrics`` what it scores.
 """
 
 from __future__ import annotations
@@ -36,22 +38,20 @@ from .model import SelfExplainer
 __all__ = ["CLIP_METRICS", "METRICS", "EvalConfig", "check_fits", "evaluate", "evaluate_clips",
            "evaluate_runs", "evaluate_task", "count_params", "task_metrics"]  # fmt: skip
 
-LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
-FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
-METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS)  # image runs
-CLIP_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "energy_pointing_game", "iou", "dice")
-ATTRIBUTE_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "iou")
-ASD_METRICS = ("mAP", "clip_AP", "frame_accuracy", "clip_accuracy", "mouth_pointing_game", "mouth_pointing_game_15px",
-               "mouth_pointing_game_all_frames")  # fmt: skip
-_TASK_METRICS = {"image": METRICS, "video": CLIP_METRICS, "attributes": ATTRIBUTE_METRICS, "asd": ASD_METRICS}
+from .tasks import TASKS, get_task, list_tasks
+from .tasks.image import IMAGE_METRICS as METRICS, LOCALIZATION
+from .tasks.video import CLIP_METRICS
 
 
 def task_metrics(task: str, default: bool = False) -> tuple[str, ...]:
-    """The metric names :func:`evaluate_task` computes for runs of ``task`` (``default``: those it computes
-    when :class:`EvalConfig` names none: for images the cheap ones, accuracy, pointing game and IoU; all otherwise)."""
-    if task not in _TASK_METRICS:
-        raise ConfigError(f"no metrics are defined for the {task} task; tasks with metrics: {', '.join(_TASK_METRICS)}")
-    return ("accuracy", "pointing_game", "iou") if default and task == "image" else _TASK_METRICS[task]
+    """The metric names :func:`evaluate_task` computes for runs of ``task`` (``Task.metrics``; ``default``:
+    those it computes when :class:`EvalConfig` names none, ``Task.default_metrics``: for images the
+    cheap ones, accuracy, pointing game and IoU; all otherwise)."""
+    t = get_task(task)
+    if not t.metrics:
+        with_metrics = [name for name in list_tasks() if TASKS[name].metrics]
+        raise ConfigError(f"no metrics are defined for the {task} task; tasks with metrics: {', '.join(with_metrics)}")
+    return t.default_metrics or t.metrics if default else t.metrics
 
 
 def _with_metrics(cfg: "EvalConfig", task: str) -> "EvalConfig":
@@ -76,7 +76,7 @@ class EvalConfig:
     posthoc_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        every_metric = tuple(dict.fromkeys(m for names in _TASK_METRICS.values() for m in names))
+        every_metric = tuple(dict.fromkeys(m for name in list_tasks() for m in TASKS[name].metrics))
         chosen = ("method", self.methods, tuple(EXPLAINERS)), ("metric", () if self.metrics is None else self.metrics, every_metric)
         for kind, given, known in chosen:
             if kind == "metric" and self.metrics is None:
@@ -379,8 +379,10 @@ def evaluate_clips(models: dict[str, torch.nn.Module], dataset: Dataset, cfg: Ev
     return {"task": "video", "n_items": n, "n_frames": frames, "runs": runs}
 
 
-def _per_run(task: str, models: dict[str, torch.nn.Module], dataset: Dataset, cfg: EvalConfig) -> dict[str, Any]:
-    """Attribute and ASD runs: the task's own scoring, one run at a time, as the family's document."""
+def evaluate_per_run(task: str, models: dict[str, torch.nn.Module], dataset: Dataset, cfg: EvalConfig,
+                     score: Callable[[torch.nn.Module], tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:  # fmt: skip
+    """Runs scored one at a time on their own maps by ``score(model) -> (results, extra entries)``
+    (attribute and ASD runs), as the family's document; each row adds ``ms_per_item``."""
     if cfg.methods != ("self",):
         raise ConfigError(f"{task} runs are scored on their own maps only (--methods self); got {', '.join(cfg.methods)}")
     n = len(dataset)  # type: ignore[arg-type]
@@ -389,17 +391,7 @@ def _per_run(task: str, models: dict[str, torch.nn.Module], dataset: Dataset, cf
     runs: dict[str, Any] = {}
     for run, model in models.items():
         t0 = time.perf_counter()
-        if task == "attributes":
-            from .faces import evaluate_attributes
-
-            doc = evaluate_attributes(model, dataset, cfg.batch_size, cfg.threshold, cfg.tolerance)
-            results, extra = doc["mean"], {"attributes": doc["attributes"]}
-        else:
-            from .asd import evaluate_asd
-
-            doc = evaluate_asd(model, dataset, cfg.batch_size)
-            results = {k: v for k, v in doc.items() if not isinstance(v, dict)}
-            extra = {k: v for k, v in doc.items() if isinstance(v, dict)}
+        results, extra = score(model)
         ms = 1000 * (time.perf_counter() - t0) / n
         runs[run] = {"params": count_params(model), "results": {"self": _keep({**results, "ms_per_item": ms}, cfg.metrics)}, **extra}
     return {"task": task, "n_items": n, "runs": runs}
@@ -418,21 +410,19 @@ def evaluate_task(models: dict[str, torch.nn.Module], dataset: Dataset, cfg: Eva
     task = _check_task(models)
     cfg = _with_metrics(cfg, task)
     known = task_metrics(task)
+    t = get_task(task)
     foreign = [m for m in cfg.metrics if m not in known]
     if foreign:
         raise ConfigError(f"metric(s) {', '.join(foreign)} do not apply to {task} runs; they have {', '.join(known)}")
     for run, model in models.items():
         check_methods_for(run, model, cfg.methods)
-    if task == "image":
-        return evaluate_runs(models, dataset, cfg, progress, devices)  # type: ignore[arg-type]
-    if devices != 1:
-        raise ConfigError(f"--devices > 1 shards image evaluations only; this is a {task} evaluation")
-    check_fits(models, dataset)  # type: ignore[arg-type]
-    for model in models.values():
-        model.eval()
-    if task == "video":
-        return evaluate_clips(models, dataset, cfg, progress)
-    return _per_run(task, models, dataset, cfg)
+    if not t.shards:
+        if devices != 1:
+            raise ConfigError(f"--devices > 1 shards image evaluations only; this is a {task} evaluation")
+        check_fits(models, dataset)  # type: ignore[arg-type]
+        for model in models.values():
+            model.eval()
+    return t.evaluate(models, dataset, cfg, progress, devices)
 
 
 def check_methods_for(run: str, model: torch.nn.Module, methods: Sequence[str]) -> None:

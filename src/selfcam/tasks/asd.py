@@ -10,7 +10,10 @@ from torch import Tensor, nn
 from ..asd import MODALITIES, ASDConfig, ASDModel
 from .base import MAPS_NOTE, Task, TaskGraph, clip_options, register_task
 
-__all__ = ["ASDTask"]
+__all__ = ["ASDTask", "ASD_METRICS"]
+
+ASD_METRICS = ("mAP", "clip_AP", "frame_accuracy", "clip_accuracy", "mouth_pointing_game", "mouth_pointing_game_15px",
+               "mouth_pointing_game_all_frames")  # fmt: skip
 
 
 def _modality_importance(out: Any) -> Tensor:
@@ -33,6 +36,7 @@ class ASDTask(Task):
         {"modality_importance": _modality_importance},
         {"modalities": list(MODALITIES)},
     )
+    metrics: ClassVar[tuple[str, ...]] = ASD_METRICS
 
     def build(self, config: ASDConfig) -> nn.Module:
         return ASDModel(config)
@@ -60,3 +64,16 @@ class ASDTask(Task):
         if record.get("name") == "speaker-clips" and record.get("sample_rate"):
             options["sample_rate"] = record["sample_rate"]
         return options
+
+    def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
+                 devices: int = 1) -> dict[str, Any]:  # fmt: skip
+        """:func:`selfcam.asd.evaluate_asd`; the run's entry adds ``"modality_importance"`` and ``"silence_check"``."""
+        from ..asd import evaluate_asd
+        from ..evaluate import evaluate_per_run
+
+        def score(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+            doc = evaluate_asd(model, dataset, cfg.batch_size)
+            return ({k: v for k, v in doc.items() if not isinstance(v, dict)},
+                    {k: v for k, v in doc.items() if isinstance(v, dict)})  # fmt: skip
+
+        return evaluate_per_run(self.name, models, dataset, cfg, score)

@@ -86,7 +86,8 @@ class Task:
 
     ``dataset_kind``: the ``task`` attribute of the datasets it trains on; ``accuracy``: torchmetrics'
     task for the training accuracy; ``default_data``: the built-in source used when no data is given;
-    ``graph``: its models' ONNX inputs and outputs (``None``: not exportable).
+    ``graph``: its models' ONNX inputs and outputs (``None``: not exportable); ``metrics``: what
+    :meth:`evaluate` scores.
     """
 
     name: ClassVar[str] = "task"
@@ -96,6 +97,9 @@ class Task:
     default_data: ClassVar[str] = ""
     methods: ClassVar[tuple[str, ...]] = ("se",)  # heads a model of this task may have
     graph: ClassVar[TaskGraph | None] = None
+    metrics: ClassVar[tuple[str, ...]] = ()  # what :meth:`evaluate` can compute
+    default_metrics: ClassVar[tuple[str, ...] | None] = None  # what it computes when none are named (None: all)
+    shards: ClassVar[bool] = False  # whether :meth:`evaluate` can share the items between processes
 
     def build(self, config: Any) -> nn.Module:
         """The model ``config`` describes (random weights)."""
@@ -114,6 +118,12 @@ class Task:
     def new_model(self, dataset: Any, backbone: str, backbone_kwargs: dict[str, Any], options: dict[str, Any]) -> nn.Module:
         """:meth:`create` once the head is known to be this task's: ``options`` are the head's (or model's) options."""
         raise NotImplementedError
+
+    def evaluate(self, models: dict[str, nn.Module], dataset: Dataset, cfg: Any, progress: Any = None,
+                 devices: int = 1) -> dict[str, Any]:  # fmt: skip
+        """Score runs of this task on ``dataset`` with ``cfg`` (:class:`selfcam.evaluate.EvalConfig`, its metrics
+        already chosen and checked): the metrics document family (:func:`selfcam.evaluate.evaluate_task`)."""
+        raise ConfigError(f"the {self.name} task defines no evaluation")
 
     def config_from_json(self, d: Any, source: str) -> Any:
         """Validate the ``"model"`` entry of a config read from JSON."""

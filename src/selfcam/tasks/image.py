@@ -12,7 +12,12 @@ from ..heads import HEADS
 from ..model import ModelConfig, create_model
 from .base import MAPS_NOTE, Task, TaskGraph, register_task
 
-__all__ = ["ImageTask"]
+__all__ = ["ATTRIBUTE_METRICS", "AttributesTask", "IMAGE_METRICS", "ImageTask"]
+
+LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
+FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
+IMAGE_METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS)
+ATTRIBUTE_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "iou")
 
 
 @register_task("image")
@@ -24,6 +29,9 @@ class ImageTask(Task):
     accuracy: ClassVar[str] = "multiclass"
     default_data: ClassVar[str] = "cluttered-digits"
     graph: ClassVar[TaskGraph] = TaskGraph(("image",), ("logits", "heatmap"), {"heatmap": MAPS_NOTE})
+    metrics: ClassVar[tuple[str, ...]] = IMAGE_METRICS
+    default_metrics: ClassVar[tuple[str, ...] | None] = ("accuracy", "pointing_game", "iou")  # the cheap ones
+    shards: ClassVar[bool] = True
 
     @property
     def methods(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -53,6 +61,12 @@ class ImageTask(Task):
     def example_inputs(self, model: nn.Module, batch: int = 2, size: int | None = None) -> tuple[Tensor, ...]:
         return (torch.randn(batch, model.config.in_chans, size or 32, size or 32),)
 
+    def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
+                 devices: int = 1) -> dict[str, Any]:  # fmt: skip
+        from ..evaluate import evaluate_runs
+
+        return evaluate_runs(models, dataset, cfg, progress, devices)  # type: ignore[arg-type]
+
 
 @register_task("attributes")
 class AttributesTask(ImageTask):
@@ -62,6 +76,21 @@ class AttributesTask(ImageTask):
     accuracy: ClassVar[str] = "multilabel"
     default_data: ClassVar[str] = "synthetic-faces"
     graph: ClassVar[TaskGraph] = TaskGraph(("image",), ("logits", "heatmap"), {"heatmap": "one map per attribute, " + MAPS_NOTE})
+    metrics: ClassVar[tuple[str, ...]] = ATTRIBUTE_METRICS
+    default_metrics: ClassVar[tuple[str, ...] | None] = None
+    shards: ClassVar[bool] = False
+
+    def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
+                 devices: int = 1) -> dict[str, Any]:  # fmt: skip
+        """Per attribute (:func:`selfcam.faces.evaluate_attributes`); the run's entry adds ``"attributes"``."""
+        from ..evaluate import evaluate_per_run
+        from ..faces import evaluate_attributes
+
+        def score(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+            doc = evaluate_attributes(model, dataset, cfg.batch_size, cfg.threshold, cfg.tolerance)
+            return doc["mean"], {"attributes": doc["attributes"]}
+
+        return evaluate_per_run(self.name, models, dataset, cfg, score)
 
     def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
         names, spec = record.get("class_names") or record.get("attributes"), str(record.get("name"))

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from ..video import VideoConfig, VideoSelfExplainer, create_video_model
 from .base import MAPS_NOTE, Task, TaskGraph, clip_options, register_task
 
-__all__ = ["VideoTask"]
+__all__ = ["CLIP_METRICS", "VideoTask"]
+
+CLIP_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "energy_pointing_game", "iou", "dice")
 
 
 @register_task("video")
@@ -21,6 +23,7 @@ class VideoTask(Task):
     dataset_kind: ClassVar[str] = "video"
     default_data: ClassVar[str] = "synthetic-clips"
     graph: ClassVar[TaskGraph] = TaskGraph(("clip",), ("logits", "heatmap"), {"heatmap": "one map per frame, " + MAPS_NOTE})
+    metrics: ClassVar[tuple[str, ...]] = CLIP_METRICS
 
     def build(self, config: VideoConfig) -> nn.Module:
         return VideoSelfExplainer(config)
@@ -42,3 +45,9 @@ class VideoTask(Task):
 
     def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
         return clip_options(record, ("synthetic-clips",))
+
+    def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
+                 devices: int = 1) -> dict[str, Any]:  # fmt: skip
+        from ..evaluate import evaluate_clips
+
+        return evaluate_clips(models, dataset, cfg, progress)
