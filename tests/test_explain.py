@@ -313,3 +313,12 @@ def test_clip_runs_refuse_image_files_in_one_line(tmp_path: Path) -> None:
     code, output = _run("explain", str(img), "--checkpoint", str(run), "--out", str(tmp_path / "o"))
     assert code == 2 and "error:" in output and "video run" in output and len(output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_rebuilds_the_runs_clip_length(tmp_path: Path) -> None:
+    """A 4-frame video run is scored on 4-frame clips of its data (the generator's default is 8)."""
+    run = _task_run(tmp_path, "video")
+    code, output = _run("evaluate", "--checkpoint", str(run), "--n", "4", "--out", str(tmp_path / "e"))
+    assert code == 0, output
+    doc = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert doc["task"] == "video" and doc["n_items"] == 4 and doc["n_frames"] == 16

@@ -246,7 +246,6 @@ def evaluate(
     from rich.progress import track
 
     from .checkpoint import load_checkpoint
-    from .data import load_dataset
     from .evaluate import EvalConfig, evaluate_task, task_metrics
     from .tasks import get_task
 
@@ -256,17 +255,17 @@ def evaluate(
 
     check_accelerator(accelerator)
     device = "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
-    runs, size, task = {}, None, None
+    runs, first = {}, None
     for path in checkpoint:
         model, doc = load_checkpoint(path, device)
         name = path.name if path.name not in runs else str(path)
         runs[name] = model
-        task = task or doc["task"]
-        size = size or doc.get("data", {}).get("size")
-        data = data or doc.get("data", {}).get("name") or get_task(doc["task"]).default_data
-    cfg = EvalConfig(methods=_names(methods), metrics=task_metrics(task) if metrics == "all" else _names(metrics),
+        first = first or doc
+    task = get_task(first["task"])
+    data = data or (first.get("data") or {}).get("name") or task.default_data
+    cfg = EvalConfig(methods=_names(methods), metrics=task_metrics(task.name) if metrics == "all" else _names(metrics),
                      batch_size=batch_size, steps=steps, sanity_images=sanity_images)  # fmt: skip
-    dataset = load_dataset(data, split, n, seed=seed, size=size)  # the runs' size, else the dataset's own
+    _, dataset = task.run_data(first, split, n, spec=data, seed=seed)  # at the first run's size, with its data's options
     result = evaluate_task(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
     doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
     out.mkdir(parents=True, exist_ok=True)
