@@ -438,48 +438,64 @@ def _recipe(data: str, backbone: Optional[str], epochs: Optional[int], train_siz
     return recipe_for(data, backbone=backbone, epochs=epochs, train_size=train_size, test_size=test_size)
 
 
+# the options both experiments take (typer reads each default once per command)
+_EXP = {
+    "data": typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
+    "out": typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
+    "backbone": typer.Option(None, help="Backbone (default: the dataset's recipe)."),
+    **{k: typer.Option(None, help=_EXP_HELP[k]) for k in ("epochs", "train_size", "test_size")},
+    "quiet": typer.Option(False, "--quiet", help="No progress bars."),
+}
+
+
+def _experiment_done(doc: dict[str, Any], columns: tuple[str, ...], title: str, out: Path) -> None:
+    rows = {m: {k: v[k] for k in columns} for m, v in doc["methods"].items()}
+    console.print(_table(title, rows, first="method"))
+    console.print(f"wall time {doc['wall_seconds']:.0f} s in all; wrote {out}")
+
+
+def _log(text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
 @experiment_app.command("accuracy")
 def experiment_accuracy(
-    data: str = typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
+    data: str = _EXP["data"],
     methods: str = typer.Option("plain,lfi,lfi-light,se,abn", help="Comma-separated heads."),
     seeds: int = typer.Option(3, help="Seeds 0..N-1 per method."),
-    out: Path = typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the dataset's recipe)."),
-    epochs: Optional[int] = typer.Option(None, help=_EXP_HELP["epochs"]),
-    train_size: Optional[int] = typer.Option(None, help=_EXP_HELP["train_size"]),
-    test_size: Optional[int] = typer.Option(None, help=_EXP_HELP["test_size"]),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    out: Path = _EXP["out"],
+    backbone: Optional[str] = _EXP["backbone"],
+    epochs: Optional[int] = _EXP["epochs"],
+    train_size: Optional[int] = _EXP["train_size"],
+    test_size: Optional[int] = _EXP["test_size"],
+    quiet: bool = _EXP["quiet"],
 ) -> None:
     """Test accuracy of every method over several seeds, same backbone and recipe; resumable."""
     from .experiment import accuracy_experiment
 
-    doc = accuracy_experiment(data, _names(methods), seeds, out, _recipe(data, backbone, epochs, train_size, test_size),
-                              progress=not quiet, log=lambda s: console.print(s, markup=False, highlight=False))  # fmt: skip
-    rows = {m: {"mean": v["mean"], "std": v["std"]} for m, v in doc["methods"].items()}
-    console.print(_table(f"{data}: test accuracy over {seeds} seeds", rows, first="method"))
-    console.print(f"wall time {doc['wall_seconds']:.0f} s in all; wrote {out}")
+    recipe = _recipe(data, backbone, epochs, train_size, test_size)
+    doc = accuracy_experiment(data, _names(methods), seeds, out, recipe, progress=not quiet, log=_log)
+    _experiment_done(doc, ("mean", "std"), f"{data}: test accuracy over {seeds} seeds", out)
 
 
 @experiment_app.command("stability")
 def experiment_stability(
-    data: str = typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
+    data: str = _EXP["data"],
     methods: str = typer.Option("lfi,lfi-light,se,abn", help="Comma-separated heads."),
     settings: int = typer.Option(5, help="Hyper-parameter settings (2-5; listed in docs/RESULTS.md)."),
-    out: Path = typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the dataset's recipe)."),
-    epochs: Optional[int] = typer.Option(None, help=_EXP_HELP["epochs"]),
-    train_size: Optional[int] = typer.Option(None, help=_EXP_HELP["train_size"]),
-    test_size: Optional[int] = typer.Option(None, help=_EXP_HELP["test_size"]),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    out: Path = _EXP["out"],
+    backbone: Optional[str] = _EXP["backbone"],
+    epochs: Optional[int] = _EXP["epochs"],
+    train_size: Optional[int] = _EXP["train_size"],
+    test_size: Optional[int] = _EXP["test_size"],
+    quiet: bool = _EXP["quiet"],
 ) -> None:
     """Map stability (mean pairwise IoU / Dice) of every method across settings; resumable."""
     from .experiment import stability_experiment
 
-    doc = stability_experiment(data, _names(methods), settings, out, _recipe(data, backbone, epochs, train_size, test_size),
-                               progress=not quiet, log=lambda s: console.print(s, markup=False, highlight=False))  # fmt: skip
-    rows = {m: {"iou": v["iou"], "dice": v["dice"]} for m, v in doc["methods"].items()}
-    console.print(_table(f"{data}: map stability over {settings} settings", rows, first="method"))
-    console.print(f"wall time {doc['wall_seconds']:.0f} s in all; wrote {out}")
+    recipe = _recipe(data, backbone, epochs, train_size, test_size)
+    doc = stability_experiment(data, _names(methods), settings, out, recipe, progress=not quiet, log=_log)
+    _experiment_done(doc, ("iou", "dice"), f"{data}: map stability over {settings} settings", out)
 
 
 @experiment_app.command("results")
