@@ -26,6 +26,7 @@ import json
 import os
 import re
 import stat
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,10 +209,18 @@ def open_image(path: str | Path, error: type[SelfcamError] = InputError, *, draf
     """``PIL.Image.open`` of the regular file ``path``, refused with ``error`` when its header says it
     would decode over the pixel budget. ``draft=(mode, size)``: a JPEG is decoded at the smallest
     scale that is still at least ``size`` on both sides (and the budget is checked after that)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     with open_regular(path, error) as f:
-        with Image.open(f) as im:
+        try:
+            with warnings.catch_warnings():  # selfcam's own budget below replaces Pillow's pixel-count warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(f)
+        except UnidentifiedImageError:  # Pillow names the file object; name the path, as Image.open(path) does
+            raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+        except Image.DecompressionBombError as e:  # over twice Pillow's pixel limit: refused from the header too
+            raise error(f"{path}: {e}; refused before decoding") from None
+        with opened as im:
             if draft is not None:
                 im.draft(draft[0], (draft[1], draft[1]))
             problem = image_budget_problem(im)
