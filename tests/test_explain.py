@@ -276,7 +276,7 @@ def test_explain_items_of_the_runs_own_data(tmp_path: Path, task: str) -> None:
 
 @pytest.mark.parametrize("task", ["video", "asd"])
 def test_cli_explain_clips_writes_strips_gifs_and_predictions(tmp_path: Path, task: str) -> None:
-    from selfcam.render import frame_strip
+    from selfcam.render import frame_strip, importance_rows
 
     run = _task_run(tmp_path, task)
     code, output = _run("explain", "--checkpoint", str(run), "--out", str(tmp_path / "o"), "--n", "2")
@@ -297,6 +297,10 @@ def test_cli_explain_clips_writes_strips_gifs_and_predictions(tmp_path: Path, ta
 
         boxes = item[4] if task == "asd" else item[2]
         want = frame_strip(raw_item(data, r["item"], item), out.heatmap[0], boxes)  # batched there, one clip here
+        if task == "asd":  # the modality bars under the strip
+            rows = importance_rows({k: float(v[0]) for k, v in out.importance.items()}, want.shape[1])
+            assert np.abs(strip[want.shape[0]:].astype(int) - rows.astype(int)).mean() < 1
+            strip = strip[: want.shape[0]]
         diff = np.abs(strip.astype(int) - want.astype(int))
         assert strip.shape == want.shape and diff.max() <= 3 and diff.mean() < 0.01
         with Image.open(tmp_path / "o" / r["gif"]) as gif:
@@ -322,3 +326,15 @@ def test_evaluate_rebuilds_the_runs_clip_length(tmp_path: Path) -> None:
     assert code == 0, output
     doc = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert doc["task"] == "video" and doc["n_items"] == 4 and doc["n_frames"] == 16
+
+
+def test_importance_rows_draw_bars_in_proportion() -> None:
+    from selfcam.render import importance_rows
+
+    rows = importance_rows({"audio": 1.0, "face": 0.25}, 400)
+    blue = (rows == (70, 110, 200)).all(-1)
+    h = rows.shape[0] // 2
+    a, f = blue[:h].any(0).sum(), blue[h:].any(0).sum()
+    assert rows.shape[1] == 400 and a > 0 and abs(f / a - 0.25) < 0.02
+    with pytest.raises(InputError, match="face"):
+        importance_rows({"face": float("nan")}, 100)

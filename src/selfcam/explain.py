@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 
 from .data import MEAN as DIGITS_MEAN
 from .data import STD as DIGITS_STD
-from .data.base import image_pixels, image_problem
+from .data.base import image_problem
 from .data.transforms import Transform
 from .errors import ConfigError, InputError, require_int
 from .safeio import check_regular, load_image
@@ -37,7 +38,7 @@ from . import explainers
 from .model import SelfExplainer
 from .checkpoint import CONFIG
 from .posthoc import POSTHOC_METHODS
-from .render import clip_frames, frame_strip, gif_bytes, panel
+from .render import clip_frames, frame_strip, gif_bytes, importance_rows, panel
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -470,7 +471,7 @@ def explain_items(
 
     Image and attribute runs: ``out_dir/item-<i>.png`` panels as :func:`explain_files` draws them.
     Video and ASD runs: ``out_dir/clip-<i>.png`` (frames over their per-frame maps, ground-truth boxes
-    in green) and ``out_dir/clip-<i>.gif`` (frame | map, 4x slower than ``fps``). Also
+    in green; ASD: a bar per modality's importance below) and ``out_dir/clip-<i>.gif`` (frame | map, 4x slower than ``fps``). Also
     ``out_dir/predictions.json``: one record per item (``"item"``, ``"output"``, the prediction), returned.
     """
     from .tasks import task_of
@@ -484,7 +485,10 @@ def explain_items(
     with _Outputs(out_dir) as out:
         if task.name in ("video", "asd"):
             for clip, i in zip(clip_maps(model, dataset, idx, spec), idx):
-                out.image(f"clip-{i}.png", frame_strip(clip.frames, clip.maps, clip.boxes))
+                strip = frame_strip(clip.frames, clip.maps, clip.boxes)
+                if "importance" in clip.record:  # ASD: the modality importance under the frames
+                    strip = np.concatenate([strip, importance_rows(clip.record["importance"], strip.shape[1])])
+                out.image(f"clip-{i}.png", strip)
                 out.gif(f"clip-{i}.gif", clip_frames(clip.frames, clip.maps, clip.boxes), int(1000 * 4 / fps))
                 out.records.append({"item": i, "output": f"clip-{i}.png", "gif": f"clip-{i}.gif", "caption": clip.caption, **clip.record})
             return out.records

@@ -3,7 +3,7 @@
 Nothing here loads a model, a dataset or a run directory (that is :mod:`selfcam.report`'s work).
 
 - :mod:`~selfcam.render.images`: :func:`overlay`, :func:`tile`, :func:`draw_box`, :func:`mask_outline`,
-  :func:`panel`, :func:`attribute_sheet`, :func:`frame_strip`, :func:`clip_frames` (uint8 ``(H, W, 3)``) and the encoders
+  :func:`panel`, :func:`attribute_sheet`, :func:`frame_strip`, :func:`clip_frames`, :func:`importance_rows` (uint8 ``(H, W, 3)``) and the encoders
   :func:`png_data_uri`, :func:`gif_bytes`, :func:`gif_data_uri`, :func:`clip_gif`;
 - :mod:`~selfcam.render.figures`: matplotlib figures as PNG data URIs: :func:`training_curves`,
   :func:`line_panels`, :func:`matrices`, :func:`importance_bars`;
@@ -12,8 +12,8 @@ Nothing here loads a model, a dataset or a run directory (that is :mod:`selfcam.
 
 from .figures import importance_bars, line_panels, matrices, training_curves
 from .html import Gallery, write_report
-from .images import (attribute_sheet, clip_frames, clip_gif, draw_box, frame_strip, gif_bytes, gif_data_uri, mask_outline,
-                     overlay, panel, png_data_uri, tile)  # fmt: skip
+from .images import (attribute_sheet, clip_frames, clip_gif, draw_box, frame_strip, gif_bytes, gif_data_uri,
+                     importance_rows, mask_outline, overlay, panel, png_data_uri, tile)  # fmt: skip
 
 __all__ = [
     "Gallery",
@@ -25,6 +25,7 @@ __all__ = [
     "gif_bytes",
     "gif_data_uri",
     "importance_bars",
+    "importance_rows",
     "line_panels",
     "mask_outline",
     "matrices",

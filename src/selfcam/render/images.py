@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from selfcam.errors import InputError
 
-__all__ = ["attribute_sheet", "clip_frames", "clip_gif", "draw_box", "frame_strip", "gif_bytes", "gif_data_uri", "mask_outline", "overlay",
+__all__ = ["attribute_sheet", "clip_frames", "clip_gif", "draw_box", "frame_strip", "gif_bytes", "gif_data_uri", "importance_rows", "mask_outline", "overlay",
            "panel", "png_data_uri", "tile"]  # fmt: skip
 
 Array = np.ndarray | torch.Tensor
@@ -264,3 +264,19 @@ def clip_gif(frames: Array, maps: Array, boxes: Array | None = None, *, fps: flo
     """:func:`clip_frames` as an animated GIF, shown ``slowdown`` times slower than ``fps``:
     ``"data:image/gif;base64,..."`` of T frames."""
     return gif_data_uri(clip_frames(frames, maps, boxes, scale), int(1000 * slowdown / fps))
+
+
+def importance_rows(values: dict[str, float], width: int) -> np.ndarray:
+    """One horizontal bar per entry (``name value`` then a bar of ``value`` x the free width), for values
+    in [0, 1] such as an ASD clip's modality importance; uint8 ``(rows * (font + 8), width, 3)``."""
+    font, line = _font(), _FONT_SIZE + 8
+    sheet = Image.new("RGB", (width, line * len(values)), "white")
+    draw = ImageDraw.Draw(sheet)
+    label_w = max((int(font.getlength(f"{k} 0.000")) for k in values), default=0) + 2 * _GAP
+    for i, (name, v) in enumerate(values.items()):
+        if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            raise InputError(f"importance bar {name}: expected a value in [0, 1], got {v}")
+        top = i * line
+        draw.text((_GAP, top + 3), f"{name} {v:.3f}", fill="black", font=font)
+        draw.rectangle((label_w, top + 4, label_w + int(v * max(0, width - label_w - _GAP)), top + line - 4), fill=(70, 110, 200))
+    return np.asarray(sheet)
