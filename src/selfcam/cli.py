@@ -162,6 +162,10 @@ def train(
     from .train import TrainConfig, fit, is_global_zero, latest_state, seed_all
 
     o = dict(ctx.params)
+    if resume is None and out is not None:  # selfcam writes only into what it created
+        from .checkpoint import check_own_output
+
+        check_own_output(out)
     if resume is not None:
         state = latest_state(resume)
         if state is None:
@@ -333,6 +337,9 @@ def report(
     from .report import build_report
 
     require_int("--per-class", per_class, 0)
+    from .checkpoint import refuse_run_file
+
+    refuse_run_file(out, sources)  # never onto a run's own files
     unknown = [m for m in _names(methods) if m not in POSTHOC_METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown post-hoc method(s) {', '.join(unknown)}; choose from {', '.join(POSTHOC_METHODS)}")
@@ -359,6 +366,9 @@ def export(
 
     if format != "onnx":
         raise ConfigError(f"--format: unknown export format {format!r}; choose onnx")
+    from .checkpoint import refuse_run_file
+
+    refuse_run_file(out, [checkpoint])  # never onto the run's own files
     model, doc = load_checkpoint(checkpoint)
     data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
     graph = graph_of(model)
@@ -438,64 +448,40 @@ def _recipe(data: str, backbone: Optional[str], epochs: Optional[int], train_siz
     return recipe_for(data, backbone=backbone, epochs=epochs, train_size=train_size, test_size=test_size)
 
 
-# the options both experiments take (typer reads each default once per command)
-_EXP = {
-    "data": typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
-    "out": typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
-    "backbone": typer.Option(None, help="Backbone (default: the dataset's recipe)."),
-    **{k: typer.Option(None, help=_EXP_HELP[k]) for k in ("epochs", "train_size", "test_size")},
-    "quiet": typer.Option(False, "--quiet", help="No progress bars."),
-}
+def _experiment_command(kind: str, methods: str, count: tuple[str, int, str], columns: tuple[str, ...], what: str,
+                        doc: str) -> None:  # fmt: skip
+    """Register ``selfcam experiment KIND``: both experiments take the same options but their count."""
+    count_option, count_default, count_help = count
+
+    def command(
+        data: str = typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
+        methods: str = typer.Option(methods, help="Comma-separated heads."),
+        count: int = typer.Option(count_default, count_option, help=count_help),
+        out: Path = typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
+        backbone: Optional[str] = typer.Option(None, help="Backbone (default: the dataset's recipe)."),
+        epochs: Optional[int] = typer.Option(None, help=_EXP_HELP["epochs"]),
+        train_size: Optional[int] = typer.Option(None, help=_EXP_HELP["train_size"]),
+        test_size: Optional[int] = typer.Option(None, help=_EXP_HELP["test_size"]),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    ) -> None:
+        from . import experiment
+
+        recipe = _recipe(data, backbone, epochs, train_size, test_size)
+        log = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
+        result = getattr(experiment, f"{kind}_experiment")(data, _names(methods), count, out, recipe, progress=not quiet, log=log)
+        rows = {m: {k: v[k] for k in columns} for m, v in result["methods"].items()}
+        console.print(_table(f"{data}: {what} over {count} {count_option[2:]}", rows, first="method"))
+        console.print(f"wall time {result['wall_seconds']:.0f} s in all; wrote {out}")
+
+    command.__doc__ = doc
+    experiment_app.command(kind)(command)
 
 
-def _experiment_done(doc: dict[str, Any], columns: tuple[str, ...], title: str, out: Path) -> None:
-    rows = {m: {k: v[k] for k in columns} for m, v in doc["methods"].items()}
-    console.print(_table(title, rows, first="method"))
-    console.print(f"wall time {doc['wall_seconds']:.0f} s in all; wrote {out}")
-
-
-def _log(text: str) -> None:
-    console.print(text, markup=False, highlight=False)
-
-
-@experiment_app.command("accuracy")
-def experiment_accuracy(
-    data: str = _EXP["data"],
-    methods: str = typer.Option("plain,lfi,lfi-light,se,abn", help="Comma-separated heads."),
-    seeds: int = typer.Option(3, help="Seeds 0..N-1 per method."),
-    out: Path = _EXP["out"],
-    backbone: Optional[str] = _EXP["backbone"],
-    epochs: Optional[int] = _EXP["epochs"],
-    train_size: Optional[int] = _EXP["train_size"],
-    test_size: Optional[int] = _EXP["test_size"],
-    quiet: bool = _EXP["quiet"],
-) -> None:
-    """Test accuracy of every method over several seeds, same backbone and recipe; resumable."""
-    from .experiment import accuracy_experiment
-
-    recipe = _recipe(data, backbone, epochs, train_size, test_size)
-    doc = accuracy_experiment(data, _names(methods), seeds, out, recipe, progress=not quiet, log=_log)
-    _experiment_done(doc, ("mean", "std"), f"{data}: test accuracy over {seeds} seeds", out)
-
-
-@experiment_app.command("stability")
-def experiment_stability(
-    data: str = _EXP["data"],
-    methods: str = typer.Option("lfi,lfi-light,se,abn", help="Comma-separated heads."),
-    settings: int = typer.Option(5, help="Hyper-parameter settings (2-5; listed in docs/RESULTS.md)."),
-    out: Path = _EXP["out"],
-    backbone: Optional[str] = _EXP["backbone"],
-    epochs: Optional[int] = _EXP["epochs"],
-    train_size: Optional[int] = _EXP["train_size"],
-    test_size: Optional[int] = _EXP["test_size"],
-    quiet: bool = _EXP["quiet"],
-) -> None:
-    """Map stability (mean pairwise IoU / Dice) of every method across settings; resumable."""
-    from .experiment import stability_experiment
-
-    recipe = _recipe(data, backbone, epochs, train_size, test_size)
-    doc = stability_experiment(data, _names(methods), settings, out, recipe, progress=not quiet, log=_log)
-    _experiment_done(doc, ("iou", "dice"), f"{data}: map stability over {settings} settings", out)
+_experiment_command("accuracy", "plain,lfi,lfi-light,se,abn", ("--seeds", 3, "Seeds 0..N-1 per method."), ("mean", "std"),
+                    "test accuracy", "Test accuracy of every method over several seeds, same backbone and recipe; resumable.")  # fmt: skip
+_experiment_command("stability", "lfi,lfi-light,se,abn", ("--settings", 5, "Hyper-parameter settings (2-5; listed in docs/RESULTS.md)."),
+                    ("iou", "dice"), "map stability",
+                    "Map stability (mean pairwise IoU / Dice) of every method across settings; resumable.")  # fmt: skip
 
 
 @experiment_app.command("results")
