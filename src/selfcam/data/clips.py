@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .digits import _MAX_OVERLAP, _TRIES, MEAN, SPLITS, STD, _digits, _paste, _tight_boxes, source_indices
+from .digits import _MAX_OVERLAP, MEAN, SPLITS, STD, DigitCanvases, _digits, _fragments, _paste, _tight_boxes, source_indices
 
 __all__ = ["SyntheticClips"]
 
@@ -41,7 +41,7 @@ _STREAM = 11  # third word of the generator's seed: clips draw a stream of their
 _CHUNK = 256  # clips per chunk of noise (bounds the temporary memory)
 
 
-class SyntheticClips(torch.utils.data.Dataset):
+class SyntheticClips(DigitCanvases):
     """``n`` clips of a moving digit of one split; see the module docstring for the generator.
 
     Attributes: ``clips`` float32 ``(n, T, 1, S, S)`` in [0, 1] (unnormalized), ``labels`` ``(n,)``
@@ -52,12 +52,8 @@ class SyntheticClips(torch.utils.data.Dataset):
     ``split``, ``size``, ``seed``, ``class_names``.
     """
 
-    num_classes: int = 10
-    in_chans: int = 1
     task: str = "video"
     spec: str = "synthetic-clips"
-    mean: tuple[float, ...] = (MEAN,)
-    std: tuple[float, ...] = (STD,)
 
     def __init__(self, split: Literal["train", "val", "test"], n: int, *, frames: int = 8, size: int = 64,
                  seed: int = 0, clutter: int = 4, noise: float = 0.05,
@@ -108,13 +104,7 @@ class SyntheticClips(torch.utils.data.Dataset):
         self.boxes: Tensor = _tight_boxes(video > 0.1).view(n, T, 4)  # (n, T, 4) int64
 
         # static clutter, drawn once per clip, preferably off the target's box in every frame
-        other = rng.integers(0, len(pool) - 1, (n, clutter))
-        other += other >= pick[:, None]  # never the target's own digit
-        f_side = rng.integers(lo, hi + 1, (n, clutter))
-        crop = rng.uniform(0.5, 0.6, (n, clutter, 2))  # crop sides: 1/4..1/3 of the digit's area
-        f_ext = np.maximum(2, np.rint(f_side[..., None] * crop)).astype(np.int64)
-        f_off = rng.integers(0, f_side[..., None] - f_ext + 1)
-        cand = rng.integers(-(f_ext // 2), S - f_ext // 2, (_TRIES, n, clutter, 2))  # may cross the border
+        other, f_side, f_ext, f_off, cand = _fragments(rng, len(pool), pick, clutter, lo, hi, S)
         box = self.boxes.numpy()[None, :, None]  # (1, n, 1, T, 4)
         c0, c1 = cand[..., None, :], (cand + f_ext)[..., None, :]  # (tries, n, clutter, 1, 2)
         ov = np.clip(np.minimum(c1, box[..., 2:]) - np.maximum(c0, box[..., :2]), 0, None).prod(-1).max(-1)

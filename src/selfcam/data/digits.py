@@ -97,15 +97,37 @@ def box_mask(boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
     return inside_y[:, :, None] & inside_x[:, None, :]
 
 
-class ClutteredDigits(torch.utils.data.Dataset):
-    """``n`` cluttered-digit canvases of one split; see the module docstring for the generator."""
+def _fragments(rng: np.random.Generator, pool: int, pick: np.ndarray, clutter: int, lo: int, hi: int,
+               size: int) -> tuple[np.ndarray, ...]:  # fmt: skip
+    """The clutter of ``len(pick)`` canvases, ``clutter`` fragments each, drawn from ``rng`` in a fixed order:
+    ``(other, side, extent, offset, candidates)``: the source digit of each fragment (never the target's
+    own, ``pick``), its scaled side in [lo, hi], the crop's extent and offset inside it (1/4..1/3 of its
+    area), and ``_TRIES`` candidate positions on the ``size`` canvas (they may cross the border)."""
+    n = len(pick)
+    other = rng.integers(0, pool - 1, (n, clutter))
+    other += other >= pick[:, None]
+    f_side = rng.integers(lo, hi + 1, (n, clutter))
+    frac = rng.uniform(0.5, 0.6, (n, clutter, 2))
+    f_ext = np.maximum(2, np.rint(f_side[..., None] * frac)).astype(np.int64)
+    f_off = rng.integers(0, f_side[..., None] - f_ext + 1)
+    cand = rng.integers(-(f_ext // 2), size - f_ext // 2, (_TRIES, n, clutter, 2))
+    return other, f_side, f_ext, f_off, cand
+
+
+class DigitCanvases(torch.utils.data.Dataset):
+    """What the digit generators share: ten classes, one channel, the canvases' mean and std."""
 
     num_classes: int = 10
     in_chans: int = 1
-    task: str = "multiclass"
-    spec: str = "cluttered-digits"
     mean: tuple[float, ...] = (MEAN,)
     std: tuple[float, ...] = (STD,)
+
+
+class ClutteredDigits(DigitCanvases):
+    """``n`` cluttered-digit canvases of one split; see the module docstring for the generator."""
+
+    task: str = "multiclass"
+    spec: str = "cluttered-digits"
 
     def __init__(self, split: Literal["train", "val", "test"], n: int, *, size: int = 64, seed: int = 0,
                  clutter: int = 4, noise: float = 0.05, digit_size: tuple[int, int] | None = None) -> None:
@@ -133,13 +155,7 @@ class ClutteredDigits(torch.utils.data.Dataset):
         self.labels: Tensor = t(labels[pool[pick]])  # (n,) int64
         self.sources: Tensor = t(pool[pick])  # (n,) int64 index of each target into load_digits()
 
-        other = rng.integers(0, len(pool) - 1, (n, clutter))
-        other += other >= pick[:, None]  # never the target's own digit
-        f_side = rng.integers(lo, hi + 1, (n, clutter))
-        frac = rng.uniform(0.5, 0.6, (n, clutter, 2))  # crop sides: 1/4..1/3 of the digit's area
-        f_ext = np.maximum(2, np.rint(f_side[..., None] * frac)).astype(np.int64)
-        f_off = rng.integers(0, f_side[..., None] - f_ext + 1)
-        cand = rng.integers(-(f_ext // 2), size - f_ext // 2, (_TRIES, n, clutter, 2))  # may cross the border
+        other, f_side, f_ext, f_off, cand = _fragments(rng, len(pool), pick, clutter, lo, hi, size)
         box = self.boxes.numpy()[None, :, None]
         ov = np.clip(np.minimum(cand + f_ext, box[..., 2:]) - np.maximum(cand, box[..., :2]), 0, None)
         ov = ov.prod(-1)  # (tries, n, clutter) overlap area with the target box
