@@ -208,6 +208,10 @@ class Bad:
     check: Callable[[Any, list[str]], None] | None = None  # tolerated inputs: (API result, warnings) by hand
     cli_check: Callable[[Result, list[str]], None] | None = None  # tolerated inputs: (CLI result, warnings)
     file_limit: int | None = None  # RLIMIT_FSIZE while the call runs: writes past it fail, as on a full disk
+    kept: list[Path] = field(default_factory=list)  # files that must still hold, after a failure, the bytes they held
+
+    def __post_init__(self) -> None:
+        self.snapshot = {p: p.read_bytes() for p in self.kept}
 
 
 @dataclass(frozen=True)
@@ -877,6 +881,39 @@ def _disk_full(env: Env, tmp: Path) -> Bad:
                run=tmp / "trained", file_limit=64 * 1024)  # fmt: skip
 
 
+
+# --- 19. outputs: selfcam writes only into what it created, never onto a run's own files (family 1)
+
+
+def _foreign_out(env: Env, tmp: Path) -> Bad:
+    out = tmp / "trained"
+    keep = [out / "checkpoints" / "important.ckpt", out / "config.json"]
+    keep[0].parent.mkdir(parents=True)
+    keep[0].write_bytes(b"someone else's checkpoint")
+    keep[1].write_text('{"lr": 0.1}')
+    from selfcam.train import TrainConfig, fit
+
+    def api() -> Any:
+        data = load_dataset("cluttered-digits", "train", 8, size=SIZE)
+        return fit(create_model("se", "resnet8", 10, 1), data, None, TrainConfig(epochs=1, batch_size=8), out, progress=False)
+
+    return Bad(api=api, cli=[_train_cmd(tmp)], names=str(out), kept=keep)
+
+
+def _out_onto_run(command: str) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        run = _copy_run(env.run, tmp / "run")
+        target = run / ("model.safetensors" if command == "export" else "config.json")
+        args = (["export", "--checkpoint", str(run), "--out", str(target)] if command == "export"
+                else ["report", str(run), "--out", str(target)])  # fmt: skip
+        from selfcam.checkpoint import refuse_run_file
+
+        return Bad(api=lambda: refuse_run_file(target, [run]), cli=[args], names=str(target), run=run,
+                   kept=[run / "model.safetensors", run / "config.json"])  # fmt: skip
+
+    return build
+
+
 UNREADABLE = r"not an image file Pillow can read \(.+\)"
 CASES = [
     # 1. empty, truncated, corrupt image files
@@ -1037,6 +1074,13 @@ CASES = [
          _api_and_train(lambda: __import__("selfcam.train").train.TrainConfig(weight_decay=float("nan")), "--weight-decay", "nan")),
     Case("train-accelerator-gpu-without-gpu", "api+cli", ConfigError, r"accelerator gpu: no GPU is available here", _gpu_without_gpu),
     Case("disk-full", "api+cli", OutputError, r"cannot write.*File too large", _disk_full),
+    # family 1: outputs
+    Case("train-out-foreign-folder", "api+cli", OutputError, r"is a folder selfcam did not create .*refused, nothing in it is changed",
+         _foreign_out),
+    Case("export-out-onto-the-runs-weights", "api+cli", OutputError, r"points at a file of the run .*would destroy the run",
+         _out_onto_run("export")),
+    Case("report-out-onto-the-runs-config", "api+cli", OutputError, r"points at a file of the run .*would destroy the run",
+         _out_onto_run("report")),
 ]  # fmt: skip
 
 
@@ -1069,8 +1113,9 @@ def _warnings() -> Iterator[list[str]]:
 
 
 def _leftovers(bad: Bad) -> list[Path]:
-    """Files a failed call left behind: anything in a fresh --out; temporary or orphaned files in a run."""
-    left = []
+    """Files a failed call left behind: anything in a fresh --out; temporary or orphaned files in a run;
+    a file that had to be kept, missing or changed."""
+    left = [p for p in bad.kept if not p.is_file() or p.read_bytes() != bad.snapshot[p]]
     for out in bad.fresh:
         left += [out] if out.is_file() else sorted(out.rglob("*")) if out.is_dir() else []
     if bad.run is not None:

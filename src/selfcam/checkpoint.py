@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import types
 from dataclasses import MISSING, asdict, fields
@@ -34,7 +35,7 @@ from . import __version__
 from .errors import CheckpointError, ConfigError, OutputError, SelfcamError, check_options
 from .safeio import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_IN_CHANS, check_model_limits, check_regular, read_json
 
-__all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "WEIGHTS", "atomic_write", "dataclass_from_json", "load_checkpoint",
+__all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "WEIGHTS", "atomic_write", "check_own_output", "refuse_run_file", "dataclass_from_json", "load_checkpoint",
            "read_config", "read_safetensors", "save_checkpoint", "write_json"]  # fmt: skip
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -63,6 +64,33 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
 def _why(e: BaseException) -> str:
     """An OSError's strerror ("No space left on device"), else the message."""
     return getattr(e, "strerror", None) or str(e)
+
+
+def check_own_output(out: str | Path, what: str = "--out") -> None:
+    """OutputError unless ``out`` is absent, an empty folder, or a run folder selfcam wrote: its
+    ``config.json`` is a selfcam run config, or its ``checkpoints/`` holds only selfcam training states
+    (``step-N`` / ``.tmp-*``). selfcam writes (and deletes its own ``checkpoints/``) only there."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out}: {what} is a file, not a run folder; refused (nothing was written)")
+    if not any(out.iterdir()):
+        return
+    with_config = (out / CONFIG).is_file()
+    if with_config:
+        try:
+            doc = read_json(out / CONFIG, CheckpointError)
+        except (CheckpointError, OSError):
+            doc = None
+        if isinstance(doc, dict) and (doc.get("format") == FORMAT or ("model" in doc and "format" not in doc)):
+            return
+    states = out / "checkpoints"
+    entries = list(states.iterdir()) if states.is_dir() else []
+    if entries and all(re.fullmatch(r"step-\d+|\.tmp-.*", e.name) for e in entries):
+        return
+    raise OutputError(f"{out}: {what} is a folder selfcam did not create (no selfcam {CONFIG}, no selfcam training "
+                      "states in checkpoints/); refused, nothing in it is changed: choose a new or empty folder")  # fmt: skip
 
 
 def write_json(path: str | Path, doc: Any) -> None:
@@ -112,6 +140,18 @@ def save_checkpoint(model: nn.Module, run_dir: str | Path, **extra: Any) -> Path
            "model": asdict(model.config), **extra}  # type: ignore[call-overload]  # fmt: skip
     write_json(run / CONFIG, doc)
     return run
+
+
+def refuse_run_file(out: str | Path, runs: list[str | Path] | tuple[str | Path, ...], what: str = "--out") -> None:
+    """OutputError when the output file ``out`` is one of the files of a run directory in ``runs`` (its
+    weights, config, history or training states): writing it would destroy the run."""
+    target = Path(out).resolve()
+    for run in map(Path, runs):
+        root = run.resolve()
+        if target == root or root in target.parents and target.name in (WEIGHTS, CONFIG, "history.json", "evaluation.json",
+                                                                            "metrics.json") or root / "checkpoints" in target.parents:  # fmt: skip
+            raise OutputError(f"{out}: {what} points at a file of the run {run}; writing it would destroy the run: "
+                              "choose another path (nothing was written)")  # fmt: skip
 
 
 def _upgrade(doc: dict[str, Any], path: Path) -> dict[str, Any]:

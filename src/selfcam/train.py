@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import CONFIG, load_checkpoint, read_config, read_safetensors, save_checkpoint, write_json
+from .checkpoint import CONFIG, check_own_output, load_checkpoint, read_config, read_safetensors, save_checkpoint, write_json
 from .errors import CheckpointError, ConfigError, DivergenceError, OutputError, SelfcamError, check_accelerator, require_int
 from .safeio import read_json
 from .tasks import Task, get_task, task_of
@@ -757,6 +757,8 @@ def fit(
     if resume and run is None:
         raise ConfigError("resume=True needs the run_dir to resume from")
     check_accelerator(cfg.accelerator, "accelerator")  # Lightning's own refusal is a traceback
+    if run_dir is not None and not resume:
+        check_own_output(run_dir, "run_dir")  # selfcam writes (and prunes checkpoints/) only in what it created
     task = task_of(model)
     task.check_dataset(train_set, "training data")
     record = {**task.data_record(train_set), "train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0}  # type: ignore[arg-type]
