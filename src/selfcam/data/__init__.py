@@ -57,7 +57,7 @@ GENERATORS: dict[str, dict[str, int]] = {
     "speaker-clips": {"train": 2000, "val": 300, "test": 500},
 }
 DATASETS: tuple[str, ...] = (*GENERATORS, "mnist", "fashion-mnist")  # usable without a path
-KINDS: tuple[str, ...] = (*FORMATS, "ava")  # KIND of KIND:PATH
+KINDS: tuple[str, ...] = (*FORMATS, "ava", "videofolder")  # KIND of KIND:PATH
 
 
 def load_dataset(spec: str, split: str, n: int | None = None, *, seed: int = 0, size: int | None = None,
@@ -92,6 +92,12 @@ def _load(spec: str, split: str, n: int | None, *, seed: int, size: int | None, 
         if augment or mean is not None or std is not None:
             raise ConfigError("ava data takes n, size and its reader's options (frames, annotations): no augmentation, fixed mean/std")
         return open_ava(Path(path), split, n, size=size, **options)
+    if kind == "videofolder":  # video files or frame folders per class (data/videos.py)
+        from .videos import open_videofolder
+
+        if not (sep and path):
+            raise DataError(f"{spec!r}: videofolder needs a path, as videofolder:DIR")
+        return open_videofolder(Path(path), split, n, size=size, augment=augment, mean=mean, std=std, **options)
     if kind not in FORMATS:
         raise DataError(f"unknown dataset {spec!r}; known datasets: {', '.join(DATASETS)}, "
                         f"or KIND:PATH with KIND one of {', '.join(KINDS)}")  # fmt: skip
