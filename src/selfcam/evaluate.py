@@ -338,14 +338,16 @@ def evaluate_clips(models: dict[str, torch.nn.Module], dataset: Dataset, cfg: Ev
     Per (run, method): ``accuracy`` over clips, and over every frame with a box the frame's map
     against it: ``pointing_game``, ``pointing_game_15px`` (Zhang et al.'s 15 px at 224,
     :func:`selfcam.metrics.zhang_tolerance`), ``energy_pointing_game``, ``iou`` and ``dice``
-    (map ``>= cfg.threshold``); ``map_ms_per_clip``. Returns the family's document
+    (map ``>= cfg.threshold``); ``temporal_stability`` over clips of two frames or more, with or without
+    boxes (:func:`selfcam.metrics.temporal_stability` at ``cfg.threshold``); ``map_ms_per_clip``. Data
+    without boxes gets accuracy and temporal stability. Returns the family's document
     (``{"task": "video", "n_items", "n_frames", "runs": ...}``).
     """
     cfg = _with_metrics(cfg, "video")
     pairs = _pairs(models, cfg.methods)
     sums: dict[tuple[str, str], dict[str, float]] = {p: dict.fromkeys(CLIP_METRICS, 0.0) for p in pairs}
     seconds = dict.fromkeys(pairs, 0.0)
-    n = frames = 0
+    n = frames = paired = 0  # paired: clips of two frames or more (temporal stability)
     loader = DataLoader(dataset, batch_size=cfg.batch_size)
     for batch in progress(loader, len(loader)) if progress else loader:
         for run, model in models.items():
@@ -361,6 +363,7 @@ def evaluate_clips(models: dict[str, torch.nn.Module], dataset: Dataset, cfg: Ev
                     raise InputError(f"{run}/{method} produced a map with NaN or inf values")
                 s = sums[run, method]
                 s["accuracy"] += float(M.accuracy(e.logits, y).sum())
+                s["temporal_stability"] += float(M.temporal_stability(e.maps, cfg.threshold).nansum())
                 if masks is not None:
                     maps = e.maps.flatten(0, 1)  # (N T, H, W)
                     s["pointing_game"] += float(M.pointing_game(maps, masks, cfg.tolerance).sum())
@@ -369,12 +372,14 @@ def evaluate_clips(models: dict[str, torch.nn.Module], dataset: Dataset, cfg: Ev
                     s["iou"] += float(M.iou(maps, masks, cfg.threshold).sum())
                     s["dice"] += float(M.dice(maps, masks, cfg.threshold).sum())
         n += len(batch[0])
+        paired += len(batch[0]) if batch[0].shape[1] > 1 else 0
         frames += int(batch[2].shape[0] * batch[2].shape[1]) if len(batch) > 2 else 0
     if n == 0:
         raise InputError("the dataset is empty: nothing to evaluate")
     runs: dict[str, Any] = {run: {"params": count_params(m), "results": {}} for run, m in models.items()}
     for (run, method), s in sums.items():
-        row = {k: v / (n if k == "accuracy" else frames) for k, v in s.items() if k == "accuracy" or frames}
+        per = {"accuracy": n, "temporal_stability": paired}  # the other metrics: per frame with a box
+        row = {k: v / per.get(k, frames) for k, v in s.items() if per.get(k, frames)}
         runs[run]["results"][method] = _keep({**row, "map_ms_per_clip": 1000 * seconds[run, method] / n}, cfg.metrics)
     return {"task": "video", "n_items": n, "n_frames": frames, "runs": runs}
 

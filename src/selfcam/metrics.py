@@ -46,6 +46,7 @@ __all__ = [
     "noisy_linear_imputation",
     "road",
     "stability",
+    "temporal_stability",
     "spearman",
     "cascading_randomization",
     "BASELINES",
@@ -491,6 +492,30 @@ def stability(maps: Tensor, threshold: float = 100 / 255) -> dict[str, Any]:
         "iou_matrix": iou_matrix.float(),
         "dice_matrix": dice_matrix.float(),
     }
+
+
+# --- stability over time (clips) ---------------------------------------------------------
+
+
+def temporal_stability(maps: Tensor, threshold: float = 0.5) -> Tensor:
+    """Frame-to-frame agreement of a clip's maps: ``(N, T, H, W) -> (N,)`` float64.
+
+    Each frame's map is thresholded, ``B_t = maps[:, t] >= threshold``; the clip's value is the mean
+    over the ``T - 1`` consecutive pairs of ``IoU(B_t, B_{t+1}) = |B_t & B_{t+1}| / |B_t | B_{t+1}|``,
+    with IoU 1 when both are empty (identical binary maps always score 1). 1: the thresholded map
+    does not change between frames; a map that follows a moving object scores below 1 by its motion.
+    A clip of one frame has no pair: NaN.
+    """
+    if not isinstance(maps, Tensor) or maps.dim() != 4:
+        desc = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise InputError(f"temporal_stability expects maps of shape (N, T, H, W), got {desc}")
+    _check_finite(maps, "maps")
+    if maps.shape[1] < 2:
+        return torch.full((maps.shape[0],), float("nan"), dtype=torch.float64, device=maps.device)
+    b = (maps >= threshold).flatten(2)  # (N, T, HW)
+    inter = (b[:, 1:] & b[:, :-1]).sum(2).double()
+    union = (b[:, 1:] | b[:, :-1]).sum(2).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), 1.0).mean(1)
 
 
 # --- sanity check: cascading randomization -------------------------------------------

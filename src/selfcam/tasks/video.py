@@ -12,7 +12,7 @@ from .base import MAPS_NOTE, Task, TaskGraph, clip_options, register_task
 
 __all__ = ["CLIP_METRICS", "VideoTask"]
 
-CLIP_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "energy_pointing_game", "iou", "dice")
+CLIP_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "energy_pointing_game", "iou", "dice", "temporal_stability")
 
 
 @register_task("video")
@@ -44,7 +44,11 @@ class VideoTask(Task):
         return {**super().data_record(dataset), "frames": dataset.num_frames}
 
     def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
-        return clip_options(record, ("synthetic-clips",))
+        options = clip_options(record, ("synthetic-clips",))
+        if str(record.get("name")).startswith("videofolder:"):  # its clip length and channels (data/videos.py)
+            options.update({"frames": record["frames"]} if record.get("frames") else {})
+            options.update({"mode": "L"} if record.get("in_chans") == 1 else {})
+        return options
 
     def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
                  devices: int = 1) -> dict[str, Any]:  # fmt: skip
