@@ -310,6 +310,11 @@ def explain(
         return
     if data is not None:
         raise typer.BadParameter("give image files or --data, not both")
+    if getattr(model, "task", None) in ("video", "asd"):  # video files: selfcam.explain.explain_videos
+        records = explain_files(model, doc, images, out, _names(methods), alpha=alpha, size=size, source=str(checkpoint / CONFIG))
+        console.print(f"explained {len(records)} video file(s); wrote {out}/NAME-explained.mp4, NAME.gif, NAME.maps.safetensors "
+                      f"and {out / 'predictions.json'}", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        return
     files, skipped = find_images(images)
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")

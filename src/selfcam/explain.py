@@ -5,7 +5,8 @@ files it skipped); :class:`Preprocess` reads one file the way the run was traine
 centred square crop, resize, normalization); :func:`explain_images` runs a model over a batch
 of normalized images and returns logits, scores and every requested map; :func:`selfcam.render.panel`
 draws one image's maps in a row; :func:`explain_files` does all of it and writes
-``OUT/<stem>.png`` per image plus ``OUT/predictions.json``.
+``OUT/<stem>.png`` per image plus ``OUT/predictions.json``. :func:`explain_videos` explains video
+files with video and ASD runs (an overlay MP4, a GIF and the per-frame maps per file).
 
 Normalization statistics, in order: ``doc["data"]["mean"/"std"]`` when the run stored them;
 the cluttered-digits ``MEAN``/``STD`` when the run was trained on ``cluttered-digits``;
@@ -51,7 +52,9 @@ __all__ = [
     "explain_files",
     "explain_images",
     "explain_items",
+    "explain_videos",
     "find_images",
+    "find_videos",
     "raw_item",
     "spread_over_classes",
 ]
@@ -311,8 +314,11 @@ def explain_files(
     ``out_dir/predictions.json``: a list of ``{"file", "output", "class", "class_name", "score"}``
     (attribute runs: ``{"file", "output", "attributes": {name: probability}, "present": [names]}``),
     which is also returned. Names come from ``doc["data"]["class_names"]`` when stored.
-    ``source`` names the config file in error messages.
+    ``source`` names the config file in error messages. Video and ASD runs: ``files`` are video
+    files, see :func:`explain_videos`.
     """
+    if getattr(model, "task", None) in ("video", "asd"):  # video files (image files are refused there)
+        return explain_videos(model, doc, files, out_dir, methods, alpha=alpha, size=size, source=source)
     if getattr(model, "task", None) not in ("image", "attributes"):
         raise ConfigError(f"explain reads image files for image and attribute runs; this is a {getattr(model, 'task', '?')} "
                           "run: explain its clips from a dataset (explain_items, or `selfcam explain` without files)")  # fmt: skip
@@ -505,4 +511,219 @@ def explain_items(
             true = ({"true_present": [names[a] for a in range(len(names)) if truth[a] > 0.5]} if truth.ndim
                     else {"true": names[int(truth)] if 0 <= int(truth) < len(names) else str(int(truth))})  # fmt: skip
             out.records.append({"item": i, "output": f"item-{i}.png", **true, **record})
+    return out.records
+
+
+# --- video files: overlay MP4, GIF, per-frame maps and predictions of a video or ASD run ---------------
+
+GIF_MAX_FRAMES = 100  # a file's GIF shows at most this many of its frames, evenly spaced, at the file's speed
+
+
+def find_videos(paths: Sequence[str | Path], task: str = "video") -> list[Path]:
+    """Video files named by ``paths`` (files, or directories searched recursively for
+    :data:`~selfcam.data.videos.VIDEO_SUFFIXES`, sorted). An image file, a file of another kind, a missing
+    path or a directory without videos raises :class:`InputError` naming it (a ``task`` run explains videos)."""
+    from .data.videos import VIDEO_SUFFIXES
+
+    if not paths:
+        raise InputError("no video files given")
+    kinds = ", ".join(VIDEO_SUFFIXES)
+    videos: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found = sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+            if not found:
+                raise InputError(f"{given}: directory holds no video files ({kinds})")
+            videos += found
+        elif given.exists() and not given.is_file():
+            check_regular(given)  # a FIFO or a device given by name: refused, never opened
+        elif not given.is_file():
+            raise InputError(f"{given}: no such file or directory")
+        elif given.suffix.lower() in IMAGE_SUFFIXES:
+            run = "an ASD run" if task == "asd" else f"a {task} run"
+            raise InputError(f"{given}: an image file, and this is {run}: it explains video files ({kinds}), "
+                             "or, without files, clips of its data")  # fmt: skip
+        elif given.suffix.lower() not in VIDEO_SUFFIXES:
+            raise InputError(f"{given}: not a video file ({kinds})")
+        else:
+            videos.append(given)
+    return videos
+
+
+def _window_audio(samples: np.ndarray, start: float, t0: float, rate: int, length: int) -> tuple[Tensor, int]:
+    """``length`` samples of ``samples`` (which begin at ``start`` s) from time ``t0``, zero-padded where the
+    track does not reach; returns (wave (length,), how many samples were padded)."""
+    i0 = round((t0 - start) * rate)
+    wave = np.zeros(length, np.float32)
+    lo, hi = max(i0, 0), min(i0 + length, len(samples))
+    if hi > lo:
+        wave[lo - i0 : hi - i0] = samples[lo:hi]
+    return torch.from_numpy(wave), length - max(0, hi - lo)
+
+
+def _video_windows(frames: Iterable[tuple[Tensor, float]], t: int) -> Iterator[tuple[list[int], Tensor, list[float], int]]:
+    """Consecutive windows of ``t`` frames of a stream of ``(frame (C, S, S), time)``:
+    ``(frame indices, frames (t, C, S, S), their times, first new frame)``. Frames ``[k t, (k + 1) t)``
+    make window k; the ``r`` frames left at the end go in a last window made of the file's last ``t``
+    frames (only its last ``r`` are new); a file shorter than ``t`` is one window of its frames sampled
+    uniformly (:func:`~selfcam.data.videos.sample_indices`: frames repeat)."""
+    from collections import deque
+
+    from .data.videos import sample_indices
+
+    recent: deque[tuple[int, Tensor, float]] = deque(maxlen=t)
+    done = 0  # frames explained so far
+    count = 0
+    for i, (frame, time) in enumerate(frames):
+        recent.append((i, frame, time))
+        count = i + 1
+        if count - done == t:
+            yield [j for j, _, _ in recent], torch.stack([f for _, f, _ in recent]), [s for _, _, s in recent], 0
+            done = count
+    if count == done:
+        return
+    if count >= t:  # the tail: the last t frames, of which the last count - done are new
+        yield [j for j, _, _ in recent], torch.stack([f for _, f, _ in recent]), [s for _, _, s in recent], t - (count - done)
+    else:
+        pick = sample_indices(count, t)
+        kept = list(recent)
+        yield pick, torch.stack([kept[j][1] for j in pick]), [kept[j][2] for j in pick], 0
+
+
+def _explain_video(model: nn.Module, doc: dict[str, Any], path: Path, stem: str, out: _Outputs, prep: Preprocess,
+                   names: list[str], alpha: float) -> dict[str, Any]:  # fmt: skip
+    """Explain one video file; writes ``<stem>-explained.mp4``, ``<stem>.gif``, ``<stem>.maps.safetensors``;
+    returns its ``predictions.json`` record."""
+    from safetensors.torch import save_file
+
+    from .data.videos import VideoWriter, probe_video, read_audio, video_frames
+    from .render.images import tile
+    from .safeio import MAX_FRAMES
+
+    asd = model.task == "asd"
+    c = model.config
+    t = int(c.frames or (doc.get("data") or {}).get("frames") or 8)
+    count, fps, _, _ = probe_video(path)
+    if count > MAX_FRAMES:
+        raise InputError(f"{path}: {count} frames, over the {MAX_FRAMES:,} frames selfcam explains per file "
+                         f"(safeio.MAX_FRAMES); cut it first, e.g. ffmpeg -i {path.name} -frames:v {MAX_FRAMES} part.mp4")  # fmt: skip
+    if asd:
+        audio = read_audio(path, c.sample_rate)
+        if audio is None:
+            raise InputError(f"{path}: no audio track; an ASD run needs each clip's sound (explain it with a video run, "
+                             "or add the audio: ffmpeg -i video.mp4 -i sound.wav -c:v copy -shortest with-audio.mp4)")  # fmt: skip
+        samples, audio_start = audio
+    mode = "L" if prep.in_chans == 1 else "RGB"
+    transform = prep._transform  # type: ignore[attr-defined]
+
+    def prepared() -> Iterator[tuple[Tensor, float]]:
+        for pixels, time in video_frames(path, mode):
+            chw = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1)
+            yield transform.prepare(chw), time
+
+    s = prep.size
+    scale = max(2, math.ceil(128 / s))
+    scale += (scale * s) % 2  # even sides for yuv420p
+    step = max(1, math.ceil(count / GIF_MAX_FRAMES))
+    device = next(model.parameters()).device
+    files = {"overlay": f"{stem}-explained.mp4", "gif": f"{stem}.gif", "maps": f"{stem}.maps.safetensors"}
+    out.written += [out.out / f for f in files.values()]
+    maps: list[Tensor] = []
+    per_frame: list[dict[str, Any]] = []
+    windows: list[dict[str, Any]] = []
+    gif: list[np.ndarray] = []
+    probs: list[Tensor] = []
+    model.eval()
+    with VideoWriter(out.out / files["overlay"], fps) as writer:
+        for w, (idx, frames, times, first) in enumerate(_video_windows(prepared(), t)):
+            x = prep.normalize(frames)[None].to(device)
+            with torch.no_grad():
+                if asd:
+                    wave, padded = _window_audio(samples, audio_start, times[0], c.sample_rate, t * c.samples_per_frame)
+                    res = model.explain(x, wave[None].to(device))
+                else:
+                    res = model.explain(x)
+            heat = res.heatmap[0].float().cpu()  # (t, S, S)
+            if asd:
+                importance = {k: round(float(v[0]), 4) for k, v in res.importance.items()}
+                windows.append({"window": w, "start": idx[first], "stop": idx[-1] + 1, "score": round(float(res.score[0]), 4),
+                                "importance": importance, "padded_audio_samples": padded})  # fmt: skip
+                frame_scores = res.frame_score[0].float().cpu().tolist()
+            else:
+                p = torch.softmax(res.logits[0].float().cpu(), 0)
+                probs.append(p)
+                k = int(p.argmax())
+                windows.append({"window": w, "start": idx[first], "stop": idx[-1] + 1, "class": k, "class_name": names[k],
+                                "score": round(float(p[k]), 4)})  # fmt: skip
+            seen: set[int] = set()
+            for j in range(first, len(idx)):
+                if idx[j] in seen:  # a short file's repeated frame: its first copy's map
+                    continue
+                seen.add(idx[j])
+                maps.append(heat[j].half())
+                rec: dict[str, Any] = {"frame": idx[j], "time": round(times[j], 4), "window": w}
+                rec.update({"speaking_score": round(frame_scores[j], 4)} if asd else
+                           {"class": windows[-1]["class"], "class_name": windows[-1]["class_name"], "score": windows[-1]["score"]})  # fmt: skip
+                per_frame.append(rec)
+                pic = np.concatenate([tile(frames[j], scale=scale), tile(frames[j], heat[j], alpha=alpha, scale=scale)], 1)
+                writer.write(pic)
+                if idx[j] % step == 0 and len(gif) < GIF_MAX_FRAMES:
+                    gif.append(pic[::2, ::2] if scale > 2 else pic)
+    (out.out / files["gif"]).write_bytes(gif_bytes(gif, max(20, round(1000 * step / fps))))
+    save_file({"maps": torch.stack(maps), "frame_times": torch.tensor([r["time"] for r in per_frame], dtype=torch.float64)},
+              str(out.out / files["maps"]), metadata={"file": str(path), "fps": str(fps), "window": str(t)})  # fmt: skip
+    (out.out / files["maps"]).chmod(0o644)  # safetensors writes 0600
+    record: dict[str, Any] = {"file": str(path), **files, "frames": len(per_frame), "fps": round(fps, 4), "window": t}
+    if asd:
+        record["score"] = round(float(np.mean([wd["score"] for wd in windows])), 4)
+        record["importance"] = {k: round(float(np.mean([wd["importance"][k] for wd in windows])), 4) for k in windows[0]["importance"]}
+        record["run_fps"] = c.fps
+    else:
+        mean = torch.stack(probs).mean(0)
+        k = int(mean.argmax())
+        record.update({"class": k, "class_name": names[k], "score": round(float(mean[k]), 4)})
+    return {**record, "windows": windows, "per_frame": per_frame}
+
+
+def explain_videos(
+    model: nn.Module,
+    doc: dict[str, Any],
+    files: Sequence[str | Path],
+    out_dir: str | Path,
+    methods: Sequence[str] = (),
+    *,
+    alpha: float = 0.5,
+    size: int | None = None,
+    source: str = CONFIG,
+) -> list[dict[str, Any]]:
+    """Explain video files (or directories of them) with a video or ASD run, every frame of each file.
+
+    The model runs over consecutive windows of its clip length ``T`` (``model.config.frames``, else the
+    run's ``data.frames``, else 8); see :func:`_video_windows` for the last window and files shorter than
+    ``T``. Each frame is read as the run's training data was (channels, centred square crop, resize,
+    mean / std). An ASD run reads the file's first audio track, resampled to the run's sample rate by
+    FFmpeg; window k's sound is the ``T * sample_rate / fps`` samples (the run's fps) from its first
+    frame's time, zeros where the track does not reach. Writes per file ``<stem>-explained.mp4``
+    (H.264 at the file's frame rate: each frame as the model sees it | its map over it),
+    ``<stem>.gif`` (at most :data:`GIF_MAX_FRAMES` evenly spaced frames, at the file's speed),
+    ``<stem>.maps.safetensors`` (``maps`` float16 ``(frames, S, S)`` in [0, 1], ``frame_times`` float64
+    seconds) and one ``predictions.json`` record per file (returned): the file's prediction (video: the
+    mean of the windows' softmax; ASD: the mean speaking score and modality importance), then
+    ``windows`` and ``per_frame`` (each frame's window and its prediction; ASD: its speaking score).
+    """
+    task = getattr(model, "task", None)
+    if task not in ("video", "asd"):
+        raise ConfigError(f"explain_videos explains video files with video and ASD runs; this is a {task} run")
+    if methods:
+        raise ConfigError(f"post-hoc maps ({', '.join(methods)}) are not drawn on video files; the run's own map is "
+                          "(explain clips of a dataset, without files, with post-hoc methods in `selfcam evaluate`)")  # fmt: skip
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    videos = find_videos(files, task)
+    prep = Preprocess.from_config(doc, size, source)
+    names = _names(doc, model.config.num_classes)
+    stems = [name.removesuffix(".png") for name in _unique_names(videos)]
+    with _Outputs(out_dir) as out:
+        for path, stem in zip(videos, stems):
+            out.records.append(_explain_video(model, doc, path, stem, out, prep, names, alpha))
     return out.records
