@@ -94,6 +94,22 @@ def _warn_skipped(root: Path, skipped: Sequence[tuple[str, str]]) -> None:
     warnings.warn(f"{root}: skipped {len(skipped)} file(s): {listed}{more} (see dataset.skipped)", stacklevel=2)
 
 
+def split_folder(root: Path, split: str) -> tuple[Path, list[str], tuple[float, ...], int]:
+    """Where ``split`` of a folder-per-class tree is (ImageFolder's rule, videofolder's too): ``(folder to
+    scan, classes, fractions, part)``, the split being part ``part`` of :func:`partition` of ``folder``'s
+    items by ``fractions``. With ``root/train`` the split folders (val: 10 % of train/ without a val
+    folder); otherwise 80 / 10 / 10 % of ``root``."""
+    if not (root / "train").is_dir():
+        return root, _classes(root), (0.8, 0.1, 0.1), SPLITS.index(split)
+    classes = _classes(root / "train")
+    val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
+    if split == "test" and not (root / "test").is_dir():
+        raise DataError(f"{root}: has a train/ folder but no test/ folder for the test split")
+    folder = {"test": root / "test", "val": val_dir}.get(split) or root / "train"
+    fractions = (1 - VAL_FRACTION, VAL_FRACTION) if split != "test" and val_dir is None else (1.0,)
+    return folder, classes, fractions, int(split == "val" and val_dir is None)
+
+
 def read_imagefolder(root: Path, split: str, n: int | None, transform: Transform, *, mode: str = "RGB") -> FileImages:
     """An ImageFolder tree (``root/CLASS/**/image``). With ``root/train`` (and ``root/test``,
     optionally ``root/val``) those folders are the splits, ``val`` carved from ``train`` when
@@ -101,17 +117,7 @@ def read_imagefolder(root: Path, split: str, n: int | None, transform: Transform
     not readable images are skipped with a warning and listed in ``dataset.skipped``."""
     if mode not in ("RGB", "L"):
         raise ConfigError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    if (root / "train").is_dir():
-        classes = _classes(root / "train")
-        val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
-        if split == "test" and not (root / "test").is_dir():
-            raise DataError(f"{root}: has a train/ folder but no test/ folder for the test split")
-        folder = {"test": root / "test", "val": val_dir}.get(split) or root / "train"
-        fractions = (1 - VAL_FRACTION, VAL_FRACTION) if split != "test" and val_dir is None else (1.0,)
-        part = int(split == "val" and val_dir is None)
-    else:
-        folder, classes = root, _classes(root)
-        fractions, part = (0.8, 0.1, 0.1), SPLITS.index(split)
+    folder, classes, fractions, part = split_folder(root, split)
     paths, labels, skipped = _scan(folder, classes)
     if not paths:
         raise DataError(f"{folder}: no image files in its class folders")

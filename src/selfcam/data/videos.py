@@ -28,6 +28,7 @@ the maps, not localization.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError, require_int
 from ..safeio import MAX_FRAMES, MAX_IMAGE_BYTES, check_regular, load_image
-from .base import SPLITS, VAL_FRACTION, ImageDataset, partition, take_first
+from .base import SPLITS, ImageDataset, partition, take_first
 from .transforms import Transform
 
 __all__ = ["DEFAULT_TRANSFORM", "VIDEO_SUFFIXES", "VideoFolder", "VideoWriter", "open_videofolder", "probe_video",
@@ -49,7 +50,6 @@ __all__ = ["DEFAULT_TRANSFORM", "VIDEO_SUFFIXES", "VideoFolder", "VideoWriter", 
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm")
 DEFAULT_TRANSFORM = Transform(112, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), flip=True)
-_VAL_DIRS = ("val", "valid", "validation")
 
 
 def _av(path: str | Path) -> Any:
@@ -69,56 +69,55 @@ def sample_indices(n: int, t: int) -> list[int]:
     return [((2 * i + 1) * n) // (2 * t) for i in range(t)]
 
 
-def probe_video(path: str | Path) -> tuple[int, float, int, int]:
-    """``(frames, fps, width, height)`` of a video file from its headers (frames counted by demuxing,
-    without decoding, when the container does not say); :class:`DataError` naming the file otherwise."""
+@contextlib.contextmanager
+def _video_stream(path: str | Path, what: str) -> Iterator[tuple[Any, Any]]:
+    """``(container, first video stream)`` of the regular file ``path`` opened with PyAV; any failure is a
+    :class:`DataError` ``"PATH: cannot WHAT video (why)"`` (``"PATH: video file not found"``)."""
     av = _av(path)
     try:
         check_regular(path, DataError)
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-            rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-            count = int(stream.frames or 0)
-            if count <= 0:
-                count = sum(1 for p in container.demux(stream) if p.size)
+            yield container, container.streams.video[0]
     except FileNotFoundError:
         raise DataError(f"{path}: video file not found") from None
     except _av_errors(av) as e:
-        raise DataError(f"{path}: cannot read video ({e})") from e
-    if count <= 0 or width <= 0 or height <= 0:
-        raise DataError(f"{path}: cannot read video (no frames)")
+        raise DataError(f"{path}: cannot {what} video ({e})") from e
+
+
+def _budget(path: str | Path, width: int, height: int) -> None:
     if width * height * 3 > MAX_IMAGE_BYTES:
         raise DataError(f"{path}: frames of {width} x {height} pixels decode to {width * height * 3:,} bytes, over "
                         f"selfcam's pixel budget of {MAX_IMAGE_BYTES:,} bytes (safeio.MAX_IMAGE_BYTES)")  # fmt: skip
+
+
+def probe_video(path: str | Path) -> tuple[int, float, int, int]:
+    """``(frames, fps, width, height)`` of a video file from its headers (frames counted by demuxing,
+    without decoding, when the container does not say); :class:`DataError` naming the file otherwise."""
+    with _video_stream(path, "read") as (container, stream):
+        width, height = stream.codec_context.width, stream.codec_context.height
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        count = int(stream.frames or 0)
+        if count <= 0:
+            count = sum(1 for p in container.demux(stream) if p.size)
+    if count <= 0 or width <= 0 or height <= 0:
+        raise DataError(f"{path}: cannot read video (no frames)")
+    _budget(path, width, height)
     return count, float(rate), width, height
 
 
 def video_frames(path: str | Path, mode: str = "RGB", stop: int | None = None) -> Iterator[tuple[np.ndarray, float]]:
     """Decode a video file frame by frame: ``(pixels uint8 (h, w, 3) or (h, w) for mode "L", time in s)``,
     up to frame ``stop`` (exclusive; None: all). :class:`DataError` naming the file when it cannot be decoded."""
-    av = _av(path)
     fmt = "gray" if mode == "L" else "rgb24"
-    try:
-        check_regular(path, DataError)
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            for i, frame in enumerate(container.decode(stream)):
-                if stop is not None and i >= stop:
-                    return
-                if frame.width * frame.height * 3 > MAX_IMAGE_BYTES:
-                    raise DataError(f"{path}: a frame of {frame.width} x {frame.height} pixels is over selfcam's pixel "
-                                    f"budget of {MAX_IMAGE_BYTES:,} bytes (safeio.MAX_IMAGE_BYTES)")  # fmt: skip
-                time = frame.time if frame.time is not None else i / float(stream.average_rate or 25)
-                yield frame.to_ndarray(format=fmt), float(time)
-    except FileNotFoundError:
-        raise DataError(f"{path}: video file not found") from None
-    except _av_errors(av) as e:
-        raise DataError(f"{path}: cannot decode video ({e})") from e
+    with _video_stream(path, "decode") as (container, stream):
+        for i, frame in enumerate(container.decode(stream)):
+            if stop is not None and i >= stop:
+                return
+            _budget(path, frame.width, frame.height)
+            time = frame.time if frame.time is not None else i / float(stream.average_rate or 25)
+            yield frame.to_ndarray(format=fmt), float(time)
 
 
 def read_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, float] | None:
@@ -289,7 +288,7 @@ def open_videofolder(root: Path, split: str, n: int | None = None, *, size: int 
                      **options: Any) -> VideoFolder:  # fmt: skip
     """``split`` of the ``videofolder:`` tree at ``root`` (see the module docstring); ``n`` keeps the first n clips;
     ``options``: ``frames`` (T, default 8) and ``mode`` ("RGB", default, or "L")."""
-    from .folders import _classes, _warn_skipped
+    from .folders import _warn_skipped, split_folder
 
     unknown = sorted(set(options) - {"frames", "mode"})
     if unknown:
@@ -307,17 +306,7 @@ def open_videofolder(root: Path, split: str, n: int | None = None, *, size: int 
     if not root.is_dir():
         raise DataError(f"{root} does not exist or is not a folder (dataset videofolder:{root})")
     transform = DEFAULT_TRANSFORM.with_options(size=size, augment=augment, mean=mean, std=std)
-    if (root / "train").is_dir():
-        classes = _classes(root / "train")
-        val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
-        if split == "test" and not (root / "test").is_dir():
-            raise DataError(f"{root}: has a train/ folder but no test/ folder for the test split")
-        folder = {"test": root / "test", "val": val_dir}.get(split) or root / "train"
-        fractions = (1 - VAL_FRACTION, VAL_FRACTION) if split != "test" and val_dir is None else (1.0,)
-        part = int(split == "val" and val_dir is None)
-    else:
-        folder, classes = root, _classes(root)
-        fractions, part = (0.8, 0.1, 0.1), SPLITS.index(split)
+    folder, classes, fractions, part = split_folder(root, split)
     paths, labels, skipped = _scan(folder, classes)
     if not paths:
         raise DataError(f"{folder}: no video files or frame folders in its class folders")
