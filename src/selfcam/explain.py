@@ -484,7 +484,8 @@ def explain_items(
 
     require_int("n", n)
     task = task_of(model)
-    spec, dataset = task.run_data(doc, split, spec=data, n=None if task.name == "image" else 16 * n)
+    on_disk = ":" in str(data or (doc.get("data") or {}).get("name") or "")  # KIND:PATH: the whole split, not 16 n items
+    spec, dataset = task.run_data(doc, split, spec=data, n=None if task.name == "image" or on_disk else 16 * n)
     if len(dataset) == 0:
         raise InputError(f"{spec} ({split}) holds no items")
     idx = spread_over_classes(getattr(dataset, "labels", range(len(dataset))), n)
