@@ -209,9 +209,11 @@ class Bad:
     cli_check: Callable[[Result, list[str]], None] | None = None  # tolerated inputs: (CLI result, warnings)
     file_limit: int | None = None  # RLIMIT_FSIZE while the call runs: writes past it fail, as on a full disk
     kept: list[Path] = field(default_factory=list)  # files that must still hold, after a failure, the bytes they held
+    listing: Path | None = None  # a folder that must hold, after a failure, exactly the files it held (nothing added)
 
     def __post_init__(self) -> None:
         self.snapshot = {p: p.read_bytes() for p in self.kept}
+        self.before = sorted(self.listing.rglob("*")) if self.listing is not None else []
 
 
 @dataclass(frozen=True)
@@ -914,6 +916,83 @@ def _out_onto_run(command: str) -> Callable[[Env, Path], Bad]:
     return build
 
 
+def _explain_into_inputs(env: Env, tmp: Path) -> Bad:
+    imgs = tmp / "imgs"
+    a = _png(imgs / "a.png", _noise(20, (SIZE, SIZE)))
+    model, doc = load_checkpoint(env.run)
+    return Bad(api=lambda: explain_files(model, doc, [a], imgs), cli=[_explain_cmd(env.run, imgs, imgs), _explain_cmd(env.run, imgs, a)],
+               names=str(imgs), kept=[a], listing=imgs)  # fmt: skip
+
+
+def _explain_foreign_out(env: Env, tmp: Path) -> Bad:
+    out = tmp / "mine"
+    keep = [_png(out / "a.png", _noise(21, (SIZE, SIZE))), out / "notes.txt"]
+    keep[1].write_text("not selfcam's")
+    image = _png(tmp / "in" / "a.png", _noise(22, (SIZE, SIZE)))
+    model, doc = load_checkpoint(env.run)
+    return Bad(api=lambda: explain_files(model, doc, [image], out), cli=[_explain_cmd(env.run, out, image)], names=str(out),
+               kept=keep, listing=out)  # fmt: skip
+
+
+def _explain_failed_rerun(env: Env, tmp: Path) -> Bad:
+    good = _png(tmp / "in" / "a-good.png", _noise(23, (SIZE, SIZE)))
+    jpeg = _cut(_png(tmp / "in" / "b-cut.jpg", _noise(4, (64, 64, 3)), quality=95), 0.6)
+    out = tmp / "explained"
+    assert runner.invoke(app, _explain_cmd(env.run, out, good)).exit_code == 0  # the earlier run: a-good.png, predictions.json
+    model, doc = load_checkpoint(env.run)
+    return Bad(api=lambda: explain_files(model, doc, [good, jpeg], out, batch_size=1),
+               cli=[_explain_cmd(env.run, out, good, jpeg, extra=("--batch-size", "1"))], names=str(jpeg),
+               kept=sorted(p for p in out.iterdir()), listing=out)  # fmt: skip
+
+
+def _same_names(env: Env, tmp: Path) -> Bad:
+    files = [_png(tmp / d / n, _noise(30 + i, (SIZE, SIZE))) for i, (d, n) in
+             enumerate([("x", "a.png"), ("y", "a.png"), ("z", "a-2.png"), ("w", "a.jpg"), ("v", "A.png")])]  # fmt: skip
+
+    def outputs(out: Path, records: list[dict[str, Any]]) -> None:
+        assert [r["file"] for r in records] == [str(f) for f in files]
+        names = [r["output"] for r in records]
+        assert names == ["a.png", "a-2.png", "a-2-2.png", "a-3.png", "A-4.png"], names  # distinct, case-insensitively too
+        assert json.loads((out / "predictions.json").read_text()) == records
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*names, "predictions.json"])
+
+    model, doc = load_checkpoint(env.run)
+    return Bad(api=lambda: explain_files(model, doc, files, tmp / "api-out"), cli=[_explain_cmd(env.run, tmp / "out", *files)],
+               check=lambda value, warned: outputs(tmp / "api-out", value),
+               cli_check=lambda result, warned: outputs(tmp / "out", json.loads((tmp / "out" / "predictions.json").read_text())))  # fmt: skip
+
+
+def _explain_sigterm(env: Env, tmp: Path) -> Bad:
+    """SIGTERM between two batches of a rerun: KeyboardInterrupt, as for Ctrl-C; --out keeps the earlier run as it was."""
+    import selfcam.explain as E
+
+    files = [_png(tmp / "in" / f"{k}.png", _noise(40 + k, (SIZE, SIZE))) for k in range(3)]
+    out = tmp / "explained"
+    model, doc = load_checkpoint(env.run)
+    explain_files(model, doc, files[:1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def api() -> Any:
+        def terminate(it: Any, total: int) -> Any:
+            for k, i in enumerate(it):
+                if k == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at once
+                yield i
+
+        try:
+            E.explain_files(model, doc, files, out, batch_size=1, progress=terminate)
+        except KeyboardInterrupt as e:
+            return e
+        return None
+
+    def check(value: Any, warned: list[str]) -> None:
+        assert isinstance(value, KeyboardInterrupt), value
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new panel without its predictions.json
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+    return Bad(api=api, check=check)
+
+
 UNREADABLE = r"not an image file Pillow can read \(.+\)"
 CASES = [
     # 1. empty, truncated, corrupt image files
@@ -1081,6 +1160,14 @@ CASES = [
          _out_onto_run("export")),
     Case("report-out-onto-the-runs-config", "api+cli", OutputError, r"points at a file of the run .*would destroy the run",
          _out_onto_run("report")),
+    Case("explain-out-is-the-input-folder", "api+cli", OutputError, r"--out (is|holds) the input .*would overwrite their inputs",
+         _explain_into_inputs),
+    Case("explain-out-foreign-folder", "api+cli", OutputError, r"is a folder selfcam explain did not create .*nothing in it is changed",
+         _explain_foreign_out),
+    Case("explain-failed-rerun-keeps-the-earlier-run", "api+cli", InputError, r"cannot decode image \(image file is truncated",
+         _explain_failed_rerun),
+    Case("explain-same-name-in-two-folders", "api+cli", None, "", _same_names),
+    Case("explain-sigterm-between-batches", "api", None, "", _explain_sigterm),
 ]  # fmt: skip
 
 
@@ -1116,6 +1203,8 @@ def _leftovers(bad: Bad) -> list[Path]:
     """Files a failed call left behind: anything in a fresh --out; temporary or orphaned files in a run;
     a file that had to be kept, missing or changed."""
     left = [p for p in bad.kept if not p.is_file() or p.read_bytes() != bad.snapshot[p]]
+    if bad.listing is not None:
+        left += sorted(set(bad.listing.rglob("*")) ^ set(bad.before))
     for out in bad.fresh:
         left += [out] if out.is_file() else sorted(out.rglob("*")) if out.is_dir() else []
     if bad.run is not None:

@@ -19,6 +19,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +36,8 @@ from .data import MEAN as DIGITS_MEAN
 from .data import STD as DIGITS_STD
 from .data.base import image_problem
 from .data.transforms import Transform
-from .errors import ConfigError, InputError, require_int
-from .safeio import check_regular, load_image
+from .errors import ConfigError, InputError, OutputError, SelfcamError, require_int
+from .safeio import check_regular, held_signals, load_image, read_json, sigterm_as_interrupt
 from . import explainers
 from .model import SelfExplainer
 from .checkpoint import CONFIG
@@ -223,13 +226,19 @@ def explain_images(
     return Explanations(logits, pred, score, {k: torch.cat(v) for k, v in parts.items()})
 
 
-def _unique_names(files: Sequence[Path]) -> list[str]:
-    """``<stem>.png`` for each file; repeated stems get ``-2``, ``-3``... in order."""
-    seen: dict[str, int] = {}
+def _unique_names(files: Sequence[Path], kinds: Callable[[str], Sequence[str]] = lambda stem: (f"{stem}.png",)) -> list[str]:
+    """``kinds(stem)``'s first name (``<stem>.png``) for each file; a stem whose output files (any of
+    ``kinds(stem)``, compared case-insensitively, for case-insensitive file systems) another file already
+    has, or that would be ``predictions.json``, gets ``-2``, ``-3``... until none is taken."""
+    taken = {PREDICTIONS.casefold()}
     names = []
     for f in files:
-        n = seen[f.stem] = seen.get(f.stem, 0) + 1
-        names.append(f"{f.stem}.png" if n == 1 else f"{f.stem}-{n}.png")
+        stem, n = f.stem, 1
+        while any(k.casefold() in taken for k in kinds(stem if n == 1 else f"{stem}-{n}")):
+            n += 1
+        chosen = kinds(stem if n == 1 else f"{stem}-{n}")
+        taken.update(k.casefold() for k in chosen)
+        names.append(chosen[0])
     return names
 
 
@@ -240,14 +249,56 @@ def _names(doc: dict[str, Any], k: int) -> list[str]:
     return [names[c] if c < len(names) else str(c) for c in range(k)]
 
 
-class _Outputs:
-    """Files written into ``out``: all of them, plus ``predictions.json``, or (on any failure) none."""
+PREDICTIONS = "predictions.json"  # also what makes an --out folder one that selfcam explain wrote: its manifest
+_PARTIAL = ".selfcam-partial-"  # a run's files before they are moved into place
 
-    def __init__(self, out: str | Path) -> None:
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+
+def check_explain_out(out: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """OutputError unless ``out`` is absent, an empty folder, or a folder ``selfcam explain`` wrote (its
+    manifest ``predictions.json``: a list of selfcam's records, each naming its output files); and unless
+    no input lies in it (or is it): an explanation never overwrites its own input."""
+    out = Path(out)
+    root = out.resolve()
+    for given in map(Path, inputs):
+        where = given.resolve()
+        if where == root or root in where.parents:
+            what = "is" if where == root else "holds"
+            raise OutputError(f"{out}: --out {what} the input {given}; explanations would overwrite their inputs: "
+                              "choose another folder (nothing was written)")  # fmt: skip
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out}: --out is a file, not a folder; refused (nothing was written)")
+    entries = [e for e in out.iterdir() if not e.name.startswith(_PARTIAL)]  # a killed run's leftovers are ours
+    if not entries:
+        return
+    try:
+        doc = read_json(out / PREDICTIONS, OutputError)
+    except (SelfcamError, OSError):
+        doc = None
+    if isinstance(doc, list) and doc and all(isinstance(r, dict) and ("output" in r or "overlay" in r) for r in doc):
+        return
+    raise OutputError(f"{out}: --out is a folder selfcam explain did not create (no selfcam {PREDICTIONS} in it); refused, nothing in it is changed: choose a new or empty folder")  # fmt: skip
+
+
+class _Outputs:
+    """Files written for ``out``: all of them, plus ``predictions.json``, or (on any failure) none.
+
+    ``out`` must be new, empty, or written by selfcam explain before, and hold none of ``inputs``
+    (:func:`check_explain_out`). The files go into a hidden folder inside ``out`` first (``self.out``);
+    only when everything is written are they moved into place, ``predictions.json`` last, with SIGINT and SIGTERM held off meanwhile. A failure (or SIGINT, or SIGTERM, which raises
+    KeyboardInterrupt while this is open) removes the hidden folder: what ``out`` held stays as it was.
+    """
+
+    def __init__(self, out: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+        self.final = Path(out)
+        check_explain_out(self.final, inputs)
+        self.created = not self.final.exists()
+        self.final.mkdir(parents=True, exist_ok=True)
+        self.out = Path(tempfile.mkdtemp(dir=self.final, prefix=_PARTIAL))
         self.records: list[dict[str, Any]] = []
         self.written: list[Path] = []
+        self._sigterm: contextlib.AbstractContextManager[None] = sigterm_as_interrupt()
 
     def image(self, name: str, picture: Any) -> None:
         Image.fromarray(picture).save(self.out / name)
@@ -258,14 +309,22 @@ class _Outputs:
         self.written.append(self.out / name)
 
     def __enter__(self) -> _Outputs:
+        self._sigterm.__enter__()
         return self
 
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is None:
-            (self.out / "predictions.json").write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
-        else:  # a file that fails half-way: the pictures already written go, nothing half-done stays
-            for f in self.written:
-                f.unlink(missing_ok=True)
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        try:
+            if kind is None:
+                with held_signals():  # all of it or (killed by SIGKILL only) the hidden folder
+                    (self.out / PREDICTIONS).write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
+                    for f in sorted(self.out.iterdir(), key=lambda f: f.name == PREDICTIONS):  # the manifest last
+                        os.replace(f, self.final / f.name)
+                    self.out.rmdir()
+        finally:
+            shutil.rmtree(self.out, ignore_errors=True)  # a failure: nothing half-done, the earlier files untouched
+            if kind is not None and self.created and not any(self.final.iterdir()):
+                self.final.rmdir()
+            self._sigterm.__exit__(kind, *rest)
 
 
 def _panels(model: SelfExplainer, raw: Tensor, x: Tensor, methods: Sequence[str], names: list[str], alpha: float,
@@ -328,7 +387,7 @@ def explain_files(
     files = [Path(f) for f in files]
     outputs = _unique_names(files)
     starts = range(0, len(files), batch_size)
-    with _Outputs(out_dir) as out:
+    with _Outputs(out_dir, files) as out:
         for i in progress(starts, len(starts)) if progress else starts:
             chunk = files[i : i + batch_size]
             raw = torch.stack([prep.load(f) for f in chunk])
@@ -489,7 +548,7 @@ def explain_items(
     if len(dataset) == 0:
         raise InputError(f"{spec} ({split}) holds no items")
     idx = spread_over_classes(getattr(dataset, "labels", range(len(dataset))), n)
-    with _Outputs(out_dir) as out:
+    with _Outputs(out_dir, [spec.split(":", 1)[1]] if ":" in spec else []) as out:  # KIND:PATH: never written over
         if task.name in ("video", "asd"):
             for clip, i in zip(clip_maps(model, dataset, idx, spec), idx):
                 strip = frame_strip(clip.frames, clip.maps, clip.boxes)
@@ -723,8 +782,9 @@ def explain_videos(
     videos = find_videos(files, task)
     prep = Preprocess.from_config(doc, size, source)
     names = _names(doc, model.config.num_classes)
-    stems = [name.removesuffix(".png") for name in _unique_names(videos)]
-    with _Outputs(out_dir) as out:
+    kinds = lambda stem: (f"{stem}-explained.mp4", f"{stem}.gif", f"{stem}.maps.safetensors")  # noqa: E731
+    stems = [name.removesuffix("-explained.mp4") for name in _unique_names(videos, kinds)]
+    with _Outputs(out_dir, videos) as out:
         for path, stem in zip(videos, stems):
             out.records.append(_explain_video(model, doc, path, stem, out, prep, names, alpha))
     return out.records

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import warnings
 import zlib
@@ -38,8 +39,8 @@ from .errors import ConfigError, InputError, SelfcamError
 
 __all__ = ["MAX_CIFAR_DEPTH", "MAX_CLASSES", "MAX_DECOMPRESSED_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_SIZE", "MAX_IN_CHANS",
            "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_OPTION_INT", "check_depth", "check_model_limits", "check_regular",
-           "file_kind", "gzip_reader", "image_budget_problem", "load_image", "loads_json", "open_image", "open_regular",
-           "read_bytes", "read_gzip", "read_json"]  # fmt: skip
+           "file_kind", "gzip_reader", "held_signals", "image_budget_problem", "load_image", "loads_json", "open_image", "open_regular",
+           "read_bytes", "read_gzip", "read_json", "sigterm_as_interrupt"]  # fmt: skip
 
 MAX_JSON_BYTES = 64 * 2**20  # config.json, state.json, evaluation.json: a few kB in practice
 MAX_JSON_DEPTH = 64  # selfcam's documents nest 5 levels deep
@@ -310,3 +311,40 @@ def check_model_limits(fields: dict[str, Any], where: str, prefix: str = "") -> 
                 const = {"num_classes": "MAX_CLASSES", "in_chans": "MAX_IN_CHANS", "frames": "MAX_FRAMES"}.get(name, "MAX_OPTION_INT")
                 raise ConfigError(f"{where}: {prefix}{key} = {value} is over selfcam's limit of {limit:,} (safeio.{const}); "
                                   "refused before building the model")  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------- signals
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While open, SIGTERM (what ``timeout``, SLURM and ``docker stop`` send) raises KeyboardInterrupt, as
+    SIGINT does, so what cleans up after Ctrl-C cleans up after it too (main thread, POSIX; else nothing)."""
+    import threading
+
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (a few renames that must all happen), then arrive."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
