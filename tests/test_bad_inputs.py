@@ -758,9 +758,11 @@ def _over_pixel_budget(env: Env, tmp: Path) -> Bad:
     return Bad(api=api, cli=[_explain_cmd(env.run, tmp / "out", f)], names=str(f), fresh=[tmp / "out"])
 
 
-def _api_and_train(api: Callable[[], Any] | None, *options: str, names: Callable[[Path], str] | None = None) -> Callable[[Env, Path], Bad]:
+def _api_and_train(api: Callable[[], Any] | None, *options: str, names: Callable[[Path], str] | None = None,
+                   shown: str | None = None) -> Callable[[Env, Path], Bad]:  # fmt: skip
     def build(env: Env, tmp: Path) -> Bad:
-        return Bad(api=api, cli=[_train_cmd(tmp, *options)], fresh=[tmp / "trained"], names=names(tmp) if names else None)
+        return Bad(api=api, cli=[_train_cmd(tmp, *options)], fresh=[tmp / "trained"], names=names(tmp) if names else None,
+                   shown=shown)  # fmt: skip
 
     return build
 
@@ -962,6 +964,11 @@ def _same_names(env: Env, tmp: Path) -> Bad:
                cli_check=lambda result, warned: outputs(tmp / "out", json.loads((tmp / "out" / "predictions.json").read_text())))  # fmt: skip
 
 
+def _pretrained_fifo(env: Env, tmp: Path) -> Bad:
+    fifo = _fifo(tmp / "weights.safetensors")
+    return Bad(api=lambda: create_model("se", "resnet8", 10, 1, pretrained=fifo), names=str(fifo))
+
+
 def _explain_sigterm(env: Env, tmp: Path) -> Bad:
     """SIGTERM between two batches of a rerun: KeyboardInterrupt, as for Ctrl-C; --out keeps the earlier run as it was."""
     import selfcam.explain as E
@@ -1149,8 +1156,9 @@ CASES = [
          _idx_replaced("t10k-images-idx3-ubyte", lambda p: p.write_bytes(_idx(np.zeros((0, 8, 8), np.uint8))))),
     Case("idx-dims-overflow", "api+cli", DataError, r"the header's shape \(2097152, 2097152, 4194304\) of uint8 needs 18,446,744,073,709,551,616 bytes",
          _idx_replaced("t10k-images-idx3-ubyte", lambda p: p.write_bytes(struct.pack(">BBBBIII", 0, 0, 8, 3, 2**21, 2**21, 2**22)))),
-    Case("train-weight-decay-nan", "api+cli", ConfigError, r"weight_decay >= 0, got 0\.003, nan",
-         _api_and_train(lambda: __import__("selfcam.train").train.TrainConfig(weight_decay=float("nan")), "--weight-decay", "nan")),
+    Case("train-weight-decay-nan", "api+cli", ConfigError, r"weight_decay >= 0, got 0\.003, nan|--weight-decay must be a finite number >= 0, got nan",
+         _api_and_train(lambda: __import__("selfcam.train").train.TrainConfig(weight_decay=float("nan")), "--weight-decay", "nan",
+                        shown="--weight-decay must be")),  # the CLI names the option as typed
     Case("train-accelerator-gpu-without-gpu", "api+cli", ConfigError, r"accelerator gpu: no GPU is available here", _gpu_without_gpu),
     Case("disk-full", "api+cli", OutputError, r"cannot write.*File too large", _disk_full),
     # family 1: outputs
@@ -1167,6 +1175,7 @@ CASES = [
     Case("explain-failed-rerun-keeps-the-earlier-run", "api+cli", InputError, r"cannot decode image \(image file is truncated",
          _explain_failed_rerun),
     Case("explain-same-name-in-two-folders", "api+cli", None, "", _same_names),
+    Case("pretrained-weights-fifo", "api", InputError, FIFO, _pretrained_fifo),
     Case("explain-sigterm-between-batches", "api", None, "", _explain_sigterm),
 ]  # fmt: skip
 

@@ -7,6 +7,7 @@ stderr and exit code 2; ``selfcam --debug ...`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -188,6 +189,10 @@ def train(
     from .errors import check_accelerator
 
     check_accelerator(accelerator)
+    for option, key, low in (("--lr", "lr", "> 0"), ("--weight-decay", "weight_decay", ">= 0")):  # named as typed, not as fields
+        value = o[key]
+        if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+            raise ConfigError(f"{option} must be a finite number {low}, got {value}")
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
                       seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")

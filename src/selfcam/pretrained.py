@@ -110,6 +110,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     from .checkpoint import read_safetensors
 
     path = Path(path)
+    if path.exists() and not path.is_file():
+        from .safeio import check_regular
+
+        check_regular(path)  # a FIFO or a device: named as such, never opened
     if not path.is_file():
         raise InputError(f"{path}: pretrained weights file not found")
     with open(path, "rb") as f:
