@@ -66,21 +66,22 @@ class Env:
     run: Path  # se on resnet8, 1 channel, 10 classes, 16 px
     rgb: Path  # plain on resnet8, 3 channels, 2 classes, 16 px
     crashed: Path  # `selfcam train` that saved its state after epoch 0 and crashed in epoch 1
+    crashed2: Path  # a 3-epoch `selfcam train` that saved its states after epochs 0 and 1 and crashed in epoch 2
 
 
-def _crashed_run(run: Path) -> Path:
+def _crashed_run(run: Path, epochs: int = 2, at: int = 1) -> Path:
     from selfcam import train as T
 
     original = T.SelfcamModule.training_step
 
     def crash_in_epoch_1(self: Any, batch: Any, batch_idx: int) -> Any:
-        if self.step_offset + self.global_step >= 1:
+        if self.step_offset + self.global_step >= at:
             raise RuntimeError("simulated crash")
         return original(self, batch, batch_idx)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T.SelfcamModule, "training_step", crash_in_epoch_1)
-        result = runner.invoke(app, ["train", "--method", "se", "--backbone", "resnet8", "--epochs", "2", "--train-size", "8",
+        result = runner.invoke(app, ["train", "--method", "se", "--backbone", "resnet8", "--epochs", str(epochs), "--train-size", "8",
                                      "--val-size", "4", "--image-size", str(SIZE), "--batch-size", "8", "--out", str(run),
                                      "--quiet"])  # fmt: skip
     assert isinstance(result.exception, RuntimeError), result.output
@@ -95,7 +96,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     data = {"name": "idx", "size": SIZE, "mean": [0.5], "std": [0.5], "class_names": [f"c{k}" for k in range(10)]}
     run = save_checkpoint(create_model("se", "resnet8", 10, 1), root / "run", data=data)
     rgb = save_checkpoint(create_model("plain", "resnet8", 2, 3), root / "rgb", data={"size": SIZE})
-    return Env(run, rgb, _crashed_run(root / "crashed"))
+    return Env(run, rgb, _crashed_run(root / "crashed"), _crashed_run(root / "crashed2", epochs=3, at=2))
 
 
 # ---------------------------------------------------------------------------------------------- writers
@@ -1000,6 +1001,98 @@ def _explain_sigterm(env: Env, tmp: Path) -> Bad:
     return Bad(api=api, check=check)
 
 
+# --- family 2: interrupted commands
+
+
+def _newest_state_corrupt(env: Env, tmp: Path) -> Bad:
+    run = Path(shutil.copytree(env.crashed2, tmp / "run"))
+    states = sorted((run / "checkpoints").glob("step-*"))
+    assert [p.name for p in states] == ["step-000000001", "step-000000002"]  # the last two states are kept
+    _cut(states[1] / "state.safetensors")
+
+    def check(state: Any, warned: list[str]) -> None:
+        assert state.path == states[0] and state.epoch == 1 and state.global_step == 1
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert (run / "config.json").is_file() and not (run / "checkpoints").exists()
+        history = json.loads((run / "history.json").read_text())
+        assert [row["epoch"] for row in history] == [0, 1, 2], history  # epochs 1 and 2 trained again from step-1
+
+    return Bad(api=lambda: latest_state(run), cli=[["train", "--resume", str(run), "--quiet"]], check=check, cli_check=cli_check)
+
+
+def _train_sigterm(env: Env, tmp: Path) -> Bad:
+    """SIGTERM in the second epoch's step: Lightning's KeyboardInterrupt shutdown (exit status 1), as for Ctrl-C;
+    the first epoch's state is resumable."""
+    from selfcam import train as T
+
+    def api() -> Any:
+        original = T.SelfcamModule.training_step
+
+        def terminate(self: Any, batch: Any, batch_idx: int) -> Any:
+            if self.step_offset + self.global_step >= 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, batch, batch_idx)
+
+        data = load_dataset("cluttered-digits", "train", 8, size=SIZE)
+        cfg = T.TrainConfig(epochs=2, batch_size=8)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(T.SelfcamModule, "training_step", terminate)
+            try:
+                T.fit(create_model("se", "resnet8", 10, 1), data, None, cfg, tmp / "run", progress=False)
+            except BaseException as e:  # noqa: BLE001 -- what SIGTERM became is the point
+                return e
+        return None
+
+    def check(value: Any, warned: list[str]) -> None:
+        assert type(value) is SystemExit and value.code == 1, repr(value)  # Lightning's answer to KeyboardInterrupt
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        state = latest_state(tmp / "run")
+        assert state is not None and state.epoch == 1 and not (tmp / "run" / "model.safetensors").exists()
+
+    return Bad(api=api, check=check)
+
+
+def _killed_while_dropping_states(env: Env, tmp: Path) -> Bad:
+    """A run killed in its final save after the weights and config are written, while removing checkpoints/
+    (one file of it gone): --resume recognises it as finished."""
+    from selfcam import train as T
+
+    run = tmp / "run"
+    data = load_dataset("cluttered-digits", "train", 8, size=SIZE)
+    cfg = T.TrainConfig(epochs=1, batch_size=8)
+    real_save, real_rmtree = T.save_checkpoint, shutil.rmtree
+
+    def killed_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        first = sorted(p for p in Path(path).rglob("*") if p.is_file())[:1]
+        for f in first:
+            f.unlink()
+        raise KeyboardInterrupt("killed while removing the training states")
+
+    def save_then_arm(*args: Any, **kwargs: Any) -> Any:
+        done = real_save(*args, **kwargs)
+        shutil.rmtree = killed_rmtree
+        return done
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "save_checkpoint", save_then_arm)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                T.fit(create_model("se", "resnet8", 10, 1), data, None, cfg, run, progress=False)
+        finally:
+            shutil.rmtree = real_rmtree
+    assert (run / "config.json").is_file() and (run / "checkpoints").is_dir()
+
+    def check(history: Any, warned: list[str]) -> None:
+        assert [row["epoch"] for row in history] == [0]
+
+    def cli_check(result: Result, warned: list[str]) -> None:
+        assert (run / "config.json").is_file()
+
+    return Bad(api=lambda: T.fit(create_model("se", "resnet8", 10, 1), data, None, cfg, run, progress=False, resume=True),
+               cli=[["train", "--resume", str(run), "--quiet"]], check=check, cli_check=cli_check)  # fmt: skip
+
+
 UNREADABLE = r"not an image file Pillow can read \(.+\)"
 CASES = [
     # 1. empty, truncated, corrupt image files
@@ -1177,6 +1270,10 @@ CASES = [
     Case("explain-same-name-in-two-folders", "api+cli", None, "", _same_names),
     Case("pretrained-weights-fifo", "api", InputError, FIFO, _pretrained_fifo),
     Case("explain-sigterm-between-batches", "api", None, "", _explain_sigterm),
+    # family 2: interrupted commands
+    Case("resume-newest-state-corrupt", "api+cli", None, "", _newest_state_corrupt),
+    Case("train-sigterm-in-an-epoch", "api", None, "", _train_sigterm),
+    Case("train-killed-while-removing-its-states", "api+cli", None, "", _killed_while_dropping_states),
 ]  # fmt: skip
 
 

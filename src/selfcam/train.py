@@ -406,10 +406,13 @@ def _state_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def latest_state(run_dir: str | Path) -> TrainState | None:
-    """The newest complete training state of ``run_dir`` (validated), or ``None`` when there is none.
+    """The newest complete training state of ``run_dir`` (validated, its tensors' checksum checked), or
+    ``None`` when there is none.
 
     Directories named ``step-N`` are only ever created by an atomic rename, so a
     half-written state is never picked; temporary ``.tmp-*`` directories are ignored.
+    The last two states are kept: when the newest is corrupt, the one before it is used (with a
+    warning); when that one is corrupt too, or there is none, the newest one's error is raised.
     """
     root = Path(run_dir) / STATE_DIR
     for _ in range(5):
@@ -417,12 +420,29 @@ def latest_state(run_dir: str | Path) -> TrainState | None:
         if not dirs:
             return None
         try:
-            return _read_state(dirs[0][1])
-        except CheckpointError:
-            if dirs[0][1].exists():
+            return _checked_state(dirs[0][1])
+        except CheckpointError as e:
+            if not dirs[0][1].exists():
+                continue  # pruned by a training process that wrote a newer state meanwhile: look again
+            if len(dirs) < 2:
                 raise
-            # pruned by a training process that wrote a newer state meanwhile: look again
+            try:
+                state = _checked_state(dirs[1][1])
+            except CheckpointError:
+                raise e from None
+            log.warning("%s; resuming from the state before it, %s", e, dirs[1][1])
+            return state
     raise CheckpointError(f"{root}: the training state keeps changing while being read")
+
+
+def _checked_state(path: Path) -> TrainState:
+    state = _read_state(path)
+    file = path / STATE_TENSORS
+    if not file.is_file():
+        raise CheckpointError(f"{file}: state tensors not found")
+    if _sha256(file) != state.tensors_sha256:
+        raise CheckpointError(f"{file}: does not match the checksum in {STATE_JSON} (corrupt or replaced)")
+    return state
 
 
 def _sha256(path: Path) -> str:
@@ -459,7 +479,8 @@ def _fsync(path: Path) -> None:
 
 
 def _write_state(run_dir: Path, tensors: dict[str, Tensor], doc: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step-N/`` atomically (temp dir, fsync, rename, fsync); drop older states."""
+    """Write ``checkpoints/step-N/`` atomically (temp dir, fsync, rename, fsync); keep the state before it
+    (the fallback of :func:`latest_state`), drop older ones."""
     root = run_dir / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{doc['global_step']:09d}"
@@ -481,10 +502,21 @@ def _write_state(run_dir: Path, tensors: dict[str, Tensor], doc: dict[str, Any])
             raise OutputError(f"{final}: cannot write the training state: {getattr(e, 'strerror', None) or e}; the "
                               "states written before are kept") from e  # fmt: skip
         raise
+    previous = [p for _, p in _state_dirs(root) if p != final][:1]
     for path in root.iterdir():
-        if path != final and (path.name.startswith(".tmp-") or path.name.startswith("step-")):
+        if path != final and path not in previous and (path.name.startswith(".tmp-") or path.name.startswith("step-")):
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _drop_states(run_dir: Path) -> None:
+    """Remove ``checkpoints/`` of a finished run so that a kill at any point leaves either whole states
+    (resumed: recognised as finished) or none (the finished run): each ``step-N`` is renamed out of
+    the way (atomically) before anything in it is deleted."""
+    root = run_dir / STATE_DIR
+    for _, path in _state_dirs(root):
+        os.replace(path, root / f".tmp-done-{path.name}")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _rng_capture() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -654,13 +686,17 @@ def request_checkpoint() -> None:
 
 @contextmanager
 def _checkpoint_signal() -> Iterator[None]:
-    """While training, SIGUSR1 calls :func:`request_checkpoint` (POSIX, main thread only)."""
+    """While training, SIGUSR1 calls :func:`request_checkpoint` and SIGTERM raises KeyboardInterrupt as
+    SIGINT does (Lightning's graceful shutdown, exit status 1; POSIX, main thread only)."""
+    from .safeio import sigterm_as_interrupt
+
     if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: _REQUESTED.set())
     try:
-        yield
+        with sigterm_as_interrupt():  # before Lightning's own SIGTERM handler, which calls it
+            yield
     finally:
         signal.signal(signal.SIGUSR1, previous if previous is not None else signal.SIG_DFL)
 
@@ -785,9 +821,12 @@ def fit(
         writer = _train(model, train_set, val_set, cfg, run, progress, extra, start, history, state, tensors)
     model.eval()
     if run is not None and writer:
-        write_json(run / HISTORY, history.rows)
-        save_checkpoint(model, run, train=asdict(cfg), **extra)
-        shutil.rmtree(run / STATE_DIR, ignore_errors=True)
+        from .safeio import held_signals
+
+        with held_signals():  # SIGINT / SIGTERM wait for the final save; SIGKILL: still resumable (_drop_states)
+            write_json(run / HISTORY, history.rows)
+            save_checkpoint(model, run, train=asdict(cfg), **extra)
+            _drop_states(run)
     return history.rows
 
 
