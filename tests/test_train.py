@@ -162,7 +162,7 @@ def test_requested_state_mid_epoch_then_resume_is_bit_identical(crashed_run: Pat
     assert state is not None and (state.epoch, state.batch, state.global_step) == (1, 2, 6)
     assert state.path == crashed_run / "checkpoints" / "step-000000006"
     assert sorted(p.name for p in state.path.iterdir()) == ["state.json", "state.safetensors"]
-    assert [p.name for p in (crashed_run / "checkpoints").iterdir()] == ["step-000000006"]  # older states pruned
+    assert sorted(p.name for p in (crashed_run / "checkpoints").iterdir()) == ["step-000000004", "step-000000006"]  # the newest and the one before
     assert [row["epoch"] for row in state.history] == [0]
     assert not (crashed_run / "model.safetensors").exists()
 
@@ -269,6 +269,7 @@ def _edit_json(path: Path, edit: Any) -> None:
     ],
 )
 def test_state_json_is_validated(crashed_run: Path, edit: Any, message: str) -> None:
+    shutil.rmtree(crashed_run / "checkpoints" / "step-000000004")  # no state to fall back to
     state_json = crashed_run / "checkpoints" / "step-000000006" / "state.json"
     _edit_json(state_json, edit)
     with pytest.raises(CheckpointError, match=message) as e:
@@ -299,9 +300,13 @@ def test_a_damaged_or_half_written_state_is_never_taken_for_a_good_one(crashed_r
     (root / ".tmp-killed").mkdir()
     (root / ".tmp-killed" / "state.json").write_text('{"epoch": 99')
     assert latest_state(crashed_run).global_step == 6  # type: ignore[union-attr]
-    # a truncated tensor file under a complete name: caught by the checksum, named
+    # a truncated tensor file under a complete name: caught by the checksum; the state before it is taken
     tensors = root / "step-000000006" / "state.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-100])
+    assert latest_state(crashed_run).global_step == 4  # type: ignore[union-attr]
+    # both damaged: the newest one's error, named
+    older = root / "step-000000004" / "state.safetensors"
+    older.write_bytes(older.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="does not match the checksum") as e:
         fit(_model(), *tiny_data, CFG, crashed_run, progress=False, resume=True)
     assert str(tensors) in str(e.value)
