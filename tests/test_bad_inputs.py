@@ -1441,3 +1441,58 @@ def test_every_case_is_in_the_doc() -> None:
     rows = set(re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M))
     assert rows == {c.id for c in CASES}, f"missing: {sorted({c.id for c in CASES} - rows)}, stale: {sorted(rows - {c.id for c in CASES})}"
     assert f"**{len(CASES)} bad inputs**" in text
+
+
+_SIGTERM_SCRIPT = """
+import os, signal, sys
+which = sys.argv[1]
+if which == "explain":
+    import selfcam.explain as E
+    original, calls = E._panels, []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    E._panels = patched
+else:
+    import selfcam.train as T
+    original = T.SelfcamModule.training_step
+
+    def patched(self, batch, batch_idx):
+        if self.step_offset + self.global_step >= 1:  # in the second epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    T.SelfcamModule.training_step = patched
+from selfcam.cli import app
+app(sys.argv[2:], prog_name="selfcam")
+"""
+
+
+@pytest.mark.parametrize("command", ["explain", "train"])
+def test_sigterm_through_the_cli_is_handled_as_sigint(command: str, env: Env, tmp_path: Path) -> None:
+    """A real SIGTERM to a real `selfcam explain` / `selfcam train` process (corpus rows explain-sigterm-between-batches,
+    train-sigterm-in-an-epoch, through the command line): it is not killed by the signal but shuts down as for Ctrl-C
+    (exit status 130 for explain, 1 for train); explain's --out keeps the earlier run's files exactly, train's first epoch is resumable."""
+    out = tmp_path / ("explained" if command == "explain" else "trained")
+    if command == "explain":
+        files = [_png(tmp_path / "in" / f"{k}.png", _noise(50 + k, (SIZE, SIZE))) for k in range(3)]
+        assert runner.invoke(app, _explain_cmd(env.run, out, files[0])).exit_code == 0
+        before = {p: p.read_bytes() for p in out.rglob("*")}
+        args = _explain_cmd(env.run, out, *files, extra=("--batch-size", "1"))
+    else:
+        args = [*_train_cmd(tmp_path, "--batch-size", "8"), "--epochs", "2"]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT, command, *args], capture_output=True, env=environ, timeout=300)
+    # shut down as for Ctrl-C: explain exits 130 (interrupted), train 1 (Lightning's graceful stop); -15 would be: killed
+    assert proc.returncode == (130 if command == "explain" else 1), (proc.returncode, proc.stderr[-2000:])
+    if command == "explain":
+        assert {p: p.read_bytes() for p in out.rglob("*")} == before  # no panel without its predictions.json, nothing hidden
+    else:
+        state = latest_state(out)
+        assert state is not None and state.epoch == 1 and not (out / "model.safetensors").exists()
+        assert runner.invoke(app, ["train", "--resume", str(out), "--quiet"]).exit_code == 0
+        assert (out / "config.json").is_file() and not (out / "checkpoints").exists()
