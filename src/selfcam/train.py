@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,6 +56,7 @@ __all__ = [
     "SelfcamModule",
     "TrainConfig",
     "TrainState",
+    "backbone_of",
     "epoch_seed",
     "fit",
     "is_global_zero",
@@ -79,6 +80,11 @@ class TrainConfig:
 
     ``batch_size`` is per process: with ``devices * num_nodes`` processes a step sees
     ``batch_size * devices * num_nodes`` images.
+
+    Fine-tuning (docs/training.md): ``freeze_backbone`` trains the head alone for the whole run;
+    ``head_epochs`` trains it alone for the first N epochs, then everything. A frozen backbone gets no
+    gradient and runs in eval mode (its BatchNorm statistics and dropout stay as they are).
+    ``backbone_lr_scale`` gives the backbone's parameters ``lr * scale`` (a second parameter group).
     """
 
     epochs: int = 10
@@ -92,6 +98,9 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
+    freeze_backbone: bool = False
+    head_epochs: int = 0
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -104,6 +113,19 @@ class TrainConfig:
             raise ConfigError(f"accelerator must be auto, cpu, gpu, cuda or mps, got {self.accelerator!r}")
         require_int("devices", self.devices)
         require_int("num_nodes", self.num_nodes)
+        require_int("head_epochs", self.head_epochs, 0)
+        if self.head_epochs and (self.freeze_backbone or self.head_epochs >= self.epochs):
+            raise ConfigError(f"head_epochs ({self.head_epochs}) trains the head alone before unfreezing the backbone: it must be "
+                              f"below epochs ({self.epochs}) and not combined with freeze_backbone (frozen throughout)")  # fmt: skip
+        if self.head_epochs and self.world_size > 1:  # DDP fixes the parameters it reduces when it starts
+            raise ConfigError("head_epochs unfreezes the backbone during the run, which DDP does not allow: train on one "
+                              "process, or use freeze_backbone (frozen throughout)")  # fmt: skip
+        if not (self.backbone_lr_scale > 0 and math.isfinite(self.backbone_lr_scale)):
+            raise ConfigError(f"backbone_lr_scale must be > 0 (freeze_backbone gives no backbone updates), got {self.backbone_lr_scale}")
+
+    def frozen_at(self, epoch: int) -> bool:
+        """Whether the backbone is frozen during epoch ``epoch`` (0-based)."""
+        return self.freeze_backbone or epoch < self.head_epochs
 
     @property
     def world_size(self) -> int:
@@ -227,17 +249,31 @@ class _RunData(L.LightningDataModule):
 
 # ----------------------------------------------------------------------------- the module
 
+Objective = Callable[[Any, tuple[Tensor, ...]], tuple[Tensor, Tensor]]  # (model output, batch) -> (loss, accuracy target)
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.backbone``, the part the fine-tuning recipes freeze or train at a lower rate."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, torch.nn.Module) or next(backbone.parameters(), None) is None:
+        raise ConfigError(f"{type(model).__name__} has no backbone with weights (model.backbone) to freeze or to train "
+                          "at another learning rate")  # fmt: skip
+    return backbone
+
+
 
 class SelfcamModule(L.LightningModule):
     """Lightning wrapper for a model of any task: the model's own loss on the batch as its task unpacks it,
     AdamW or SGD with a one-cycle schedule, accuracy (multi-class, or multi-label for attributes).
 
     ``total_steps``: the one-cycle length (the whole run's, also when resumed); ``restore``:
-    the optimizer and scheduler state of a resumed run (see :func:`fit`).
+    the optimizer and scheduler state of a resumed run (see :func:`fit`); ``objective``: the loss
+    instead of the model's own (see :func:`fit`). The recipe's ``freeze_backbone`` / ``head_epochs``
+    freeze ``model.backbone`` at the start of the epochs they name.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int | None = None,
-                 restore: tuple[TrainState, dict[str, Tensor]] | None = None) -> None:  # fmt: skip
+                 restore: tuple[TrainState, dict[str, Tensor]] | None = None, objective: Objective | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -248,11 +284,36 @@ class SelfcamModule(L.LightningModule):
         counts = {"num_labels": n} if kind == "multilabel" else {"num_classes": n}
         self.train_acc = torchmetrics.Accuracy(task=kind, **counts)  # type: ignore[arg-type]
         self.val_acc = torchmetrics.Accuracy(task=kind, **counts)  # type: ignore[arg-type]
+        self.objective = objective
+        tunes = cfg.freeze_backbone or cfg.head_epochs > 0 or cfg.backbone_lr_scale != 1.0
+        self.__dict__["backbone"] = backbone_of(model) if tunes else None  # not a submodule of this one: it is the model's
+        self._grads = {p: p.requires_grad for p in self.backbone.parameters()} if self.backbone is not None else {}
+        self.frozen = False
+        if self.backbone is not None:  # before DDP wraps the module: it reduces only what requires a gradient
+            self.set_frozen(cfg.frozen_at(self.epoch_offset))
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze the backbone (no gradient, eval mode) or give it back its own ``requires_grad`` and train mode."""
+        if self.backbone is None or frozen == self.frozen:
+            return
+        for p, grad in self._grads.items():
+            p.requires_grad_(grad and not frozen)
+        self.backbone.train(not frozen and self.model.training)
+        self.frozen = frozen
+
+    def on_train_epoch_start(self) -> None:
+        if self.backbone is not None:
+            self.set_frozen(self.cfg.frozen_at(self.epoch_offset + self.current_epoch))
+            if self.frozen:
+                self.backbone.eval()  # also when the model arrived in train mode
 
     def forward_loss(self, batch: tuple[Tensor, ...], stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits, loss, targets)`` of one batch, unpacked by the model's task."""
+        """``(logits, loss, targets)`` of one batch, unpacked by the model's task (or by ``objective``)."""
         inputs, targets = self.task.split_batch(batch)
         out = self.model(*inputs)
+        if self.objective is not None:
+            loss, target = self.objective(out, batch)
+            return out.logits, loss, target
         return out.logits, self.model.loss(out, *targets), targets[0]
 
     def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
@@ -277,13 +338,21 @@ class SelfcamModule(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
-        params, c = self.model.parameters(), self.cfg
+        c = self.cfg
+        params: Any = self.model.parameters()
+        max_lr: float | list[float] = c.lr
+        if c.backbone_lr_scale != 1.0:  # two groups: the rest at lr, the backbone at lr * scale
+            assert self.backbone is not None
+            ours = {id(p) for p in self.backbone.parameters()}
+            rest = [p for p in self.model.parameters() if id(p) not in ours]
+            max_lr = [c.lr, c.lr * c.backbone_lr_scale]
+            params = [{"params": rest}, {"params": list(self.backbone.parameters()), "lr": max_lr[1]}]
         if c.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(params, c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
         else:
             opt = torch.optim.AdamW(params, c.lr, weight_decay=c.weight_decay)
         total = self.total_steps or self.trainer.estimated_stepping_batches
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr, total_steps=total)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total)
         if self.restore is not None:
             _load_optimizer(opt, sched, *self.restore)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -353,8 +422,13 @@ def _expect(doc: Any, spec: dict[str, Any], where: str) -> dict[str, Any]:
     return doc
 
 
+_ADDED_FIELDS = {"freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0}  # states written before them lack them
+
+
 def _train_config(d: Any, where: str) -> TrainConfig:
     spec = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)] for f in fields(TrainConfig)}
+    if isinstance(d, dict):
+        d = {**_ADDED_FIELDS, **d}
     try:
         return TrainConfig(**_expect(d, spec, where))
     except ConfigError as e:
@@ -774,6 +848,7 @@ def fit(
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
     resume: bool = False,
+    objective: Objective | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` (of any task) in place; returns the per-epoch history.
 
@@ -787,6 +862,11 @@ def fit(
     ``extra_config`` (when given) must be the run's, else :class:`ConfigError`. A finished
     run is loaded into ``model`` and not trained again. With ``devices * num_nodes > 1``
     Lightning runs DDP; only rank 0 writes files.
+
+    ``objective(out, batch) -> (loss, target)`` replaces the model's own loss: ``out`` is the model's
+    output on the batch's inputs, ``target`` what the logged accuracy compares the logits with
+    (:func:`selfcam.distill.distill` trains on another model's logits this way). It is not recorded:
+    say what it was in ``extra_config``, and give the same one when resuming.
     """
     _quiet_lightning()
     run = Path(run_dir) if run_dir is not None else None
@@ -818,7 +898,7 @@ def fit(
     history = _History(start, state.history if state else None)
     writer = is_global_zero()
     if state is None or not state.finished:
-        writer = _train(model, train_set, val_set, cfg, run, progress, extra, start, history, state, tensors)
+        writer = _train(model, train_set, val_set, cfg, run, progress, extra, start, history, state, tensors, objective)
     model.eval()
     if run is not None and writer:
         from .safeio import held_signals
@@ -832,7 +912,7 @@ def fit(
 
 def _train(model: torch.nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, run: Path | None,
            progress: bool, extra: dict[str, Any], start: _Start, history: _History, state: TrainState | None,
-           tensors: dict[str, Tensor]) -> bool:  # fmt: skip
+           tensors: dict[str, Tensor], objective: Objective | None = None) -> bool:  # fmt: skip
     """Run Lightning from ``start`` to the last epoch; ``state``/``tensors``: what a resumed run restores.
     Returns whether this process is rank 0."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -854,15 +934,20 @@ def _train(model: torch.nn.Module, train_set: Dataset, val_set: Dataset | None, 
         # Lightning's SLURM auto-requeue saves pickled checkpoints on SIGUSR1: ours handles SIGUSR1 instead
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
     )  # fmt: skip
+    if cfg.frozen_at(start.epoch):  # the frozen backbone is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     if state is not None:
         _rng_restore(tensors, state.rng)
     _REQUESTED.clear()
+    restore = (state, tensors) if state is not None else None
+    module = SelfcamModule(model, cfg, total, restore, objective)
     try:
         with _checkpoint_signal():
-            restore = (state, tensors) if state is not None else None
-            trainer.fit(SelfcamModule(model, cfg, total, restore), datamodule=_RunData(train_set, val_set, cfg, start))
+            trainer.fit(module, datamodule=_RunData(train_set, val_set, cfg, start))
     except DivergenceError as e:
         last = _state_dirs(run / STATE_DIR) if run is not None else []
         where = f"; the last good state is {last[0][1]}" if last else ""
         raise DivergenceError(f"{e}{where}") from None
+    finally:
+        module.set_frozen(False)  # the model goes back with its own requires_grad
     return trainer.is_global_zero

@@ -51,7 +51,7 @@ from .backbones import Backbone, _TimmFeatures, timm_model, torchvision_model
 from .errors import ConfigError, InputError
 from .model import ModelConfig, SelfExplainer, init_classifier, make_head
 
-__all__ = ["PooledNorm", "TokenGrid", "WrapInfo", "rebuild", "wrap"]
+__all__ = ["PooledNorm", "TokenGrid", "WrapInfo", "model_factory", "rebuild", "wrap"]
 
 _OPTIONS = ("model_kwargs", "features", "classifier", "tokens", "post", "route", "input_size", "pretrained")
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
@@ -695,6 +695,44 @@ def _wrap(module: nn.Module, method: str, source: str, options: dict[str, Any], 
     if report is not None:
         model.pretrained_report = report
     return model.train(training)
+
+
+def model_factory(spec: str, option: str = "--model-factory") -> Callable[[], nn.Module]:
+    """The function ``spec`` (``"module:function"``, ``"package.module:Class"``, ``"module:obj.method"``) names.
+
+    For the command line only, on text the user typed: selfcam never imports a name read out of a
+    file. The current directory is searched first (as ``python -m`` does), then ``sys.path``. The
+    module is imported (its code runs); the function is called later, with no arguments, to build the
+    bare model. Anything that does not resolve to a callable is one :class:`ConfigError` line.
+    """
+    import importlib
+    import os
+    import sys
+
+    module_name, sep, attr = str(spec).partition(":")
+    if not (sep and module_name and attr) or not all(p.isidentifier() for p in (*module_name.split("."), *attr.split("."))):
+        raise ConfigError(f"{option} {spec!r}: expected module:function, e.g. mymodels:build_net (a module on the "
+                          "Python path or in the current directory, and a function in it returning the bare model)")  # fmt: skip
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or module_name
+        where = "" if missing != module_name.split(".")[0] else " (not in the current directory nor on PYTHONPATH)"
+        raise ConfigError(f"{option} {spec!r}: cannot import {module_name!r}: no module named {missing!r}{where}") from e
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: say where, in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{option} {spec!r}: importing {module_name!r} failed: {type(e).__name__}: {first}") from e
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            have = ", ".join(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))[:200]
+            raise ConfigError(f"{option} {spec!r}: {module_name}{':' if i == 0 else '.'}{'.'.join(attr.split('.')[:i])}"
+                              f"{'.' if i else ''} has no {part!r} (callables there: {have or 'none'})".replace(":.", ":"))  # fmt: skip
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{option} {spec!r}: {attr} is a {type(obj).__name__}, not a function or class")
+    return obj  # type: ignore[no-any-return]
 
 
 def rebuild(config: ModelConfig, model: nn.Module | Callable[[], nn.Module] | None = None,
