@@ -2,6 +2,7 @@
 
     model = selfcam.create_model("lfi", "resnet50", num_classes=10)
     model = selfcam.wrap(torchvision_or_timm_or_your_model, "se")   # any classifier, its predictions kept by "plain"
+    result = selfcam.distill(your_model, "se", images)   # a head that reproduces your frozen model's outputs
     out = model(x)            # out.logits (N, classes), out.heatmap (N, h, w) in [0, 1]
 
 Every public name is imported on first use (PEP 562 ``__getattr__``): ``import selfcam`` and the
@@ -29,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("WrapInfo", "wrap"), "wrap"),
     **dict.fromkeys(("TASKS", "get_task", "list_tasks", "register_task"), "tasks"),
     **dict.fromkeys(("TrainConfig", "fit"), "train"),  # Lightning
+    **dict.fromkeys(("DistillResult", "distill"), "distill"),
     "load_dataset": "data",
     "posthoc_map": "posthoc",  # grad-cam
 }
@@ -37,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DistillResult",
     "DivergenceError",
     "ExplainedOutput",
     "HEADS",
@@ -48,6 +51,7 @@ __all__ = [
     "SelfcamError",
     "TrainConfig",
     "create_model",
+    "distill",
     "fit",
     "get_task",
     "load_dataset",
@@ -95,6 +99,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see: the eager imports
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import load_dataset
+    from .distill import DistillResult, distill
     from .errors import CheckpointError, ConfigError, DataError, DivergenceError, InputError, SelfcamError
     from .heads import HEADS, ExplainedOutput, minmax, register_head, upsample
     from .model import ModelConfig, SelfExplainer, create_model, list_methods
