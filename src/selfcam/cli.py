@@ -506,6 +506,77 @@ def experiment_results(
     console.print(f"wrote {out}")
 
 
+@app.command()
+def distill(
+    teacher: str = typer.Option(..., "--teacher", help="The model to explain: a run directory, or torchvision:NAME / "
+                                "timm:NAME with its trained weights (--pretrained)."),
+    method: str = typer.Option(..., "--method", help="The head to train on the teacher's frozen backbone: se, lfi, lfi-light, abn (or plain)."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write (config.json, model.safetensors, history.json, distill.json)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Images to distill on; their labels are not used. Default: the "
+                                       "teacher run's own data. " + _DATA_HELP),
+    epochs: int = typer.Option(3, help="Epochs."),
+    temperature: float = typer.Option(2.0, "--temperature", help="T of the loss T^2 * KL(softmax(teacher/T) || softmax(student/T))."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle)."),
+    weight_decay: float = typer.Option(5e-4, help="Weight decay."),
+    head_kwargs: str = typer.Option("{}", help='Head options as JSON, e.g. \'{"reduction": 4}\'.'),
+    seed: int = typer.Option(0, help="Seed of the head's initial weights and of the data order."),
+    train_size: Optional[int] = typer.Option(None, help="Training images (dataset default if unset)."),
+    val_size: Optional[int] = typer.Option(None, help="Validation images (dataset default if unset)."),
+    test_size: Optional[int] = typer.Option(None, help="Held-out images for the reported agreement (dataset default if unset)."),
+    image_size: Optional[int] = typer.Option(None, help="Image side in pixels (default: the teacher run's, else the dataset's)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="The trained weights of a teacher given by name."),
+    model_kwargs: str = typer.Option("{}", help='Options of a teacher given by name, as JSON, e.g. \'{"num_classes": 10}\'.'),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help="module:function returning the bare model "
+                                                "of a teacher run of your own class (typed here only, never read from a file)."),
+    accelerator: str = typer.Option("auto", help="cpu, gpu or auto."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Explain a model without changing it: train a self-explaining head on the teacher's frozen backbone
+    to reproduce the teacher's outputs (no labels); print the top-1 agreement on held-out images."""
+    from .checkpoint import check_own_output
+    from .data import load_dataset
+    from .distill import DISTILL_JSON, distill as run_distill, load_teacher, model_name
+    from .errors import check_accelerator, require_int
+    from .tasks import get_task
+    from .train import TrainConfig
+
+    check_own_output(out)
+    check_accelerator(accelerator)
+    if image_size is not None:
+        from .safeio import MAX_IMAGE_SIZE
+
+        require_int("--image-size", image_size, 1, MAX_IMAGE_SIZE)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"--temperature must be a finite number > 0, got {temperature}")
+    head_kw, model_kw = _json_object(head_kwargs, "--head-kwargs"), _json_object(model_kwargs, "--model-kwargs")
+    factory = None
+    if model_factory is not None:
+        from .wrap import model_factory as resolve
+
+        factory = resolve(model_factory)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, accelerator=accelerator)
+    doc: dict[str, Any] | None = None
+    named, given, source = model_name(teacher), teacher, None
+    if named is None:  # a run: loaded once, here
+        given, source, doc = load_teacher(teacher, model=factory, pretrained=pretrained, model_kwargs=model_kw or None)
+    sizes = {"train": train_size, "val": val_size, "test": test_size}
+    recorded = (doc.get("data") or {}).get("name") if doc is not None else None
+    if doc is not None and image_size is None:  # the teacher run's data (or --data) at the run's input size
+        sets = [get_task(doc["task"]).run_data(doc, split, n, spec=data)[1] for split, n in sizes.items()]
+    elif data is None and recorded is None:
+        raise ConfigError("--data: the teacher records no data; name the images to distill on")
+    else:
+        sets = [load_dataset(data or recorded, split, n, seed=seed, size=image_size) for split, n in sizes.items()]
+    result = run_distill(given, method, *sets, cfg, temperature=temperature, run_dir=out, progress=not quiet, head_kwargs=head_kw,
+                         source=source, pretrained=pretrained if named else None,
+                         model_kwargs=(model_kw or None) if named else None)  # fmt: skip
+    m = result.metrics
+    console.print(f"{method} distilled from {teacher}: top-1 agreement {m['agreement']:.4f} on {m['n']} held-out images "
+                  f"({m['data']}, {m['split']}; {m['agreement_at_start']:.4f} before training); wrote {out} and "
+                  f"{out / DISTILL_JSON}", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+
+
 def _add_bench() -> None:
     from .bench import bench_app
 
