@@ -177,10 +177,11 @@ def compare(student: nn.Module, teacher: nn.Module, dataset: Dataset, batch_size
     try:
         with torch.no_grad():
             for batch in DataLoader(dataset, batch_size):
-                x = batch[0].to(device)
+                bare = isinstance(batch, Tensor)  # a dataset of bare images
+                x = (batch if bare else batch[0]).to(device)
                 s_all.append(teacher_logits(student, x).cpu())
                 t_all.append(teacher_logits(teacher, x).cpu())
-                y = batch[1] if len(batch) > 1 else None
+                y = batch[1] if not bare and len(batch) > 1 else None
                 y_all.append(y if isinstance(y, Tensor) and y.dim() == 1 and not y.is_floating_point() else None)
     finally:
         student.train(student_mode), teacher.train(teacher_mode)
@@ -194,6 +195,35 @@ def compare(student: nn.Module, teacher: nn.Module, dataset: Dataset, batch_size
         doc["student_accuracy"] = float((s.argmax(1) == y).double().mean())
         doc["teacher_accuracy"] = float((t.argmax(1) == y).double().mean())
     return doc
+
+
+class _Unlabelled(Dataset):
+    """A dataset of bare images (items ``x`` or ``(x,)``) as items ``(x, -1)``: ``fit`` unpacks a batch into
+    inputs and targets before the objective, which ignores the targets. Other attributes (``spec``,
+    ``size``, ``mean``... that the run records) are the dataset's."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        item = self.dataset[i]
+        return (item[0] if isinstance(item, (tuple, list)) else item), -1
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _with_targets(dataset: Dataset | None) -> Dataset | None:
+    """``dataset``, or :class:`_Unlabelled` around it when its items are bare images."""
+    if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
+        return dataset
+    item = dataset[0]
+    return _Unlabelled(dataset) if isinstance(item, Tensor) or (isinstance(item, (tuple, list)) and len(item) == 1) else dataset
 
 
 def _state_sha256(module: nn.Module) -> str:
@@ -289,6 +319,7 @@ def distill(
         student = student_for(name or teacher, method, head_kwargs, **wrap_kwargs)
         for data, what in ((train_set, "training data"), (val_set, "validation data"), (test_set, "held-out data")):
             _check_data(student, data, what)
+        train_set, val_set = _with_targets(train_set), _with_targets(val_set)  # type: ignore[assignment]
         record = {"teacher": _describe_teacher(teacher, source), "method": method, "temperature": float(temperature),
                   "objective": OBJECTIVE, "frozen_backbone": True}  # fmt: skip
         held_out = test_set if test_set is not None else val_set
