@@ -300,7 +300,7 @@ class ASDModel(nn.Module):
     def explain(self, frames: Tensor, wave: Tensor, mode: str = "bilinear") -> ASDOutput:
         """Like ``forward`` with the per-frame maps upsampled to ``(N, T, H, W)``."""
         out = self(frames, wave)
-        out.heatmap = upsample_clip(out.heatmap, (frames.shape[1], *frames.shape[-2:]), mode)
+        out.heatmap = upsample_clip(out.heatmap, (frames.shape[1], *frames.shape[-2:]), mode, self.face.cell_grid(frames.shape[-2:]))
         return out
 
     def loss(self, out: ASDOutput, label: Tensor, frame_labels: Tensor) -> Tensor:
@@ -326,6 +326,7 @@ def predict_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64, silent:
     was = model.training
     model.eval()
     device = next(model.parameters()).device
+    face = getattr(model, "face", None)  # the frame backbone's cells place the maps (selfcam.cells)
     keys = ("score", "frame_score", "labels", "frame_labels", "pointing", "pointing_tol")
     acc: dict[str, list[Tensor]] = {k: [] for k in keys}
     imp: dict[str, list[Tensor]] = {m: [] for m in model.sizes}
@@ -340,7 +341,8 @@ def predict_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64, silent:
             imp[m].append(v.cpu())
         if len(batch) > 4:
             n, t, _, hh, ww = frames.shape
-            maps = upsample_clip(out.heatmap, (t, hh, ww)).flatten(0, 1)
+            cells = face.cell_grid((hh, ww)) if face is not None else None
+            maps = upsample_clip(out.heatmap, (t, hh, ww), cells=cells).flatten(0, 1)
             masks = box_mask(batch[4].to(device).flatten(0, 1), (hh, ww))
             acc["pointing"].append(pointing_game(maps, masks).view(n, t).cpu())
             acc["pointing_tol"].append(pointing_game(maps, masks, tolerance=zhang_tolerance(hh)).view(n, t).cpu())

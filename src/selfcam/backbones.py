@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .cells import CellGrid, measure_cells
 from .errors import ConfigError, check_options
 from .safeio import check_depth
 
@@ -54,6 +55,18 @@ class Backbone(nn.Module):
         return self.forward_split(x)[1]
 
     forward = forward_features
+
+    def cell_grid(self, size: tuple[int, int]) -> CellGrid | None:
+        """Where the cells of ``F`` sit in an input of ``size`` (:func:`selfcam.cells.measure_cells`, by impulse
+        response; measured once per size and kept). ``None`` when every cell sees the whole image (a backbone with
+        global pooling or attention inside): maps are then upsampled as ``F.interpolate`` does."""
+        key = tuple(int(v) for v in size)
+        cache = self.__dict__.setdefault("_cell_grids", {})
+        if key not in cache:
+            param = next(self.parameters(), None)
+            device, dtype = (None, torch.float32) if param is None else (param.device, param.dtype)
+            cache[key] = measure_cells(self.forward_features, self.in_chans, key, device=device, dtype=dtype, module=self)
+        return cache[key]
 
 
 # --- CIFAR-style ResNets --------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
+from .cells import CellGrid, resample
 from .errors import ConfigError
 
 __all__ = [
@@ -68,19 +69,22 @@ def minmax(t: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
     return torch.where(flat, (t != 0).to(t.dtype), scaled)
 
 
-def upsample(heatmap: Tensor, size: tuple[int, int] | int, mode: str = "bilinear") -> Tensor:
-    """Resize maps ``(N, h, w)`` to ``(N, H, W)`` and re-normalize them to ``[0, 1]``.
+def upsample(heatmap: Tensor, size: tuple[int, int] | int, mode: str = "bilinear", cells: CellGrid | None = None) -> Tensor:
+    """Resize maps ``(N, h, w)`` to ``(N, H, W)`` and re-normalize them to ``[0, 1]``: the one door every map
+    (the heads', the post-hoc methods', per frame of a clip) takes to image size.
 
-    ``mode`` is ``"bilinear"`` or ``"bicubic"`` (bicubic can overshoot, so the
-    result is min-max scaled again, as docs/design.md 2.2 step 3 says).
+    ``cells``: where the backbone centres its feature cells in the image (:class:`~selfcam.cells.CellGrid`, measured
+    by :meth:`selfcam.backbones.Backbone.cell_grid`); each cell's value lands on its centre. Without it, the cells are
+    assumed where bilinear upsampling with ``align_corners=False`` puts them (``F.interpolate``'s result exactly).
+    ``mode`` is ``"bilinear"`` or ``"bicubic"`` (bicubic can overshoot, so the result is min-max scaled again, as
+    docs/design.md 2.2 step 3 says).
     """
     if heatmap.dim() != 3:
         raise ValueError(f"upsample expects heatmaps of shape (N, h, w), got {tuple(heatmap.shape)}")
     if mode not in ("bilinear", "bicubic"):
         raise ConfigError(f"upsample mode must be 'bilinear' or 'bicubic', got {mode!r}")
     size = (size, size) if isinstance(size, int) else tuple(size)
-    out = F_.interpolate(heatmap.unsqueeze(1), size=size, mode=mode, align_corners=False).squeeze(1)
-    return minmax(out)
+    return minmax(resample(heatmap, size, mode, cells))
 
 
 def weighted_map(weights: Tensor, features: Tensor, *, relu: bool = False, count: Tensor | None = None) -> Tensor:

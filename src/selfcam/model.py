@@ -86,7 +86,8 @@ class SelfExplainer(nn.Module):
         (``(N, A, H, W)`` for a multi-label head's one map per attribute)."""
         out = self(x)
         heat, size = out.heatmap, tuple(x.shape[-2:])
-        out.heatmap = upsample(heat.flatten(0, -3), size, mode).view(*heat.shape[:-2], *size)
+        cells = self.backbone.cell_grid(size)  # where the backbone centres its cells (selfcam.cells)
+        out.heatmap = upsample(heat.flatten(0, -3), size, mode, cells).view(*heat.shape[:-2], *size)
         return out
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -31,10 +31,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError, require_int
+from .cells import CellGrid, measure_cells
 from .heads import PlainHead, minmax, upsample
 from .metrics import logits_of
 from .model import SelfExplainer
-from .video import VideoSelfExplainer, check_clip
+from .video import VideoSelfExplainer, check_clip, upsample_clip
 
 __all__ = ["METHOD_TASKS", "POSTHOC_METHODS", "posthoc_map", "preserved_state"]
 
@@ -71,8 +72,9 @@ def _cam(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """Classic CAM (Zhou et al. 2016) of a ``plain`` model, upsampled to the input size."""
     if not isinstance(model, SelfExplainer) or not isinstance(model.head, PlainHead):
         raise ConfigError("the classic CAM needs a 'plain' model (GAP + linear classifier)")
+    size = tuple(x.shape[-2:])
     with torch.no_grad():
-        return upsample(model.head.cam(model.forward_features(x), target), tuple(x.shape[-2:]))
+        return upsample(model.head.cam(model.forward_features(x), target), size, cells=model.backbone.cell_grid(size))
 
 
 class _ChannelsFirstClip(nn.Module):
@@ -86,10 +88,67 @@ class _ChannelsFirstClip(nn.Module):
         return logits_of(self.model, x.transpose(1, 2))
 
 
+class _Captured(Exception):
+    """Raised by the hook of :func:`_layer_cells` once it holds the layer's output (the rest of the forward is skipped)."""
+
+
+def _layer_cells(model: nn.Module, layer: nn.Module, x: Tensor) -> CellGrid | None:
+    """Where ``layer``'s output cells sit in ``x``'s frames (:func:`selfcam.cells.measure_cells` through a forward
+    hook); kept on the layer per input size. A clip model is fed clips of the measured frame repeated."""
+    size = tuple(int(v) for v in x.shape[-2:])
+    cache = layer.__dict__.setdefault("_cell_grids", {})
+    if size in cache:
+        return cache[size]
+    clip = x.dim() == 5
+
+    def features(inp: Tensor) -> Tensor:
+        captured: list[Tensor] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            captured.append(output)
+            raise _Captured
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            logits_of(model, inp.unsqueeze(1).expand(-1, x.shape[1], *inp.shape[1:]) if clip else inp)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        out = captured[0]
+        return out[:, :, 0] if out.dim() == 5 else out  # (N, K, T, h, w): its first frame
+
+    cache[size] = measure_cells(features, x.shape[-3], size, device=x.device, dtype=x.dtype, module=model)
+    return cache[size]
+
+
+def _target_cells(model: nn.Module, layer: nn.Module, default: bool, x: Tensor) -> CellGrid | None:
+    """The cell grid of grad-cam's target layer: the backbone's for the default layer, else measured on the layer."""
+    if default and isinstance(model, (SelfExplainer, VideoSelfExplainer)):
+        return model.backbone.cell_grid(tuple(x.shape[-2:]))
+    return _layer_cells(model, layer, x)
+
+
+def _feature_resolution(cam_class: type) -> type:
+    """``cam_class`` returning its maps at the target layer's resolution (min-max scaled by grad-cam), so that
+    they reach image size through :func:`~selfcam.heads.upsample` as every map does, not through ``cv2.resize``
+    or ``scipy.ndimage.zoom`` (whose cells sit half a feature pixel off the backbone's, docs/methods.md)."""
+
+    class AtFeatures(cam_class):  # type: ignore[misc, valid-type]
+        def get_target_width_height(self, input_tensor: Tensor) -> None:
+            return None
+
+    AtFeatures.__name__ = AtFeatures.__qualname__ = f"{cam_class.__name__}AtFeatures"
+    return AtFeatures
+
+
 def _gradcam(cam_class: type, model: nn.Module, x: Tensor, target: Tensor, *, target_layer: nn.Module | None = None) -> Tensor:
     """grad-cam's ``cam_class`` at ``target_layer`` (default: a SelfExplainer's last backbone stage, a
-    video model's backbone output ``F (N, K, T, h, w)``). Clips ``(N, T, C, H, W)`` give ``(N, T, H, W)``."""
+    video model's backbone output ``F (N, K, T, h, w)``). Clips ``(N, T, C, H, W)`` give ``(N, T, H, W)``.
+    grad-cam computes the map at the layer's resolution; :func:`~selfcam.heads.upsample` takes it to image size
+    with the layer's cells where the network centres them."""
     clip = isinstance(model, VideoSelfExplainer)
+    default = target_layer is None
     if target_layer is None:
         if clip:
             target_layer = model.backbone
@@ -99,14 +158,17 @@ def _gradcam(cam_class: type, model: nn.Module, x: Tensor, target: Tensor, *, ta
             raise ConfigError("option target_layer is required for a model that is not a SelfExplainer")
     elif not any(m is target_layer for m in model.modules()):
         raise ConfigError(f"option target_layer must be a submodule of the model, got {type(target_layer).__name__}")
+    cells = _target_cells(model, target_layer, default, x)
     # not grad-cam's `with` block: its __exit__ swallows exceptions; we release the hooks ourselves
-    extractor = cam_class(model=_ChannelsFirstClip(model) if clip else _Logits(model), target_layers=[target_layer])
+    extractor = _feature_resolution(cam_class)(model=_ChannelsFirstClip(model) if clip else _Logits(model), target_layers=[target_layer])
     try:
         maps = extractor(input_tensor=x.transpose(1, 2) if clip else x, targets=[ClassifierOutputTarget(int(c)) for c in target])
     finally:
         extractor.activations_and_grads.release()
-    # grad-cam scales a clip's map as one volume (and its spline zoom can overshoot): per frame, as the self maps
-    return minmax(torch.from_numpy(maps)) if clip else torch.from_numpy(maps)
+    maps = torch.from_numpy(maps)  # (N, h, w), or (N, T', h, w) for a clip
+    if clip:  # per frame, as the self maps
+        return upsample_clip(maps, (x.shape[1], *x.shape[-2:]), cells=cells)
+    return upsample(maps, tuple(x.shape[-2:]), cells=cells)
 
 
 def _rise_grids(n: int, s: int, p: float, size: tuple[int, int], generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F_
 from torch import Tensor, nn
 
 from .backbones import create_backbone
+from .cells import CellGrid
 from .errors import ConfigError, InputError
 from .heads import ExplainedOutput, check_se_options, se_select, upsample, weighted_map
 
@@ -54,17 +55,18 @@ def check_clip(x: Any, in_chans: int, frames: int | None = None, what: str = "cl
         raise InputError(f"{what}: empty batch or clip, shape {tuple(x.shape)}")
 
 
-def upsample_clip(maps: Tensor, size: tuple[int, int, int], mode: str = "bilinear") -> Tensor:
+def upsample_clip(maps: Tensor, size: tuple[int, int, int], mode: str = "bilinear", cells: CellGrid | None = None) -> Tensor:
     """Per-frame maps ``(N, T', h, w)`` -> ``(N, T, H, W)``, each frame min-max scaled to [0, 1].
 
-    Time is resized linearly first when ``T' != T`` (a backbone that strides over time).
+    Time is resized linearly first when ``T' != T`` (a backbone that strides over time); each frame then goes
+    through :func:`~selfcam.heads.upsample` with ``cells``, where the frame backbone centres its cells.
     """
     if maps.dim() != 4:
         raise InputError(f"upsample_clip expects maps of shape (N, T, h, w), got {tuple(maps.shape)}")
     t, h, w = size
     if maps.shape[1] != t:
         maps = F_.interpolate(maps.unsqueeze(1), size=(t, *maps.shape[-2:]), mode="trilinear", align_corners=False).squeeze(1)
-    return upsample(maps.flatten(0, 1), (h, w), mode).view(maps.shape[0], t, h, w)
+    return upsample(maps.flatten(0, 1), (h, w), mode, cells).view(maps.shape[0], t, h, w)
 
 
 @dataclass
@@ -130,6 +132,10 @@ class VideoBackbone(nn.Module):
             nn.Conv3d(k, k, (temporal_kernel, 1, 1), padding=(temporal_kernel // 2, 0, 0), bias=False), nn.BatchNorm3d(k)
         )
 
+    def cell_grid(self, size: tuple[int, int]) -> CellGrid | None:
+        """Where the cells of ``F`` sit in a frame of ``size``: the frame backbone's (the temporal convolution is 1x1 in space)."""
+        return self.frame.cell_grid(size)
+
     def forward(self, x: Tensor) -> Tensor:
         n, t = x.shape[:2]
         g = self.frame.forward_features(x.flatten(0, 1))  # (N*T, K, h, w)
@@ -190,7 +196,7 @@ class VideoSelfExplainer(nn.Module):
     def explain(self, x: Tensor, mode: str = "bilinear") -> ExplainedOutput:
         """Like ``forward`` with the maps upsampled to the clip's size ``(N, T, H, W)``."""
         out = self(x)
-        out.heatmap = upsample_clip(out.heatmap, (x.shape[1], *x.shape[-2:]), mode)
+        out.heatmap = upsample_clip(out.heatmap, (x.shape[1], *x.shape[-2:]), mode, self.backbone.cell_grid(x.shape[-2:]))
         return out
 
     def loss(self, out: ExplainedOutput, target: Tensor) -> Tensor:

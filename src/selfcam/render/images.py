@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from selfcam.cells import resample
 from selfcam.errors import InputError
 
 __all__ = ["attribute_sheet", "clip_frames", "clip_gif", "draw_box", "frame_strip", "gif_bytes", "gif_data_uri", "importance_rows", "mask_outline", "overlay",
@@ -75,8 +75,8 @@ def overlay(image: Array, heatmap: Array, alpha: float = 0.5) -> np.ndarray:
     if heat.ndim != 2:
         raise InputError(f"heatmap must be (H,W), got shape {tuple(heat.shape)}")
     if heat.shape != img.shape[:2]:
-        heat = F.interpolate(torch.from_numpy(heat)[None, None], size=img.shape[:2], mode="bilinear",
-                             align_corners=False)[0, 0].numpy()  # fmt: skip
+        # the resampling of selfcam.heads.upsample without a cell grid (maps explain() returns are at image size already)
+        heat = resample(torch.from_numpy(np.ascontiguousarray(heat)), img.shape[:2]).numpy()
     index = (255 * np.clip(np.nan_to_num(heat), 0, 1)).astype(np.uint8)
     cam = (1 - alpha) * (_jet()[index].astype(np.float32) / 255) + alpha * img
     cam = cam / max(cam.max(), np.float32(1e-12))
