@@ -202,3 +202,21 @@ def test_cli_bad_input_is_one_line(args: list[str], message: str, teacher_run: P
     assert code == 2, text
     assert message in text and "Traceback" not in text
     assert len(text.strip().splitlines()) == 1 or "error:" in text.strip().splitlines()[0]
+
+
+def test_a_torchvision_model_given_by_name_with_its_weights(tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=4)
+    weights = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), weights)
+    images = TensorDataset(torch.randn(32, 3, 32, 32))
+    result = distill("torchvision:resnet18", "lfi-light", images, None, images, TrainConfig(epochs=1, batch_size=16),
+                     run_dir=tmp_path / "run", progress=False, pretrained=weights, model_kwargs={"num_classes": 4})  # fmt: skip
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["distill"]["teacher"]
+    assert record["source"] == f"torchvision:resnet18 with weights {weights}"
+    loaded, doc = load_checkpoint(tmp_path / "run")  # a model given by name rebuilds itself: no model= needed
+    assert doc["model"].backbone == "wrap:torchvision:resnet18" and _identical(_snapshot(loaded), _snapshot(result.model))
+    kept = {k.removeprefix("trunk.").replace("last.", "layer4.", 1): v for k, v in loaded.backbone.state_dict().items()}
+    assert _identical(kept, {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")})  # the file's weights
