@@ -186,8 +186,9 @@ def test_model_output_shapes_and_importance_slices() -> None:
     assert out.logits.shape == (3, 2) and out.frame_logits.shape == (3, 4, 2)
     assert out.heatmap.shape == (3, 4, 4, 4) and out.heatmap.min() >= 0 and out.heatmap.max() <= 1
     assert out.se_weights.shape == (3, 64 + 64) and out.face_weights.shape == (3, 64)
-    torch.testing.assert_close(out.importance["audio"], out.se_weights[:, :64].mean(1))
-    torch.testing.assert_close(out.importance["face"], out.se_weights[:, 64:].mean(1))
+    torch.testing.assert_close(out.importances["se_mean"]["audio"], out.se_weights[:, :64].mean(1))
+    torch.testing.assert_close(out.importances["se_mean"]["face"], out.se_weights[:, 64:].mean(1))
+    assert out.importance is out.importances["removal"]  # the default definition
     torch.testing.assert_close(out.score, out.logits[:, 1] - out.logits[:, 0])
     assert model.explain(frames, wave).heatmap.shape == (3, 4, 32, 32)
 
@@ -200,11 +201,13 @@ def test_audio_dropout_silences_whole_clips_in_training_only() -> None:
     frames = torch.randn(64, 4, 3, 32, 32)
     torch.manual_seed(0)
     model.train()(frames, wave)
-    silent = (seen[-1] == 0).all(1)
+    heard = seen[0]  # (the removal importance then hears one silent clip: the absent audio)
+    silent = (heard == 0).all(1)
     assert 10 < int(silent.sum()) < 54  # about half of the 64 clips
-    assert torch.equal(seen[-1][~silent], wave[~silent])  # the others are untouched
+    assert torch.equal(heard[~silent], wave[~silent])  # the others are untouched
+    seen.clear()
     model.eval()(frames, wave)
-    assert torch.equal(seen[-1], wave)  # never at evaluation
+    assert torch.equal(seen[0], wave)  # never at evaluation
     with pytest.raises(ConfigError, match="audio_dropout"):
         ASDConfig(audio_dropout=1.0)
 
@@ -264,7 +267,7 @@ class _Loudness(nn.Module):
 def _constructed(sign: float) -> ASDModel:
     """Fusion SE with one hidden unit reading the mean audio embedding; audio gates get ``sign * 5`` of it,
     face gates 0: s_audio = sigmoid(sign * 5 * z_audio), s_face = 0.5."""
-    model = ASDModel(ASDConfig(frames=8, audio_dim=16, fusion_reduction=8)).eval()
+    model = ASDModel(ASDConfig(frames=8, audio_dim=16, fusion_reduction=8, importance="se_mean")).eval()
     model.audio = _Loudness(16)
     w1, w2 = model.fusion_se.excite[0].weight, model.fusion_se.excite[2].weight  # (10, 80), (80, 10)
     with torch.no_grad():
@@ -289,6 +292,35 @@ def test_silence_check_on_a_constructed_model(clips: SpeakerClips) -> None:
     flipped = evaluate_asd(_constructed(-1.0), data, batch_size=6)["silence_check"]
     assert flipped["audio_importance"] == pytest.approx(torch.sigmoid(-5 * z).mean().item(), abs=1e-5)
     assert flipped["audio_importance_falls"] is False  # the check can fail
+
+
+def test_removal_importance_is_the_effect_of_removing_each_modality() -> None:
+    torch.manual_seed(0)
+    model = ASDModel(ASDConfig(**SMALL)).eval()
+    frames, wave = torch.randn(3, 4, 3, 32, 32), 0.1 * torch.randn(3, 2560) + 0.2
+    silence, blank = torch.zeros_like(wave), torch.zeros_like(frames)
+
+    def prob(f: Tensor, w: Tensor) -> Tensor:
+        return model(f, w).logits.softmax(1)[:, 1]
+
+    with torch.no_grad():
+        out = model(frames, wave)
+        full = prob(frames, wave)
+        # |p(speaking) - p(speaking) with that modality's input removed|, by hand through the whole model
+        torch.testing.assert_close(out.importance["audio"], (full - prob(frames, silence)).abs())
+        torch.testing.assert_close(out.importance["face"], (full - prob(blank, wave)).abs())
+        assert (out.importance["audio"] > 0).all() and (out.importance["face"] > 0).all()
+        # a modality that is already absent has nothing to remove
+        assert model(frames, silence).importance["audio"].abs().max() < 1e-6
+        assert model(blank, wave).importance["face"].abs().max() < 1e-6
+    # in training the removal passes leave the normalization statistics alone: one update per forward
+    model.train()
+    bn = model.temporal[1]
+    before = int(bn.num_batches_tracked)
+    model(frames, wave)
+    assert int(bn.num_batches_tracked) == before + 1 and model.training and bn.training
+    with pytest.raises(ConfigError, match="importance must be one of removal, se_mean"):
+        ASDConfig(importance="gradient")
 
 
 class _FixedPeak(nn.Module):
@@ -360,6 +392,14 @@ def test_fit_runs_and_checkpoint_round_trip(tmp_path: Path) -> None:
     frames, wave = torch.stack([data[i][0] for i in range(4)]), data.waves[:4]
     with torch.no_grad():
         torch.testing.assert_close(loaded(frames, wave).logits, model.eval()(frames, wave).logits)
+    # the importance checks on this (small, briefly) trained model: the default definition falls under both
+    m = evaluate_asd(model, data, batch_size=8)
+    assert m["silence_check"]["definition"] == m["blank_face_check"]["definition"] == "removal"
+    assert m["silence_check"]["audio_importance_falls"] is True and m["silence_check"]["audio_importance_silent"] < 1e-6
+    assert m["blank_face_check"]["face_importance_falls"] is True and m["blank_face_check"]["face_importance_blank"] < 1e-6
+    paper = m["se_mean_checks"]
+    assert paper["silence_check"]["definition"] == "se_mean" and set(paper) == {"modality_importance", "silence_check", "blank_face_check"}
+    assert {"face_importance", "face_importance_blank", "face_importance_falls"} <= paper["blank_face_check"].keys()
     raw = json.loads((tmp_path / "run" / "config.json").read_text())
     (tmp_path / "run" / "config.json").write_text(json.dumps({**raw, "model": {**raw["model"], "frames": 0}}))
     with pytest.raises(CheckpointError, match="config.json.*frames must be an integer >= 1"):

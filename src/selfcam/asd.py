@@ -9,8 +9,11 @@
 3. concatenation ``(N, D_a + D_v, T)`` -> one SE block over it (squeezed over time) ->
    temporal convolutions -> clip logits ``(N, 2)`` and frame logits ``(N, T, 2)``.
 
-The importance of a modality is the mean SE weight ``s`` over its slice of the concatenated
-embedding (per clip; :func:`importance_by_class` averages it over a split by class). Training runs
+The importance of a modality (per clip; :func:`importance_by_class` averages it over a split by class)
+has two definitions (:data:`IMPORTANCE_DEFINITIONS`, ``ASDConfig.importance`` picks the one ``importance``
+holds; ``importances`` holds both): ``"removal"`` (default), how far the speaking probability moves when
+the modality is removed (its input replaced by silence or a blank frame, the fusion recomputed), and
+``"se_mean"``, the paper's mean SE weight ``s`` over its slice of the concatenated embedding. Training runs
 through :func:`selfcam.train.fit` (the ``asd`` task of :mod:`selfcam.tasks`; in training, ``audio_dropout``
 of the clips are heard as silence) and runs are saved like every other (:mod:`selfcam.checkpoint`).
 :func:`evaluate_asd` scores a model; the demo is ``selfcam demo --task asd`` (:mod:`selfcam.demo`).
@@ -19,6 +22,8 @@ of the clips are heard as silence) and runs are saved like every other (:mod:`se
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -39,6 +44,7 @@ __all__ = [
     "ASDOutput",
     "AudioEncoder",
     "LogMel",
+    "IMPORTANCE_DEFINITIONS",
     "MODALITIES",
     "evaluate_asd",
     "importance_by_class",
@@ -46,9 +52,11 @@ __all__ = [
     "mel_filterbank",
     "modality_importance",
     "predict_asd",
+    "removal_importance",
 ]
 
 MODALITIES: tuple[str, ...] = ("audio", "face")  # order of the slices in the concatenated embedding
+IMPORTANCE_DEFINITIONS: tuple[str, ...] = ("removal", "se_mean")  # docs/asd.md compares them
 LOG_EPS = 1e-3  # log(mel + eps): silence sits at log(1e-3) = -6.9, just under the generator's noise floor
 AUDIO_SCALE = 5.0  # log-mel is fed as (log(mel + eps) - log(eps)) / AUDIO_SCALE: silence is exactly 0
 
@@ -166,6 +174,7 @@ class ASDConfig:
     gate_l1: float = 0.0
     audio_dropout: float = 0.0
     face_pool: str = "mean"
+    importance: str = "removal"
     factor: float = 1.282
     space: str = "logit"
     sample_rate: int = 16000
@@ -177,6 +186,8 @@ class ASDConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"ASD config: {name} must be an integer >= 1, got {value!r}")
+        if self.importance not in IMPORTANCE_DEFINITIONS:
+            raise ConfigError(f"ASD config: importance must be one of {', '.join(IMPORTANCE_DEFINITIONS)}, got {self.importance!r}")
         if self.face_pool not in ("mean", "max"):
             raise ConfigError(f"ASD config: face_pool must be 'mean' or 'max', got {self.face_pool!r}")
         if not (self.gate_l1 >= 0 and math.isfinite(self.gate_l1)):
@@ -198,7 +209,9 @@ class ASDOutput:
     logits ``(N, 2)`` clip logits; frame_logits ``(N, T, 2)``; heatmap ``(N, T, h, w)`` per-frame
     maps in [0, 1] from the face encoder's SE; se_weights ``(N, D_a + D_v)`` the fusion SE vector
     ``s``; face_weights / face_selected ``(N, K)`` the face SE vector and its selected channels;
-    importance: modality -> ``(N,)`` mean of ``s`` over that modality's slice.
+    importances: definition (:data:`IMPORTANCE_DEFINITIONS`) -> modality -> ``(N,)``: ``"removal"``
+    (:func:`removal_importance`) and ``"se_mean"`` (:func:`modality_importance`, the paper's);
+    importance: the one of them ``ASDConfig.importance`` names.
     """
 
     logits: Tensor
@@ -208,6 +221,7 @@ class ASDOutput:
     face_weights: Tensor
     face_selected: Tensor
     importance: dict[str, Tensor]
+    importances: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     @property
     def score(self) -> Tensor:
@@ -226,6 +240,12 @@ def modality_importance(se_weights: Tensor, sizes: dict[str, int]) -> dict[str, 
         raise InputError(f"SE weights {tuple(se_weights.shape)} do not split into slices of sizes {sizes}")
     parts = torch.split(se_weights, list(sizes.values()), dim=1)
     return {name: part.mean(1) for name, part in zip(sizes, parts)}
+
+
+def removal_importance(prob: Tensor, removed: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``|p - p_without_m|`` per clip: ``prob (N,)`` the speaking probability, ``removed`` modality -> ``(N,)`` the
+    speaking probability with that modality removed. In [0, 1]; 0 where removing the modality changes nothing."""
+    return {m: (prob - p).abs() for m, p in removed.items()}
 
 
 def importance_by_class(importance: dict[str, Tensor], labels: Tensor, names: tuple[str, str] = ("not_speaking", "speaking")) -> dict[str, dict[str, float]]:
@@ -282,20 +302,45 @@ class ASDModel(nn.Module):
             wave = wave * (torch.rand(len(wave), 1, device=wave.device) >= p)
         t = frames.shape[1]
         audio = self.audio(self.mel(wave), t)  # (N, D_a, T)
+        feats, face_se, face = self._face(frames)  # F (N, K, T, h, w), its SE, the pooled embedding (N, K, T)
+        fused, logits, frame_logits = self._fuse(audio, face)
+        importances = {"removal": self._removal(frames, wave, audio, face, logits),
+                       "se_mean": modality_importance(fused.weights, self.sizes)}  # fmt: skip
+        return ASDOutput(
+            logits=logits, frame_logits=frame_logits,
+            heatmap=self.face_se.maps(feats, face_se),
+            se_weights=fused.weights, face_weights=face_se.weights, face_selected=face_se.selected,
+            importance=importances[self.config.importance], importances=importances,
+        )  # fmt: skip
+
+    def _face(self, frames: Tensor) -> tuple[Tensor, Any, Tensor]:
         feats = self.face(frames)  # (N, K, T, h, w)
         face_se = self.face_se(feats)
         gated = face_se.gated.flatten(-2)
-        face = gated.mean(-1) if self.config.face_pool == "mean" else gated.amax(-1)  # (N, K, T)
+        return feats, face_se, gated.mean(-1) if self.config.face_pool == "mean" else gated.amax(-1)  # (N, K, T)
+
+    def _fuse(self, audio: Tensor, face: Tensor) -> tuple[Any, Tensor, Tensor]:
+        """The fusion SE over ``[audio; face]`` and the temporal classifier: (SE output, clip logits, frame logits)."""
         fused = self.fusion_se(torch.cat([audio, face], 1))
         h = self.temporal(fused.gated)  # (N, H, T)
         g = h.mean(2)
         frame_logits = self.frame_fc(torch.cat([h, g[:, :, None].expand_as(h)], 1)).transpose(1, 2)
-        return ASDOutput(
-            logits=self.clip_fc(g), frame_logits=frame_logits,
-            heatmap=self.face_se.maps(feats, face_se),
-            se_weights=fused.weights, face_weights=face_se.weights, face_selected=face_se.selected,
-            importance=modality_importance(fused.weights, self.sizes),
-        )  # fmt: skip
+        return fused, self.clip_fc(g), frame_logits
+
+    def _removal(self, frames: Tensor, wave: Tensor, audio: Tensor, face: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """:func:`removal_importance`: each modality's embedding replaced by that of its absent input (the audio
+        by silence's, the face by a blank clip's: zeros in the normalized input, the data's mean colour) and the
+        fusion recomputed, as the model would for that input (the encoders are separate, so this is exactly
+        ``p(speaking)`` for the clip with that modality removed). No gradient; in training the normalization layers
+        run in eval mode for these passes (their statistics are not updated) and the clip's own probability is
+        recomputed the same way."""
+        with torch.no_grad(), _eval_norms(self) as switched:
+            t = frames.shape[1]
+            silent = self.audio(self.mel(wave.new_zeros((1, wave.shape[1]))), t).expand_as(audio)
+            blank = self._face(frames.new_zeros((1, *frames.shape[1:])))[2].expand_as(face)
+            prob = self._fuse(audio, face)[1] if switched else logits
+            removed = {"audio": self._fuse(silent, face)[1], "face": self._fuse(audio, blank)[1]}
+            return removal_importance(prob.softmax(1)[:, 1], {m: v.softmax(1)[:, 1] for m, v in removed.items()})
 
     def explain(self, frames: Tensor, wave: Tensor, mode: str = "bilinear") -> ASDOutput:
         """Like ``forward`` with the per-frame maps upsampled to ``(N, T, H, W)``."""
@@ -310,15 +355,30 @@ class ASDModel(nn.Module):
         return loss + self.config.gate_l1 * out.se_weights.mean() if self.config.gate_l1 else loss
 
 
+@contextmanager
+def _eval_norms(model: nn.Module) -> Iterator[bool]:
+    """Normalization layers in eval mode inside (restored after); yields whether any was in training mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
+    for m in norms:
+        m.training = False
+    try:
+        yield bool(norms)
+    finally:
+        for m in norms:
+            m.training = True
+
+
 # --- evaluation -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def predict_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64, silent: bool = False) -> dict[str, Any]:
-    """Run ``model`` (eval mode) over ``dataset``; with ``silent`` every waveform is replaced by zeros.
+def predict_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64, silent: bool = False, blank: bool = False) -> dict[str, Any]:
+    """Run ``model`` (eval mode) over ``dataset``; with ``silent`` every waveform is replaced by zeros, with ``blank``
+    every face frame by a blank one (zeros in the normalized input: the data's mean colour).
 
     Returns ``score (n,)``, ``frame_score (n, T)``, ``labels (n,)``, ``frame_labels (n, T)``,
-    ``importance`` (modality -> ``(n,)``) and, when the dataset yields mouth boxes,
+    ``importance`` (modality -> ``(n,)``, the model's default definition), ``importances`` (definition ->
+    modality -> ``(n,)``, every definition the model gives) and, when the dataset yields mouth boxes,
     ``pointing (n, T)``: 1.0 where the frame's upsampled map peaks inside the mouth box, and
     ``pointing_tol (n, T)``: the same within ``round(15 H / 224)`` pixels of it (Zhang et al.'s
     pointing game allows 15 px at 224 px).
@@ -326,19 +386,23 @@ def predict_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64, silent:
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    face = getattr(model, "face", None)  # the frame backbone's cells place the maps (selfcam.cells)
     keys = ("score", "frame_score", "labels", "frame_labels", "pointing", "pointing_tol")
     acc: dict[str, list[Tensor]] = {k: [] for k in keys}
     imp: dict[str, list[Tensor]] = {m: [] for m in model.sizes}
+    imps: dict[str, dict[str, list[Tensor]]] = {}
+    face = getattr(model, "face", None)  # the frame backbone's cells place the maps (selfcam.cells)
     for batch in DataLoader(dataset, batch_size):
         frames, wave, y, fy = (b.to(device) for b in batch[:4])
-        out = model(frames, torch.zeros_like(wave) if silent else wave)
+        out = model(torch.zeros_like(frames) if blank else frames, torch.zeros_like(wave) if silent else wave)
         acc["score"].append(out.score.cpu())
         acc["frame_score"].append(out.frame_score.cpu())
         acc["labels"].append(y.cpu())
         acc["frame_labels"].append(fy.cpu())
         for m, v in out.importance.items():
             imp[m].append(v.cpu())
+        for d, per in out.importances.items():
+            for m, v in per.items():
+                imps.setdefault(d, {}).setdefault(m, []).append(v.cpu())
         if len(batch) > 4:
             n, t, _, hh, ww = frames.shape
             cells = face.cell_grid((hh, ww)) if face is not None else None
@@ -349,6 +413,7 @@ def predict_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64, silent:
     model.train(was)
     res: dict[str, Any] = {k: torch.cat(v) for k, v in acc.items() if v}
     res["importance"] = {m: torch.cat(v) for m, v in imp.items()}
+    res["importances"] = {d: {m: torch.cat(v) for m, v in per.items()} for d, per in imps.items()}
     return res
 
 
@@ -376,25 +441,52 @@ def _scores(p: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _checks(real: dict[str, Tensor], silent: dict[str, Tensor], blank: dict[str, Tensor], labels: Tensor,
+            definition: str) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The silence check and the blank-face check of one importance definition (modality -> ``(n,)`` each)."""
+    mean = {name: {m: float(v.mean()) for m, v in imp.items()} for name, imp in (("real", real), ("silent", silent), ("blank", blank))}
+    silence = {
+        "definition": definition,
+        "audio_importance": mean["real"]["audio"], "audio_importance_silent": mean["silent"]["audio"],
+        "face_importance": mean["real"]["face"], "face_importance_silent": mean["silent"]["face"],
+        "audio_importance_falls": mean["silent"]["audio"] < mean["real"]["audio"],
+        "silent_modality_importance": importance_by_class(silent, labels),
+    }  # fmt: skip
+    blank_face = {
+        "definition": definition,
+        "face_importance": mean["real"]["face"], "face_importance_blank": mean["blank"]["face"],
+        "audio_importance": mean["real"]["audio"], "audio_importance_blank": mean["blank"]["audio"],
+        "face_importance_falls": mean["blank"]["face"] < mean["real"]["face"],
+        "blank_modality_importance": importance_by_class(blank, labels),
+    }  # fmt: skip
+    return silence, blank_face
+
+
 def evaluate_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64) -> dict[str, Any]:
     """Every ASD metric on ``dataset`` (definitions in docs/asd.md).
 
     ``mAP``: average precision of the per-frame speaking score over every (clip, frame) pair, as AVA
     ActiveSpeaker scores entity-frames; ``clip_AP`` the same over clips; ``frame_accuracy`` and
     ``clip_accuracy`` at score 0; ``mouth_pointing_game`` over the speaking frames of speaking clips;
-    ``modality_importance`` per class; ``silence_check``: the same with every waveform replaced by
-    zeros (mean importance over all clips, detection metrics, and whether audio importance falls).
+    ``modality_importance`` per class (the model's importance definition, ``ASDConfig.importance``);
+    ``silence_check``: the same with every waveform replaced by zeros (mean importance over all clips,
+    detection metrics, and whether the audio importance falls); ``blank_face_check``: the same with every
+    face frame blank (whether the face importance falls); ``se_mean_checks`` (when the model's default is
+    another definition): both checks for the paper's mean SE weight, with ``modality_importance`` by class.
     """
-    real, silent = predict_asd(model, dataset, batch_size), predict_asd(model, dataset, batch_size, silent=True)
+    real = predict_asd(model, dataset, batch_size)
+    silent = predict_asd(model, dataset, batch_size, silent=True)
+    blank = predict_asd(model, dataset, batch_size, blank=True)
+    labels = real["labels"]
+    default = getattr(getattr(model, "config", None), "importance", "se_mean")
     metrics: dict[str, Any] = _scores(real)
-    metrics["modality_importance"] = importance_by_class(real["importance"], real["labels"])
-    audio, audio_silent = float(real["importance"]["audio"].mean()), float(silent["importance"]["audio"].mean())
-    metrics["silence_check"] = {
-        "audio_importance": audio, "audio_importance_silent": audio_silent,
-        "face_importance": float(real["importance"]["face"].mean()),
-        "face_importance_silent": float(silent["importance"]["face"].mean()),
-        "audio_importance_falls": audio_silent < audio,
-        "silent_modality_importance": importance_by_class(silent["importance"], silent["labels"]),
-        "silent_scores": {k: v for k, v in _scores(silent).items() if not k.startswith("mouth")},
-    }  # fmt: skip
+    metrics["modality_importance"] = importance_by_class(real["importance"], labels)
+    silence, blank_face = _checks(real["importance"], silent["importance"], blank["importance"], labels, default)
+    silence["silent_scores"] = {k: v for k, v in _scores(silent).items() if not k.startswith("mouth")}
+    blank_face["blank_scores"] = {k: v for k, v in _scores(blank).items() if not k.startswith("mouth")}
+    metrics["silence_check"], metrics["blank_face_check"] = silence, blank_face
+    if default != "se_mean" and "se_mean" in real["importances"]:
+        se_silence, se_blank = _checks(*(p["importances"]["se_mean"] for p in (real, silent, blank)), labels, "se_mean")
+        metrics["se_mean_checks"] = {"modality_importance": importance_by_class(real["importances"]["se_mean"], labels),
+                                     "silence_check": se_silence, "blank_face_check": se_blank}  # fmt: skip
     return metrics
