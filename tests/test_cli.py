@@ -107,3 +107,76 @@ def test_demo_small_recipe_end_to_end(tmp_path: Path) -> None:
     for method in ("plain", "lfi", "lfi-light", "se", "abn"):
         assert (out / "runs" / method / "model.safetensors").is_file()
     assert "cluttered-digits, test split (64 items)" in text
+
+
+_USER_MODULE = '''
+import torch
+from torch import nn
+
+
+class TupleNet(nn.Module):
+    """A user's own classifier: returns (logits, features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        f = self.pool(self.body(x)).flatten(1)
+        return self.fc(f), f
+
+
+def build():
+    return TupleNet()
+
+
+NOT_CALLABLE = 3
+'''
+
+
+def test_a_run_of_your_own_class_through_every_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train --model-factory wraps the user's class (crashed and resumed with it); info, evaluate, explain, export and
+    report load the run only with --model-factory, and without it say so in one line naming the option."""
+    import selfcam.train as T
+
+    (tmp_path / "usernets.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)  # model_factory looks in the current directory first, as python -m does
+    run = tmp_path / "run"
+    train = ["train", "--method", "se", "--model-factory", "usernets:build", "--epochs", "2", "--train-size", "32",
+             "--val-size", "16", "--image-size", "16", "--batch-size", "16", "--quiet", "--head-kwargs", '{"reduction": 4}']  # fmt: skip
+    original = T.SelfcamModule.training_step
+
+    def crash(self: T.SelfcamModule, batch: object, batch_idx: int) -> torch.Tensor:
+        if self.step_offset + self.global_step == 2:  # 2 steps per epoch: after epoch 0's state
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    with monkeypatch.context() as m:
+        m.setattr(T.SelfcamModule, "training_step", crash)
+        result = runner.invoke(app, [*train, "--out", str(run)])
+    assert isinstance(result.exception, RuntimeError), result.output
+    result = runner.invoke(app, ["train", "--resume", str(run), "--quiet"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "--model-factory module:function" in lines[0] and "'TupleNet'" in lines[0], result.output
+    code, out = _run("train", "--resume", str(run), "--quiet", "--model-factory", "usernets:build")
+    assert code == 0, out
+    assert json.loads((run / "config.json").read_text())["model"]["backbone"] == "wrap:user:TupleNet"
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.fromarray((torch.rand(16, 16) * 255).byte().numpy()).save(image)
+    commands = [["info", str(run)], ["evaluate", "--checkpoint", str(run), "--n", "8", "--metrics", "accuracy", "--out", str(tmp_path / "ev")],
+                ["explain", "--checkpoint", str(run), str(image), "--out", str(tmp_path / "ex"), "--quiet"],
+                ["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.onnx")],
+                ["report", str(run), "--out", str(tmp_path / "r.html"), "--per-class", "1"]]  # fmt: skip
+    for args in commands[:4]:
+        code, out = _run(*args)
+        assert code == 2 and "--model-factory module:function" in out and "Traceback" not in out, (args, out)
+    for args in commands:
+        code, out = _run(*args, "--model-factory", "usernets:build")
+        assert code == 0, (args, out)
+    assert "left out" not in (tmp_path / "r.html").read_text()  # the gallery drew the run
+    code, out = _run("info", str(run), "--model-factory", "usernets:NOT_CALLABLE")
+    assert code == 2 and "NOT_CALLABLE is a int, not a function or class" in out, out

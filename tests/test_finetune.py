@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import selfcam.train as T
+from selfcam.cli import app
 from selfcam.data import load_dataset
 from selfcam.errors import ConfigError
 from selfcam.model import SelfExplainer, create_model
@@ -144,3 +146,21 @@ def test_a_model_without_a_backbone_cannot_be_frozen() -> None:
 
     with pytest.raises(ConfigError, match="no backbone with weights"):
         T.backbone_of(Bare())
+
+
+def test_cli_fine_tuning_options_are_recorded_and_kept_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    base = ["train", "--method", "se", "--backbone", "resnet8", "--backbone-kwargs", '{"stem_stride": 2}', "--epochs", "2",
+            "--train-size", "64", "--val-size", "16", "--image-size", "32", "--batch-size", "32", "--quiet"]  # fmt: skip
+    with monkeypatch.context() as m:
+        _crash_at(m, 2)  # 2 steps per epoch: after the head-only epoch
+        result = CliRunner().invoke(app, [*base, "--out", str(run), "--head-epochs", "1", "--backbone-lr-scale", "0.1"])
+    assert isinstance(result.exception, RuntimeError), result.output
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--freeze-backbone"])
+    assert result.exit_code == 2 and "--freeze-backbone True (the run has False)" in result.output, result.output
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert (train["head_epochs"], train["backbone_lr_scale"], train["freeze_backbone"]) == (1, 0.1, False)
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--head-epochs", "2"])
+    assert result.exit_code == 2 and "must be below epochs" in result.output, result.output

@@ -259,7 +259,7 @@ def test_checkpoint_round_trip_of_wrapped_models(i: int, tmp_path: Path) -> None
 
 def test_model_argument_only_for_wrapped_runs(tmp_path: Path) -> None:
     save_checkpoint(selfcam.create_model("plain", "resnet8", 3), tmp_path / "run")
-    with pytest.raises(CheckpointError, match="model= is for runs of selfcam.wrap"):
+    with pytest.raises(CheckpointError, match=r"model= \(--model-factory\) is for runs of selfcam.wrap"):
         load_checkpoint(tmp_path / "run", model=TupleNet)
     save_checkpoint(_wrap("tuple", "plain"), tmp_path / "user")
     with pytest.raises(CheckpointError, match="model= must return an nn.Module"):

@@ -23,6 +23,9 @@ import os
 import re
 import tempfile
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -36,7 +39,7 @@ from .errors import CheckpointError, ConfigError, OutputError, SelfcamError, che
 from .safeio import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_IN_CHANS, check_model_limits, check_regular, read_json
 
 __all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "WEIGHTS", "atomic_write", "check_own_output", "refuse_run_file", "dataclass_from_json", "load_checkpoint",
-           "read_config", "read_safetensors", "save_checkpoint", "write_json"]  # fmt: skip
+           "read_config", "read_safetensors", "save_checkpoint", "user_model", "write_json"]  # fmt: skip
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT, FORMAT_VERSION = "selfcam-run", 2
@@ -298,14 +301,30 @@ def load_state(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+_USER_MODEL: ContextVar[Callable[[], nn.Module] | None] = ContextVar("selfcam_user_model", default=None)
+
+
+@contextmanager
+def user_model(factory: Callable[[], nn.Module] | None) -> Iterator[None]:
+    """Within the block, :func:`load_checkpoint` builds runs of :func:`selfcam.wrap` on your own model class with
+    ``factory`` when it is given no ``model=`` (for code that loads runs itself, as ``build_report`` does)."""
+    token = _USER_MODEL.set(factory)
+    try:
+        yield
+    finally:
+        _USER_MODEL.reset(token)
+
+
 def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu", *,
                     model: nn.Module | Callable[[], nn.Module] | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """Rebuild the model saved in ``run_dir`` (any task); returns ``(model in eval mode, config dict)``.
 
     ``model``: for a run of :func:`selfcam.wrap` on your own model class, a callable returning the bare
-    model (or the module itself); the run's config names the class but selfcam never imports it.
+    model (or the module itself); the run's config names the class but selfcam never imports it
+    (default: the factory of an enclosing :func:`user_model` block).
     """
     from .tasks import get_task
+    from .wrap import user_class
 
     doc = read_config(run_dir)
     weights = Path(run_dir) / WEIGHTS
@@ -313,10 +332,12 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
     check_finite(state, weights)
     backbone = getattr(doc["model"], "backbone", None)
     wrapped = isinstance(backbone, str) and backbone.startswith("wrap:")
+    if model is None and user_class(doc["model"]) is not None:
+        model = _USER_MODEL.get()
     try:
         if model is not None and not wrapped:
-            raise ConfigError(f"model= is for runs of selfcam.wrap on your own model; this run rebuilds itself "
-                              f"({get_task(doc['task']).describe(doc['model'])})")  # fmt: skip
+            raise ConfigError(f"model= (--model-factory) is for runs of selfcam.wrap on your own model; this run rebuilds "
+                              f"itself ({get_task(doc['task']).describe(doc['model'])})")  # fmt: skip
         if wrapped:
             from .wrap import rebuild
 

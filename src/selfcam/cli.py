@@ -49,6 +49,8 @@ def _one_line(text: str) -> str:
 app = typer.Typer(cls=_FriendlyGroup, add_completion=False, no_args_is_help=True,
                   help="Classifiers that explain themselves: train, evaluate, demo, inspect.")  # fmt: skip
 console = Console()
+_FACTORY_HELP = ("For a run of your own model class: module:function returning the bare model (typed here only; "
+                 "selfcam never imports a name read from a file).")
 _DATA_HELP = ("cluttered-digits, mnist, fashion-mnist, or KIND:PATH with KIND one of imagefolder, cifar10, "
               "cifar100, stl10, celeba, idx (see docs/data.md).")  # fmt: skip
 
@@ -152,8 +154,26 @@ def train(
     accelerator: str = typer.Option("auto", help="cpu, gpu or auto."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last saved state, with its stored recipe."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head alone, the backbone frozen "
+                                         "(no gradient, BatchNorm statistics and dropout as they are) for the whole run."),
+    head_epochs: int = typer.Option(0, "--head-epochs", help="Train the head alone for the first N epochs, then everything."),
+    backbone_lr_scale: float = typer.Option(1.0, "--backbone-lr-scale", help="The backbone's learning rate is --lr times this."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Start from these weights: a file (torchvision "
+                                             ".pth, read only with weights_only; safetensors; a timm or Lightning checkpoint) "
+                                             "or a known name (efficientnet-lite0, with --backbone timm:efficientnet_lite0)."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help="module:function returning your own bare "
+                                                "classifier (an nn.Module) to wrap with --method; typed here only, never "
+                                                "read from a file; give it again with --resume."),
+    features: Optional[str] = typer.Option(None, "--features", help="Wrap the model: the module whose output is the feature map (e.g. layer4)."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Wrap the model: its classifier module (e.g. fc)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help='Wrap a token model: the prefix tokens to drop, or JSON '
+                                         '\'{"prefix": 1, "grid": [14, 14]}\'.'),
 ) -> None:
     """Train one model of any task and write RUN_DIR/model.safetensors, config.json and history.json.
+
+    --backbone takes selfcam's backbones and any torchvision (torchvision:NAME) or timm (timm:NAME)
+    classifier; with --model-factory, --features, --classifier or --tokens (or --backbone wrap:NAME)
+    the classifier is wrapped whole by selfcam.wrap (docs/own-model.md).
 
     The training state is saved in RUN_DIR/checkpoints/ after every epoch and on SIGUSR1;
     `--resume RUN_DIR` continues from it.
@@ -193,19 +213,37 @@ def train(
         value = o[key]
         if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
             raise ConfigError(f"{option} must be a finite number {low}, got {value}")
+    if not (math.isfinite(o["backbone_lr_scale"]) and o["backbone_lr_scale"] > 0):
+        raise ConfigError(f"--backbone-lr-scale must be a finite number > 0, got {o['backbone_lr_scale']}")
+    if o["model_factory"] is not None and getattr(ctx.get_parameter_source("backbone"), "name", "") == "COMMANDLINE":
+        raise ConfigError("give --backbone or --model-factory, not both (--model-factory builds the whole classifier)")
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
-                      seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"])  # fmt: skip
+                      seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"],
+                      freeze_backbone=o["freeze_backbone"], head_epochs=o["head_epochs"], backbone_lr_scale=o["backbone_lr_scale"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
+    factory = _user_factory(o["model_factory"])
     train_set = load_dataset(o["data"], "train", o["train_size"], seed=cfg.seed, size=o["image_size"])
     val_set = load_dataset(o["data"], "val", o["val_size"], seed=cfg.seed, size=o["image_size"])
     t.check_dataset(train_set, "--data")
     seed_all(cfg.seed)
-    model = t.build(state.model) if resume is not None else t.create(train_set, o["method"], o["backbone"], bb_kw, head_kw)
-    extra = {"data": {"seed": cfg.seed}}  # fit records the rest of what the model is trained on
+    if resume is not None:
+        model = _rebuilt(t, state.model, factory, resume)
+    else:
+        model = _new_model(t, train_set, o, bb_kw, head_kw, factory)
+    extra: dict[str, Any] = {"data": {"seed": cfg.seed}}  # fit records the rest of what the model is trained on
+    if o["pretrained"] is not None:  # the weights it started from (they are in the run; never read again)
+        extra["pretrained"] = o["pretrained"]
+    report = getattr(model, "pretrained_report", None)
+    if report is not None and is_global_zero():
+        console.print(f"pretrained: {report.summary()}", markup=False, highlight=False, soft_wrap=True)
     history = fit(model, train_set, val_set, cfg, o["out"], progress=not quiet, extra_config=extra, resume=resume is not None)
     last = history[-1] if history else {}
     if is_global_zero():
         console.print(f"{t.describe(model.config)}: val_acc {last.get('val_acc', float('nan')):.3f}; wrote {o['out']}")
+
+
+_RECIPE = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes", "freeze_backbone",
+           "head_epochs", "backbone_lr_scale")  # the train options stored in TrainConfig under the same names
 
 
 def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
@@ -213,13 +251,25 @@ def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
     m, t, d = state.model, state.train, state.extra.get("data", {})
     stored = {"task": state.task, "backbone": m.backbone, "data": d.get("name"), "image_size": d.get("size"),
               "train_size": d.get("train_size"), "val_size": d.get("val_size"), "out": ctx.params["resume"],
-              **{k: getattr(t, k) for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes")}}  # fmt: skip
+              "pretrained": state.extra.get("pretrained"), **{k: getattr(t, k) for k in _RECIPE}}  # fmt: skip
     if hasattr(m, "method"):  # image and attribute models: the head and both option sets are in the config
         stored.update(method=m.method, backbone_kwargs=json.dumps(m.backbone_kwargs), head_kwargs=json.dumps(m.head_kwargs))
+    wrapped = m.backbone.startswith("wrap:")
+    if wrapped:  # what selfcam.wrap recorded; the backbone_kwargs of a wrapped model are wrap's options, not the user's
+        stored.update(features=m.backbone_kwargs.get("features"), classifier=m.backbone_kwargs.get("classifier"),
+                      tokens=m.backbone_kwargs.get("tokens"), backbone_kwargs=json.dumps(m.backbone_kwargs.get("model_kwargs") or {}))  # fmt: skip
 
     def same(key: str, given: Any) -> bool:
         if key.endswith("_kwargs"):
             return _json_object(given, f"--{key.replace('_', '-')}") == json.loads(stored[key])
+        if key == "tokens":
+            from .wrap import tokens_spec
+
+            return tokens_spec(_tokens_option(given)) == stored[key]
+        if key == "backbone" and wrapped:  # --backbone timm:NAME --features ... names the run wrap:timm:NAME
+            from .wrap import source_name
+
+            return stored[key] in (given, f"wrap:{source_name(given.removeprefix('wrap:'))}")
         return Path(given).resolve() == Path(stored[key]).resolve() if key == "out" else given == stored[key]
 
     clash = [f"--{k.replace('_', '-')} {v} (the run has {stored[k]})" for k, v in ctx.params.items()
@@ -229,6 +279,64 @@ def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
     if stored["data"] is None:
         raise ConfigError(f"{ctx.params['resume']}: no data entry in its state (not started by `selfcam train`); resume it with selfcam.fit(..., resume=True)")
     return stored
+
+
+def _tokens_option(text: str) -> Any:
+    """--tokens as typed: a count of prefix tokens, or a JSON object."""
+    from .safeio import loads_json
+
+    return int(text) if text.strip().isdigit() else loads_json(text, "--tokens")
+
+
+def _user_factory(spec: Optional[str]) -> Any:
+    """The callable --model-factory names (imported now, from what was typed), or None."""
+    if spec is None:
+        return None
+    from .wrap import model_factory
+
+    return model_factory(spec)
+
+
+def _rebuilt(t: Any, config: Any, factory: Any, run: Path) -> Any:
+    """The model of a resumed run, fresh weights: wrapped runs through selfcam.wrap.rebuild (your own class: --model-factory)."""
+    from .wrap import rebuild
+
+    if not str(getattr(config, "backbone", "")).startswith("wrap:"):
+        if factory is not None:
+            raise ConfigError(f"--model-factory is for runs of your own model class; {run} rebuilds itself ({t.describe(config)})")
+        return t.build(config)
+    return rebuild(config, model=factory)
+
+
+def _new_model(t: Any, train_set: Any, o: dict[str, Any], bb_kw: dict[str, Any], head_kw: dict[str, Any], factory: Any) -> Any:
+    """The model a new `train` run starts from: the task's own, a named backbone from pretrained weights, or a wrapped classifier."""
+    from .model import ModelConfig, create_model
+
+    wrap_options = {k: o[k] for k in ("features", "classifier", "tokens") if o[k] is not None}
+    wrapping = factory is not None or bool(wrap_options) or o["backbone"].startswith("wrap:")
+    if not (wrapping or o["pretrained"] is not None):
+        return t.create(train_set, o["method"], o["backbone"], bb_kw, head_kw)
+    used = [f"--{k.replace('_', '-')}" for k in ("pretrained", "model_factory", *wrap_options) if o[k] is not None]
+    if t.config_type is not ModelConfig:
+        raise ConfigError(f"{', '.join(used) or '--backbone wrap:...'}: for image and attribute models; the {t.name} task builds its own")
+    if o["method"] not in t.methods:
+        raise ConfigError(f"the {t.name} task has the head(s) {', '.join(t.methods)}, got {o['method']!r}")
+    if not wrapping:  # a named backbone: the whole network gets the weights, the first conv fits the data's channels
+        return create_model(o["method"], o["backbone"], train_set.num_classes, train_set.in_chans, bb_kw,
+                            pretrained=o["pretrained"], **head_kw)  # fmt: skip
+    from .wrap import build_user_model, wrap
+
+    if "tokens" in wrap_options:
+        wrap_options["tokens"] = _tokens_option(wrap_options["tokens"])
+    source = build_user_model(factory, "--model-factory") if factory is not None else o["backbone"].removeprefix("wrap:")
+    size = tuple(train_set[0][0].shape[-2:])  # the probe sees inputs of the data's size
+    model = wrap(source, o["method"], num_classes=train_set.num_classes, pretrained=o["pretrained"], input_size=size,
+                 model_kwargs=bb_kw or None, **wrap_options, **head_kw)  # fmt: skip
+    if model.config.in_chans != train_set.in_chans:
+        raise ConfigError(f"the wrapped model takes {model.config.in_chans} input channel(s), --data {o['data']} has "
+                          f"{train_set.in_chans}: use data with as many channels, or a selfcam backbone "
+                          "(--backbone torchvision:NAME / timm:NAME without wrap options adapts the first convolution)")  # fmt: skip
+    return model
 
 
 @app.command()
@@ -247,6 +355,7 @@ def evaluate(
     out: Path = typer.Option(..., "--out", help="Directory for evaluation.json."),
     devices: int = typer.Option(1, help="Processes to share the images (contiguous shards; same numbers as one)."),
     accelerator: str = typer.Option("cpu", help="cpu, gpu or auto (gpu with --devices N: one GPU per process)."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help=_FACTORY_HELP),
 ) -> None:
     """Score the maps of one or more trained runs (one task) with every metric; write OUT/evaluation.json."""
     from dataclasses import asdict
@@ -254,8 +363,9 @@ def evaluate(
     import torch
     from rich.progress import track
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, user_model
     from .evaluate import EvalConfig, evaluate_task, task_metrics
+    from .wrap import user_class
     from .tasks import get_task
 
     if accelerator not in ("cpu", "gpu", "auto"):
@@ -264,12 +374,17 @@ def evaluate(
 
     check_accelerator(accelerator)
     device = "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
-    runs, first = {}, None
-    for path in checkpoint:
-        model, doc = load_checkpoint(path, device)
-        name = path.name if path.name not in runs else str(path)
-        runs[name] = model
-        first = first or doc
+    runs, first, docs = {}, None, []
+    with user_model(_user_factory(model_factory)):  # runs of your own class are built by it, the others rebuild themselves
+        for path in checkpoint:
+            model, doc = load_checkpoint(path, device)
+            name = path.name if path.name not in runs else str(path)
+            runs[name] = model
+            first = first or doc
+            docs.append(doc)
+    if model_factory is not None and not any(user_class(d["model"]) for d in docs):
+        raise ConfigError(f"--model-factory {model_factory}: none of the runs wraps your own model class (they rebuild "
+                          "themselves); leave it out")  # fmt: skip
     task = get_task(first["task"])
     data = data or (first.get("data") or {}).get("name") or task.default_data
     cfg = EvalConfig(methods=_names(methods), metrics=task_metrics(task.name) if metrics == "all" else _names(metrics),
@@ -299,6 +414,7 @@ def explain(
     alpha: float = typer.Option(0.5, "--alpha", help="Weight of the image in the overlay (grad-cam's image_weight)."),
     size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels of image files (default: the run's training size)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help=_FACTORY_HELP),
 ) -> None:
     """Explain image files, or items of a dataset (any task): the input, the model's own map and post-hoc
     maps side by side (attribute runs: one map per attribute; video and ASD runs: per-frame strips and GIFs)."""
@@ -307,7 +423,7 @@ def explain(
     from .explain import explain_files, explain_items, find_images
     from .checkpoint import CONFIG, load_checkpoint
 
-    model, doc = load_checkpoint(checkpoint)
+    model, doc = load_checkpoint(checkpoint, model=_user_factory(model_factory))
     if not images:
         records = explain_items(model, doc, out, data=data, split=split, n=n, methods=_names(methods), batch_size=batch_size, alpha=alpha)
         console.print(f"explained {len(records)} item(s) of {data or doc.get('data', {}).get('name')} ({split}); wrote "
@@ -340,6 +456,7 @@ def report(
     title: Optional[str] = typer.Option(None, "--title", help="Page title."),
     per_class: int = typer.Option(2, "--per-class", help="Gallery images per class (0: no gallery)."),
     methods: str = typer.Option("", "--methods", help="Post-hoc maps added to the gallery for plain runs, e.g. gradcam."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help=_FACTORY_HELP),
 ) -> None:
     """One self-contained HTML page (images embedded) from runs, evaluations and demos."""
     from .errors import require_int
@@ -353,7 +470,10 @@ def report(
     unknown = [m for m in _names(methods) if m not in POSTHOC_METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown post-hoc method(s) {', '.join(unknown)}; choose from {', '.join(POSTHOC_METHODS)}")
-    path = build_report(sources, out, title=title, per_class=per_class, methods=_names(methods))
+    from .checkpoint import user_model
+
+    with user_model(_user_factory(model_factory)):  # the gallery's runs of your own class
+        path = build_report(sources, out, title=title, per_class=per_class, methods=_names(methods))
     console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -366,6 +486,7 @@ def export(
     size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels (default: the run's training size)."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Clip length of the graph, for a video run built for "
                                          "clips of any length (default: the run's training clips)."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help=_FACTORY_HELP),
 ) -> None:
     """Export a run of any task to ONNX: the task's inputs and outputs (docs/export.md), dynamic batch, maps at input size."""
     import importlib.util
@@ -379,7 +500,7 @@ def export(
     from .checkpoint import refuse_run_file
 
     refuse_run_file(out, [checkpoint])  # never onto the run's own files
-    model, doc = load_checkpoint(checkpoint)
+    model, doc = load_checkpoint(checkpoint, model=_user_factory(model_factory))
     data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
     graph = graph_of(model)
     if graph.inputs == ("image",):  # image and attributes runs: the preprocessing of `selfcam explain`
@@ -429,13 +550,16 @@ def models() -> None:
 
 
 @app.command()
-def info(checkpoint: Path = typer.Argument(..., help="A run directory written by `selfcam train`.")) -> None:
+def info(
+    checkpoint: Path = typer.Argument(..., help="A run directory written by `selfcam train`."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help=_FACTORY_HELP),
+) -> None:
     """Load a checkpoint and print its config."""
     from dataclasses import asdict
 
     from .checkpoint import load_checkpoint
 
-    model, doc = load_checkpoint(checkpoint)
+    model, doc = load_checkpoint(checkpoint, model=_user_factory(model_factory))
     doc["model"] = asdict(doc["model"])
     doc["params"] = sum(p.numel() for p in model.parameters())  # not evaluate.count_params: evaluate imports grad-cam
     console.print_json(json.dumps(doc))

@@ -51,7 +51,8 @@ from .backbones import Backbone, _TimmFeatures, timm_model, torchvision_model
 from .errors import ConfigError, InputError
 from .model import ModelConfig, SelfExplainer, init_classifier, make_head
 
-__all__ = ["PooledNorm", "TokenGrid", "WrapInfo", "model_factory", "rebuild", "wrap"]
+__all__ = ["PooledNorm", "TokenGrid", "WrapInfo", "build_user_model", "model_factory", "rebuild", "source_name", "tokens_spec",
+           "user_class", "wrap"]
 
 _OPTIONS = ("model_kwargs", "features", "classifier", "tokens", "post", "route", "input_size", "pretrained")
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
@@ -252,7 +253,7 @@ def _is_map(c: _Call, rank: int) -> bool:
     return True
 
 
-def _tokens_spec(tokens: Any) -> dict[str, Any] | None:
+def tokens_spec(tokens: Any) -> dict[str, Any] | None:
     """``tokens=`` as ``{"prefix": P, "grid": [h, w] or None}``."""
     if tokens is None:
         return None
@@ -568,7 +569,7 @@ def _build_named(source: str, model_kwargs: dict[str, Any]) -> nn.Module:
         raise ConfigError(f"bad option in model_kwargs for {source!r}: {e}") from e
 
 
-def _source_name(model: Any) -> str:
+def source_name(model: Any) -> str:
     if isinstance(model, str):
         return model if model.startswith(("timm:", "torchvision:")) else f"torchvision:{model}"
     return f"user:{type(model).__name__}"
@@ -609,7 +610,7 @@ def wrap(
         from .pretrained import named_weights
 
         named = named_weights(pretrained)
-        if named is not None and _source_name(model) != named.backbone:
+        if named is not None and source_name(model) != named.backbone:
             raise ConfigError(f"pretrained {named.name!r} fits {named.backbone!r}, not {model!r}")
         module: nn.Module = _build_named(model, dict(model_kwargs or {}))
     elif isinstance(model, nn.Module):
@@ -619,9 +620,9 @@ def wrap(
     else:
         raise ConfigError(f"wrap takes an nn.Module or a model name, got {type(model).__name__}")
     options = {"model_kwargs": _json_ready(dict(model_kwargs or {}), "model_kwargs"), "features": features,
-               "classifier": classifier, "tokens": _tokens_spec(tokens), "post": None, "route": None,
+               "classifier": classifier, "tokens": tokens_spec(tokens), "post": None, "route": None,
                "input_size": input_size, "pretrained": None if pretrained is None else str(pretrained)}  # fmt: skip
-    return _wrap(module, method, _source_name(model), options, num_classes, in_chans, head_kwargs, pretrained,
+    return _wrap(module, method, source_name(model), options, num_classes, in_chans, head_kwargs, pretrained,
                  recorded=False)  # fmt: skip
 
 
@@ -638,7 +639,7 @@ def _wrap(module: nn.Module, method: str, source: str, options: dict[str, Any], 
     param = next(module.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     x = torch.randn(2, chans, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    tokens = _tokens_spec(options["tokens"])
+    tokens = tokens_spec(options["tokens"])
     module.eval()
     timm_route = options["features"] is None and _is_timm(module) and options["route"] in (None, "timm")
     try:
@@ -735,6 +736,25 @@ def model_factory(spec: str, option: str = "--model-factory") -> Callable[[], nn
     return obj  # type: ignore[no-any-return]
 
 
+def build_user_model(factory: Callable[[], Any], what: str = "model=") -> nn.Module:
+    """``factory()``, the bare model of a user's class; one :class:`ConfigError` line when it fails or gives no module."""
+    try:
+        module = factory()
+    except Exception as e:  # noqa: BLE001 - the user's constructor failed: say which and why, in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{what}: calling {getattr(factory, '__qualname__', factory)!r} failed: {type(e).__name__}: {first}") from e
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{what} must return an nn.Module, {getattr(factory, '__qualname__', factory)!r} returned "
+                          f"{type(module).__name__}")  # fmt: skip
+    return module
+
+
+def user_class(config: Any) -> str | None:
+    """The class name of a run of :func:`wrap` on the user's own model (its config's backbone ``wrap:user:NAME``), else None."""
+    backbone = getattr(config, "backbone", None)
+    return backbone[len("wrap:user:"):] if isinstance(backbone, str) and backbone.startswith("wrap:user:") else None
+
+
 def rebuild(config: ModelConfig, model: nn.Module | Callable[[], nn.Module] | None = None,
             pretrained: str | Path | None = None) -> SelfExplainer:  # fmt: skip
     """The wrapped model ``config`` (a ``wrap:...`` backbone) describes, with fresh weights.
@@ -756,17 +776,15 @@ def rebuild(config: ModelConfig, model: nn.Module | Callable[[], nn.Module] | No
         if source.startswith("user:"):
             cls = source[5:]
             raise ConfigError(f"this run wraps your own model class {cls!r}, and selfcam never imports a class named "
-                              f"in a file: load it with load_checkpoint(path, model=...), giving a function that "
-                              f"returns a bare {cls} (or the module itself)")  # fmt: skip
+                              f"in a file: give the function that returns a bare {cls}, --model-factory module:function "
+                              "on the command line, load_checkpoint(path, model=...) in Python")  # fmt: skip
         if not source.startswith(("timm:", "torchvision:")):
             raise ConfigError(f"unknown wrapped model source {source!r}")
         module = _build_named(source, dict(options["model_kwargs"] or {}))
     elif isinstance(model, nn.Module):
         module = copy.deepcopy(model)
     elif callable(model):
-        module = model()
-        if not isinstance(module, nn.Module):
-            raise ConfigError(f"model= must return an nn.Module, it returned {type(module).__name__}")
+        module = build_user_model(model)
     else:
         raise ConfigError(f"model= must be an nn.Module or a callable returning one, got {type(model).__name__}")
     return _wrap(module, config.method, source, options, config.num_classes, config.in_chans, dict(config.head_kwargs),
