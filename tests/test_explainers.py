@@ -30,8 +30,9 @@ def _video_model(frames: int = 3):
 
 
 def test_the_registry_holds_self_and_every_posthoc_method() -> None:
-    assert list(EXPLAINERS) == ["self", *POSTHOC_METHODS]
+    assert list(EXPLAINERS) == ["self", "self-class", *POSTHOC_METHODS]
     assert EXPLAINERS["self"].tasks is None  # the model's own map: every task
+    assert EXPLAINERS["self-class"].tasks == ("image",)  # its class-specific map: image heads
     assert METHOD_TASKS["gradcam"] == METHOD_TASKS["gradcam++"] == ("image", "video")
     assert all(METHOD_TASKS[m] == ("image",) for m in ("cam", "scorecam", "rise", "lime"))
 

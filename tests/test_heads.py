@@ -274,3 +274,93 @@ def test_heads_work_on_the_right_device() -> None:
         model = create_model(method, "resnet8", num_classes=2, in_chans=1).to(device)
         out = model(torch.randn(2, 1, 16, 16, device=device))
         assert out.heatmap.device.type == device
+
+
+# --- class-specific maps (issue 15 item 2) -----------------------------------------
+
+
+def _pooled_by_hand(model, x: torch.Tensor) -> torch.Tensor:
+    """What each head's classifier pools, rebuilt from the head's parts (docs/methods.md)."""
+    head, method = model.head, model.config.method
+    pre, feats = model.backbone.forward_split(x)
+    if method == "plain":
+        return feats
+    if method in ("lfi", "lfi-light"):
+        w = head.importance(feats, x)
+        att = (w[:, :, None, None] * feats).sum(1).clamp(min=0)
+        lo, hi = att.amin(dim=(1, 2), keepdim=True), att.amax(dim=(1, 2), keepdim=True)
+        return (1 + ((att - lo) / (hi - lo))[:, None]) * feats
+    if method == "se":
+        s = torch.sigmoid(head.excite(feats.mean(dim=(2, 3))))
+        return feats * s[:, :, None, None]
+    m = head.att_map(head.att_conv(head.att_bn(head.att_stage(pre))))
+    return (1 + m) * feats
+
+
+def _class_cam_by_hand(weight: torch.Tensor, pooled: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """sum_k W[c, k] G_k, ReLU, (v - min) / (max - min), one image at a time (all-zero after ReLU: zeros)."""
+    maps = []
+    for g, c in zip(pooled, target):
+        raw = torch.zeros(g.shape[1:])
+        for k in range(g.shape[0]):
+            raw += weight[c, k] * g[k]
+        raw = raw.clamp(min=0)
+        maps.append((raw - raw.min()) / (raw.max() - raw.min()) if raw.max() > raw.min() else torch.zeros_like(raw))
+    return torch.stack(maps)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_class_map_equals_hand_computation(method: str) -> None:
+    model = create_model(method, "resnet8", num_classes=4, in_chans=1).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        pooled = _pooled_by_hand(model, x)
+        out = model(x)
+        assert torch.allclose(out.features, pooled, atol=1e-5)
+        # the classifier pools exactly these features
+        assert torch.allclose(out.logits, model.head.fc(pooled.mean(dim=(2, 3))), atol=1e-5)
+        pred = out.logits.argmax(1).tolist()
+        assert torch.allclose(out.class_heatmap, _class_cam_by_hand(model.head.fc.weight, pooled, pred), atol=1e-5)
+        for target in (2, torch.tensor(1), torch.tensor([3, 0, 2])):
+            want = [int(target)] * 3 if not isinstance(target, torch.Tensor) or target.dim() == 0 else target.tolist()
+            got = model(x, target=target).class_heatmap
+            assert torch.allclose(got, _class_cam_by_hand(model.head.fc.weight, pooled, want), atol=1e-5)
+        # explain() upsamples it as the other maps, and the paper's map is unchanged by target
+        explained = model.explain(x, target=1)
+        assert explained.class_heatmap.shape == (3, 32, 32)
+        cells = model.backbone.cell_grid((32, 32))
+        assert torch.allclose(explained.class_heatmap, upsample(model(x, target=1).class_heatmap, 32, cells=cells))
+        assert torch.equal(explained.heatmap, model.explain(x).heatmap)
+
+
+def test_plain_class_map_is_cam_and_different_classes_give_different_maps() -> None:
+    from selfcam.posthoc import posthoc_map
+
+    model = create_model("plain", "resnet8", num_classes=4, in_chans=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        out = model.explain(x)
+        assert torch.equal(out.class_heatmap, out.heatmap)  # the predicted class: the plain head's own map
+        for c in range(4):
+            target = torch.full((2,), c)
+            assert torch.allclose(model.explain(x, target=c).class_heatmap, posthoc_map(model, x, "cam", target=target))
+        assert not torch.allclose(model.explain(x, target=0).class_heatmap, model.explain(x, target=1).class_heatmap)
+
+
+def test_plain_class_map_hand_values() -> None:
+    head = PlainHead(2, 2)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 2.0]]))
+    f = torch.tensor([[[[1.0, 0.0, 3.0]], [[0.0, 1.0, 1.0]]]])  # (1, 2, 1, 3)
+    # class 0: F0 - F1 = [1, -1, 2] -> ReLU [1, 0, 2] -> [0.5, 0, 1]; class 1: [0.5, 2, 3.5] -> [0, 0.5, 1]
+    assert torch.allclose(head.class_map(f, torch.tensor([0])), torch.tensor([[[0.5, 0.0, 1.0]]]))
+    assert torch.allclose(head.class_map(f, torch.tensor([1])), torch.tensor([[[0.0, 0.5, 1.0]]]))
+
+
+@pytest.mark.parametrize("target", [4, -1, torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0]), "1", True])
+def test_class_map_target_is_checked(target) -> None:
+    from selfcam.errors import InputError
+
+    model = create_model("se", "resnet8", num_classes=4, in_chans=1).eval()
+    with pytest.raises(InputError, match="target"):
+        model.explain(torch.randn(2, 1, 16, 16), target=target)

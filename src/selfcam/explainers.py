@@ -7,6 +7,8 @@ resolution, one map per image ``(N, H, W)``, per attribute ``(N, A, H, W)`` or p
 ``(N, T, H, W)``.
 
 - ``self``: what the model's forward pass returns (``model.explain``), for every task; free.
+- ``self-class``: the class-specific map of the same forward pass (``model.explain(x, target=c)``,
+  ``class_heatmap``): the CAM of the features the head's classifier pools; image models.
 - ``cam``, ``gradcam``, ``gradcam++``, ``scorecam``, ``rise``, ``lime``: :func:`selfcam.posthoc.posthoc_map`
   for the class ``target`` (default: the predicted one), on the tasks of
   :data:`selfcam.posthoc.METHOD_TASKS` (Grad-CAM and Grad-CAM++ also on clips).
@@ -49,6 +51,7 @@ class Explainer:
 
     name: ClassVar[str] = "explainer"
     tasks: ClassVar[tuple[str, ...] | None] = None
+    class_specific: ClassVar[bool] = True  # the map depends on ``target`` (the grid pointing game needs it)
 
     def unsupported(self, model: nn.Module) -> str | None:
         """Why this method cannot explain ``model`` (one phrase), or ``None`` when it can."""
@@ -69,6 +72,7 @@ class OwnMap(Explainer):
     """
 
     name = "self"
+    class_specific = False
 
     def __call__(self, model: nn.Module, *inputs: Tensor, target: Tensor | None = None, **options: Any) -> Explanation:
         if options:
@@ -76,6 +80,30 @@ class OwnMap(Explainer):
         with torch.no_grad():
             out = model.explain(*inputs)
         return Explanation(out.logits, out.heatmap)
+
+
+class OwnClassMap(Explainer):
+    """The class-specific map of the model's own forward pass (``class_heatmap`` of ``model.explain``)
+    for class ``target`` (default: the predicted one); for heads whose classifier pools ``features``."""
+
+    name = "self-class"
+    tasks = ("image",)
+
+    def unsupported(self, model: nn.Module) -> str | None:
+        reason = super().unsupported(model)
+        head = getattr(model, "head", None)
+        if reason is None and not callable(getattr(head, "class_map", None)):
+            return "self-class needs a selfcam image model (a head with class_map)"
+        return reason
+
+    def __call__(self, model: nn.Module, *inputs: Tensor, target: Tensor | None = None, **options: Any) -> Explanation:
+        if options:
+            raise ConfigError(f"the self-class map takes no options, got {', '.join(options)}")
+        with torch.no_grad():
+            out = model.explain(*inputs, target=target)
+        if out.class_heatmap is None:
+            raise ConfigError(f"the {model.config.method} head gives no class-specific map")
+        return Explanation(out.logits, out.class_heatmap)
 
 
 class PostHoc(Explainer):
@@ -100,7 +128,7 @@ class PostHoc(Explainer):
         return Explanation(logits, maps)
 
 
-EXPLAINERS: dict[str, Explainer] = {"self": OwnMap(), **{m: PostHoc(m) for m in POSTHOC_METHODS}}
+EXPLAINERS: dict[str, Explainer] = {"self": OwnMap(), "self-class": OwnClassMap(), **{m: PostHoc(m) for m in POSTHOC_METHODS}}
 
 
 def get_explainer(name: str) -> Explainer:

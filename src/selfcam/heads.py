@@ -45,6 +45,11 @@ class ExplainedOutput:
     channel_weights: ``(N, K)`` LFI importance ``w`` or SE vector ``s``.
     selected: ``(N, K)`` bool, the SE channels that built the map.
     aux_logits: ``(N, num_classes)``, ABN's attention-branch logits.
+    features: ``(N, K, h, w)``, what the classifier pools: ``F`` (plain), ``(1 + A) F`` (LFI),
+    ``s F`` (SE), ``(1 + M) F`` (ABN); ``None`` for heads whose logits are not ``fc(GAP(features))``.
+    class_heatmap: ``(N, h, w)`` in ``[0, 1]``, the class-specific map (:meth:`Head.class_map`) of the
+    target class (default: the predicted one); set by :class:`~selfcam.model.SelfExplainer` when the
+    head gives ``features``.
     """
 
     logits: Tensor
@@ -52,6 +57,8 @@ class ExplainedOutput:
     channel_weights: Tensor | None = None
     selected: Tensor | None = None
     aux_logits: Tensor | None = None
+    features: Tensor | None = None
+    class_heatmap: Tensor | None = None
 
 
 def minmax(t: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
@@ -143,6 +150,16 @@ class Head(nn.Module):
         """Global average pool and the linear classifier: ``(N, K, h, w) -> (N, classes)``."""
         return self.fc(features.mean(dim=(-2, -1)))
 
+    def class_map(self, features: Tensor, target: Tensor) -> Tensor:
+        """The class-specific map of the features the classifier pools (``ExplainedOutput.features``):
+        ``minmax(ReLU(sum_k W[c, k] G_k))`` for class ``c = target[n]`` of each sample, ``(N, h, w)``.
+
+        Every head's logits are ``fc(GAP(G))``, so this is the classic CAM (Zhou et al. 2016) of ``G``:
+        the part of logit ``c`` (less the bias) that each cell adds, up to the ``1 / (h w)`` of the pool.
+        For ``plain`` (``G = F``) it is :meth:`PlainHead.cam`.
+        """
+        return weighted_map(self.fc.weight[target], features, relu=True)
+
     def forward(self, features: Tensor, image: Tensor, pre_features: Tensor | None = None) -> ExplainedOutput:
         raise NotImplementedError
 
@@ -162,11 +179,11 @@ class PlainHead(Head):
 
     def forward(self, features: Tensor, image: Tensor, pre_features: Tensor | None = None) -> ExplainedOutput:
         logits = self.classify(features)
-        return ExplainedOutput(logits=logits, heatmap=self.cam(features, logits.argmax(dim=1)))
+        return ExplainedOutput(logits=logits, heatmap=self.cam(features, logits.argmax(dim=1)), features=features)
 
     def cam(self, features: Tensor, target: Tensor) -> Tensor:
         """``ReLU(sum_k W[c, k] F_k)`` for class ``target[n]`` of each sample, min-max scaled."""
-        return weighted_map(self.fc.weight[target], features, relu=True)
+        return self.class_map(features, target)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, relu: bool) -> list[nn.Module]:
@@ -227,8 +244,8 @@ class LFIHead(Head):
     def forward(self, features: Tensor, image: Tensor, pre_features: Tensor | None = None) -> ExplainedOutput:
         w = self.importance(features, image)
         attention = weighted_map(w, features, relu=True)
-        logits = self.classify((1 + attention.unsqueeze(1)) * features)
-        return ExplainedOutput(logits=logits, heatmap=attention, channel_weights=w)
+        weighted = (1 + attention.unsqueeze(1)) * features
+        return ExplainedOutput(logits=self.classify(weighted), heatmap=attention, channel_weights=w, features=weighted)
 
 
 @register_head("lfi-light")
@@ -294,10 +311,11 @@ class SEHead(Head):
     def forward(self, features: Tensor, image: Tensor, pre_features: Tensor | None = None) -> ExplainedOutput:
         excitation = self.excite(features.mean(dim=(-2, -1)))
         s = torch.sigmoid(excitation)
-        logits = self.classify(features * s[:, :, None, None])
+        weighted = features * s[:, :, None, None]
         selected = se_select((excitation if self.space == "logit" else s).detach(), self.factor)
         heat = weighted_map(s * selected, features, count=selected.sum(dim=1))
-        return ExplainedOutput(logits=logits, heatmap=heat, channel_weights=s, selected=selected)
+        return ExplainedOutput(logits=self.classify(weighted), heatmap=heat, channel_weights=s, selected=selected,
+                               features=weighted)  # fmt: skip
 
 
 def _basic_block(channels: int) -> nn.Module:
@@ -345,8 +363,9 @@ class ABNHead(Head):
         m = self.att_map(a)  # (N, 1, h, w)
         if m.shape[-2:] != features.shape[-2:]:
             raise ValueError(f"ABN attention map {tuple(m.shape[-2:])} does not match features {tuple(features.shape[-2:])}")
-        logits = self.classify((1 + m) * features)
-        return ExplainedOutput(logits=logits, heatmap=minmax(m.squeeze(1)), aux_logits=aux_logits)
+        weighted = (1 + m) * features
+        return ExplainedOutput(logits=self.classify(weighted), heatmap=minmax(m.squeeze(1)), aux_logits=aux_logits,
+                               features=weighted)  # fmt: skip
 
     def loss(self, out: ExplainedOutput, target: Tensor) -> Tensor:
         assert out.aux_logits is not None

@@ -18,7 +18,7 @@ from .errors import ConfigError, InputError, check_options
 from .heads import HEADS, ExplainedOutput, Head, upsample
 from .safeio import check_model_limits
 
-__all__ = ["ModelConfig", "SelfExplainer", "create_model", "init_classifier", "list_methods", "make_head"]
+__all__ = ["ModelConfig", "SelfExplainer", "check_target", "create_model", "init_classifier", "list_methods", "make_head"]
 
 
 @dataclass(frozen=True)
@@ -76,18 +76,29 @@ class SelfExplainer(nn.Module):
             bad = int((~torch.isfinite(x)).sum())
             raise InputError(f"input has {bad} NaN or infinite value(s) of {x.numel()} (shape {tuple(x.shape)})")
 
-    def forward(self, x: Tensor) -> ExplainedOutput:
+    def forward(self, x: Tensor, *, target: int | Tensor | None = None) -> ExplainedOutput:
+        """Logits and maps of ``x``. ``class_heatmap`` (heads that give ``features``) is the class-specific
+        map of class ``target``: an int for every image, or ``(N,)`` class indices; default the predicted class."""
         self.check_input(x)
         pre, feats = self.backbone.forward_split(x)
-        return self.head(feats, x, pre)
+        out = self.head(feats, x, pre)
+        if out.features is not None:
+            chosen = out.logits.argmax(dim=1) if target is None else check_target(target, out.logits)
+            out.class_heatmap = self.head.class_map(out.features, chosen)
+        elif target is not None:
+            raise ConfigError(f"the {self.config.method} head has no class-specific map (its output has no features)")
+        return out
 
-    def explain(self, x: Tensor, mode: str = "bilinear") -> ExplainedOutput:
-        """Like ``forward`` but with the heatmap upsampled to the input size: ``(N, H, W)``
-        (``(N, A, H, W)`` for a multi-label head's one map per attribute)."""
-        out = self(x)
+    def explain(self, x: Tensor, mode: str = "bilinear", *, target: int | Tensor | None = None) -> ExplainedOutput:
+        """Like ``forward`` but with the maps upsampled to the input size: ``heatmap`` ``(N, H, W)``
+        (``(N, A, H, W)`` for a multi-label head's one map per attribute) and ``class_heatmap`` ``(N, H, W)``
+        (of class ``target``, default the predicted one)."""
+        out = self(x, target=target)
         heat, size = out.heatmap, tuple(x.shape[-2:])
         cells = self.backbone.cell_grid(size)  # where the backbone centres its cells (selfcam.cells)
         out.heatmap = upsample(heat.flatten(0, -3), size, mode, cells).view(*heat.shape[:-2], *size)
+        if out.class_heatmap is not None:
+            out.class_heatmap = upsample(out.class_heatmap, size, mode, cells)
         return out
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -116,6 +127,23 @@ class SelfExplainer(nn.Module):
             raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         self.head.reset_classifier(num_classes)
         self.config = replace(self.config, num_classes=num_classes)
+
+
+def check_target(target: int | Tensor, logits: Tensor) -> Tensor:
+    """``target`` (an int, a 0-d or ``(N,)`` integer tensor) as ``(N,)`` class indices on the logits' device;
+    :class:`InputError` naming the problem otherwise (wrong type, shape or range)."""
+    n, classes = logits.shape
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise InputError(f"target must be an int or an (N,) tensor of class indices, got {type(target).__name__}")
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"target must hold integer class indices, got dtype {t.dtype}")
+    t = t.long().expand(n) if t.dim() == 0 else t.long()
+    if t.shape != (n,):
+        raise InputError(f"target must be an int or (N,) = ({n},) class indices, got shape {tuple(t.shape)}")
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and n and not bool(((t >= 0) & (t < classes)).all()):
+        raise InputError(f"target out of range: class indices must lie in [0, {classes}), got {t.tolist()}")
+    return t
 
 
 def list_methods() -> list[str]:
