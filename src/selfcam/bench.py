@@ -730,7 +730,7 @@ def metrics_cmd(
 # modules a command that does not need them must not import at start (the start-up test guards this list)
 HEAVY_MODULES = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "pytorch_grad_cam", "matplotlib",
                  "captum", "timm", "torchvision", "jinja2", "sklearn", "scipy", "quantus", "cv2", "onnx",
-                 "onnxruntime", "pandas")  # fmt: skip
+                 "onnxruntime", "pandas", "torch._dynamo")  # fmt: skip
 STARTUP_GOAL = 1.2  # x the time of `python -c "import torch"`
 _MODULES_PROBE = (  # run one CLI command in-process, then write which heavy modules it imported to $SELFCAM_MODULES_OUT
     "import json, os, sys\n"

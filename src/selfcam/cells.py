@@ -109,7 +109,9 @@ def measure_cells(features: Callable[[Tensor], Tensor], in_chans: int, size: tup
     return CellGrid((axes[0][0], axes[1][0]), (axes[0][1], axes[1][1]))
 
 
-measure_cells = torch.compiler.disable(measure_cells)  # a graph break under torch.compile, never traced
+# a graph break under torch.compile, never traced; torch._disable_dynamo (what torch.optim uses) imports dynamo only when
+# first called: torch.compiler.disable would import it (about 1 s) with selfcam.cli
+measure_cells = torch._disable_dynamo(measure_cells)
 
 
 def _taps(u: np.ndarray, n: int, mode: str) -> np.ndarray:
