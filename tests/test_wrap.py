@@ -280,3 +280,59 @@ def test_onnx_export_of_wrapped_cnns(i: int, tmp_path: Path) -> None:
     x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     diffs = onnx_parity(model, path, x)
     assert max(diffs.values()) <= 1e-4 * max(1.0, float(np.abs(model(x).logits.detach().numpy()).max())), (name, method, diffs)
+
+
+def _compiles(backend: str) -> str | None:
+    """Why ``torch.compile`` with ``backend`` cannot run here, or None."""
+    if not hasattr(torch, "compile"):
+        return "torch.compile is not in this torch"
+    if backend == "inductor":
+        import shutil
+
+        if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+            return "inductor needs a C compiler on the CPU"
+        import os
+
+        if not os.environ.get("SELFCAM_TEST_INDUCTOR"):  # a minute of C++ compilation on 2 cores: asked for only
+            return "set SELFCAM_TEST_INDUCTOR=1 to compile with inductor (slow)"
+    return None
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_of_wrapped_models(backend: str) -> None:
+    """A wrapped model compiles (dynamo graph capture, AOT autograd; inductor's C++ on request) and gives the eager
+    logits and maps, forward and backward: the hooks route (TupleNet, cut by an exception) and the FX route (DictNet)."""
+    why = _compiles(backend)
+    if why:
+        pytest.skip(why)
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("tuple", "dict") if backend == "aot_eager" else ("dict",):
+        torch.manual_seed(0)
+        model = selfcam.wrap(_bare(name) if name == "tuple" else DictNet(), "se", input_size=32, reduction=4).eval()
+        want = model(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(model, backend=backend)
+            got = compiled(x)
+        except Exception as e:  # noqa: BLE001 - an unusable compiler is a skip, a wrong answer a failure
+            if "Compile" in type(e).__name__ or "compiler" in str(e).lower():
+                pytest.skip(f"torch.compile unavailable: {type(e).__name__}: {str(e)[:200]}")
+            raise
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.heatmap, want.heatmap, rtol=1e-4, atol=1e-5)
+        model.train()
+        out = compiled(x)
+        model.loss(out, torch.tensor([0, 1])).backward()
+        assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.backbone.parameters()), name
+
+
+def test_bench_latency_times_the_original_of_a_wrapped_model() -> None:
+    """bench latency on wrap:NAME: the heads on the wrapped classifier, and the unwrapped classifier's own forward
+    as the reference of the goals ("se <= 1.1x the original")."""
+    from selfcam.bench import latency, latency_table
+
+    doc = latency("wrap:timm:resnet10t", size=32, repeats=1, warmup=0, methods="se", threads=1)
+    assert list(doc["ms"]) == ["original", "plain", "se"]
+    assert doc["ratio_to_original"]["original"] == 1.0 and doc["params"]["original"] == doc["params"]["plain"]
+    assert set(doc["goals"]) == {"se <= 1.1x the original"}
+    assert "x original" in [c.header for c in latency_table(doc).columns]

@@ -51,8 +51,8 @@ from .backbones import Backbone, _TimmFeatures, timm_model, torchvision_model
 from .errors import ConfigError, InputError
 from .model import ModelConfig, SelfExplainer, init_classifier, make_head
 
-__all__ = ["PooledNorm", "TokenGrid", "WrapInfo", "build_user_model", "model_factory", "rebuild", "source_name", "tokens_spec",
-           "user_class", "wrap"]
+__all__ = ["PooledNorm", "TokenGrid", "WrapInfo", "build_user_model", "model_factory", "named_model", "rebuild", "source_name",
+           "tokens_spec", "user_class", "wrap"]
 
 _OPTIONS = ("model_kwargs", "features", "classifier", "tokens", "post", "route", "input_size", "pretrained")
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
@@ -559,7 +559,7 @@ def _json_ready(value: Any, what: str) -> Any:
         raise ConfigError(f"{what} must be JSON-serializable to be recorded in the run's config: {e}") from e
 
 
-def _build_named(source: str, model_kwargs: dict[str, Any]) -> nn.Module:
+def named_model(source: str, model_kwargs: dict[str, Any]) -> nn.Module:
     """A whole torchvision (``torchvision:NAME`` or a bare name) or timm (``timm:NAME``) classifier, random weights."""
     try:
         if source.startswith("timm:"):
@@ -612,7 +612,7 @@ def wrap(
         named = named_weights(pretrained)
         if named is not None and source_name(model) != named.backbone:
             raise ConfigError(f"pretrained {named.name!r} fits {named.backbone!r}, not {model!r}")
-        module: nn.Module = _build_named(model, dict(model_kwargs or {}))
+        module: nn.Module = named_model(model, dict(model_kwargs or {}))
     elif isinstance(model, nn.Module):
         if model_kwargs:
             raise ConfigError("model_kwargs build a model given by name; this model is already built")
@@ -780,7 +780,7 @@ def rebuild(config: ModelConfig, model: nn.Module | Callable[[], nn.Module] | No
                               "on the command line, load_checkpoint(path, model=...) in Python")  # fmt: skip
         if not source.startswith(("timm:", "torchvision:")):
             raise ConfigError(f"unknown wrapped model source {source!r}")
-        module = _build_named(source, dict(options["model_kwargs"] or {}))
+        module = named_model(source, dict(options["model_kwargs"] or {}))
     elif isinstance(model, nn.Module):
         module = copy.deepcopy(model)
     elif callable(model):
