@@ -265,8 +265,8 @@ def test_onnx_matches_pytorch_for_every_task_at_other_batch_sizes(task: str, tmp
         heat = got["heatmap"]
         assert heat.min() >= 0 and heat.max() <= 1
         assert heat.reshape(-1, SIZE * SIZE).std(1).min() > 0.01  # every map (attribute, frame) has structure
-        if task == "asd":  # the two columns differ, so swapping them would fail above
-            assert np.abs(want["modality_importance"][:, 0] - want["modality_importance"][:, 1]).min() > 1e-3
+        if task == "asd":  # the two columns differ by more than the tolerance, so swapping them would fail above
+            assert np.abs(want["modality_importance"][:, 0] - want["modality_importance"][:, 1]).min() > 2 * TOL
         diff = onnx_parity(model, path, *xs)
         assert list(diff) == list(outputs) and max(diff.values()) <= TOL
 

@@ -336,8 +336,9 @@ class ASDModel(nn.Module):
         recomputed the same way."""
         with torch.no_grad(), _eval_norms(self) as switched:
             t = frames.shape[1]
-            silent = self.audio(self.mel(wave.new_zeros((1, wave.shape[1]))), t).expand_as(audio)
-            blank = self._face(frames.new_zeros((1, *frames.shape[1:])))[2].expand_as(face)
+            # int(): constant shapes when traced (ONNX export), as log_mel's
+            silent = self.audio(self.mel(wave.new_zeros((1, int(wave.shape[1])))), int(t)).expand_as(audio)
+            blank = self._face(frames.new_zeros((1, *(int(v) for v in frames.shape[1:]))))[2].expand_as(face)
             prob = self._fuse(audio, face)[1] if switched else logits
             removed = {"audio": self._fuse(silent, face)[1], "face": self._fuse(audio, blank)[1]}
             return removal_importance(prob.softmax(1)[:, 1], {m: v.softmax(1)[:, 1] for m, v in removed.items()})
