@@ -36,10 +36,10 @@ from .explainers import EXPLAINERS, explain, get_explainer
 from .model import SelfExplainer
 
 __all__ = ["CLIP_METRICS", "METRICS", "EvalConfig", "check_fits", "evaluate", "evaluate_clips",
-           "evaluate_runs", "evaluate_task", "count_params", "task_metrics"]  # fmt: skip
+           "evaluate_runs", "evaluate_task", "count_params", "grid_scores", "task_metrics"]  # fmt: skip
 
 from .tasks import TASKS, get_task, list_tasks
-from .tasks.image import IMAGE_METRICS as METRICS, LOCALIZATION
+from .tasks.image import GRID, IMAGE_METRICS as METRICS, LOCALIZATION
 from .tasks.video import CLIP_METRICS
 
 
@@ -74,8 +74,14 @@ class EvalConfig:
     stability_threshold: float = 100 / 255
     sanity_images: int = 0
     posthoc_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grid_size: int = 2  # grid pointing game: grid_size x grid_size images per grid
+    grid_count: int = 100  # grids per run
+    grid_confidence: float = 0.9  # softmax probability an image needs (and a correct prediction) to enter a grid
+    grid_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.metrics is not None:  # "grid-pointing-game" as the command line may spell it
+            self.metrics = tuple(m.replace("-", "_") for m in self.metrics)
         every_metric = tuple(dict.fromkeys(m for name in list_tasks() for m in TASKS[name].metrics))
         chosen = ("method", self.methods, tuple(EXPLAINERS)), ("metric", () if self.metrics is None else self.metrics, every_metric)
         for kind, given, known in chosen:
@@ -86,6 +92,9 @@ class EvalConfig:
                 raise ConfigError(f"unknown or no {kind}(s) {unknown}; choose from {', '.join(known)}")
         if self.batch_size < 1 or self.steps < 1:
             raise ConfigError(f"batch_size and steps must be >= 1, got {self.batch_size}, {self.steps}")
+        if self.grid_size < 2 or self.grid_count < 1 or not 0 <= self.grid_confidence <= 1:
+            raise ConfigError(f"grid_size must be >= 2, grid_count >= 1 and grid_confidence in [0, 1], got "
+                              f"{self.grid_size}, {self.grid_count}, {self.grid_confidence}")  # fmt: skip
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -120,7 +129,7 @@ def _batch_scores(model: SelfExplainer, x: Tensor, y: Tensor, masks: Tensor | No
         "road_morf": lambda: M.road(model, x, maps, pred, order="morf").mean(dim=1),
         "road_lerf": lambda: M.road(model, x, maps, pred, order="lerf").mean(dim=1),
     }
-    scores = {name: fns[name]() for name in cfg.metrics if masks is not None or name not in LOCALIZATION}
+    scores = {name: fns[name]() for name in cfg.metrics if name in fns and (masks is not None or name not in LOCALIZATION)}
     return {**scores, **curves}
 
 
@@ -210,7 +219,60 @@ def evaluate_runs(
         result["stability"] = {m: {k: _mean(v, n) for k, v in d.items()} for m, d in total.stab.items() if d["iou"] or d["dice"]}
     if cfg.sanity_images > 0:
         result["sanity"] = _sanity(models, dataset, cfg)
+    if any(m in GRID for m in cfg.metrics):
+        result["grid"] = grid_scores(models, dataset, cfg, progress)
+        for run, by_method in result["grid"].pop("scores").items():
+            for method, score in by_method.items():
+                runs[run]["results"][method]["grid_pointing_game"] = score
     return result
+
+
+def grid_scores(models: dict[str, SelfExplainer], dataset: Dataset, cfg: EvalConfig,
+                progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The grid pointing game of every class-specific method on every run (docs/metrics.md).
+
+    Per run: its correctly classified images of probability ``>= cfg.grid_confidence``
+    (:func:`metrics.confident_correct`) form the pool; ``cfg.grid_count`` grids of ``cfg.grid_size**2``
+    images of distinct classes are drawn from it (:func:`metrics.make_grids`, seed ``cfg.grid_seed``) and
+    tiled (:func:`metrics.tile_grid`); each method explains every grid once per cell, for that cell's class,
+    and :func:`metrics.grid_pointing_game` scores the map. Class-agnostic methods (``self``) are left out:
+    on average over a grid's cells they score ``1 / grid_size**2`` by construction. Returns ``{"size": "2x2",
+    "count", "confidence", "seed", "eligible": {RUN: images}, "skipped": {RUN: reason}, "scores": {RUN:
+    {METHOD: mean}}}``; a run whose pool has fewer classes than a grid has cells is skipped.
+    """
+    g = cfg.grid_size
+    doc: dict[str, Any] = {"size": f"{g}x{g}", "count": cfg.grid_count, "confidence": cfg.grid_confidence,
+                           "seed": cfg.grid_seed, "eligible": {}, "skipped": {}, "scores": {}}  # fmt: skip
+    methods = [m for m in cfg.methods if get_explainer(m).class_specific]
+    for run, model in models.items():
+        device = _device(model)
+        labels, eligible = [], []
+        with torch.no_grad():
+            for batch in DataLoader(dataset, batch_size=cfg.batch_size):
+                y = batch[1].to(device)
+                eligible.append(M.confident_correct(model(batch[0].to(device)).logits, y, cfg.grid_confidence).cpu())
+                labels.append(y.cpu())
+        label, ok = torch.cat(labels), torch.cat(eligible)
+        doc["eligible"][run] = int(ok.sum())
+        try:
+            index = M.make_grids(label, ok, g, cfg.grid_count, cfg.grid_seed)
+        except ConfigError as e:
+            doc["skipped"][run] = str(e)
+            continue
+        chosen = [m for m in methods if get_explainer(m).unsupported(model) is None]
+        sums = dict.fromkeys(chosen, 0.0)
+        per_chunk = max(1, cfg.batch_size // (g * g))  # grids per call: about batch_size maps at a time
+        chunks = index.split(per_chunk)
+        for chunk in progress(chunks, len(chunks)) if progress else chunks:
+            images = torch.stack([torch.stack([dataset[int(i)][0] for i in row]) for row in chunk])
+            x = M.tile_grid(images, g).to(device).repeat_interleave(g * g, dim=0)  # one copy per cell
+            target = label[chunk].flatten().to(device)
+            cell = torch.arange(g * g, device=device).repeat(len(chunk))
+            for method in chosen:
+                maps = explain(model, x, method=method, target=target, **cfg.posthoc_options.get(method, {})).maps
+                sums[method] += float(M.grid_pointing_game(maps, cell, g).sum())
+        doc["scores"][run] = {m: v / index.numel() for m, v in sums.items()}
+    return doc
 
 
 def _mean(total: float | Tensor, n: int) -> float | list:

@@ -32,6 +32,11 @@ __all__ = [
     "iou",
     "dice",
     "energy_pointing_game",
+    "confident_correct",
+    "make_grids",
+    "tile_grid",
+    "grid_cell_masks",
+    "grid_pointing_game",
     "logits_of",
     "check_maps",
     "average_drop",
@@ -226,6 +231,83 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
         raise InputError(f"energy pointing game needs non-negative maps, got a minimum of {float(maps.min()):.4g}")
     maps = maps.flatten(1)
     return _ratio((maps * masks.flatten(1).to(maps.dtype)).sum(1), maps.sum(1))
+
+
+# --- grid pointing game (B-cos, Boehle et al. 2022; CoDA-Nets, Boehle et al. 2021) -----------------
+
+
+def confident_correct(logits: Tensor, target: Tensor, confidence: float = 0.9) -> Tensor:
+    """``(N,)`` bool: the prediction is ``target`` and its softmax probability is ``>= confidence``."""
+    if not 0 <= confidence <= 1:
+        raise ConfigError(f"confidence must lie in [0, 1], got {confidence!r}")
+    prob, pred = torch.softmax(logits.float(), dim=1).max(dim=1)
+    return (pred == target) & (prob >= confidence)
+
+
+def make_grids(labels: Tensor, eligible: Tensor, grid: int = 2, count: int = 100, seed: int = 0) -> Tensor:
+    """``(count, grid * grid)`` int64 indices into ``labels``: each row a grid of eligible items of distinct classes.
+
+    For each grid, ``grid * grid`` classes are drawn without replacement among the classes that have an
+    eligible item, then one eligible item of each; the order of the draw is the order of the cells
+    (row-major), so class and position are both random. All draws come from a ``torch.Generator`` seeded
+    with ``seed`` (on the CPU): the same arguments give the same grids. :class:`ConfigError` when fewer
+    than ``grid * grid`` classes have an eligible item.
+    """
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise ConfigError(f"grid must be an integer >= 2, got {grid!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"count must be an integer >= 1, got {count!r}")
+    labels, eligible = labels.cpu().long(), eligible.cpu().bool()
+    if labels.shape != eligible.shape or labels.dim() != 1:
+        raise InputError(f"labels and eligible must both be (N,), got {tuple(labels.shape)} and {tuple(eligible.shape)}")
+    classes = labels[eligible].unique()
+    if len(classes) < grid * grid:
+        raise ConfigError(f"a {grid}x{grid} grid needs {grid * grid} classes with a correctly and confidently "
+                          f"classified image; {len(classes)} have one")  # fmt: skip
+    members = [torch.nonzero(eligible & (labels == c)).flatten() for c in classes.tolist()]
+    gen = torch.Generator().manual_seed(int(seed))
+    rows = []
+    for _ in range(count):
+        picked = torch.randperm(len(classes), generator=gen)[: grid * grid].tolist()
+        rows.append([int(members[c][torch.randint(len(members[c]), (1,), generator=gen)]) for c in picked])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def tile_grid(images: Tensor, grid: int) -> Tensor:
+    """``(M, grid * grid, C, H, W)`` images -> ``(M, C, grid H, grid W)`` grid images, cell ``k`` at row
+    ``k // grid``, column ``k % grid``."""
+    m, cells, c, h, w = images.shape
+    if cells != grid * grid:
+        raise InputError(f"a {grid}x{grid} grid takes {grid * grid} images, got {cells}")
+    return images.view(m, grid, grid, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(m, c, grid * h, grid * w)
+
+
+def grid_cell_masks(cell: Tensor, grid: int, size: tuple[int, int]) -> Tensor:
+    """``(N, H, W)`` bool: True in cell ``cell[n]`` (row-major) of a ``grid x grid`` split of an ``H x W`` image.
+    ``H`` and ``W`` must be multiples of ``grid`` (grids built by :func:`tile_grid` are)."""
+    h, w = size
+    if h % grid or w % grid:
+        raise InputError(f"a {h}x{w} image does not split into {grid}x{grid} equal cells")
+    rows = torch.arange(h, device=cell.device) // (h // grid)
+    cols = torch.arange(w, device=cell.device) // (w // grid)
+    return (rows[None, :, None] == (cell // grid)[:, None, None]) & (cols[None, None, :] == (cell % grid)[:, None, None])
+
+
+def grid_pointing_game(maps: Tensor, cell: Tensor, grid: int) -> Tensor:
+    """Share of the positive map mass in the right cell: ``sum(relu(map) * cell) / sum(relu(map))``, ``(N,)``.
+
+    ``maps (N, H, W)``: the map of grid image ``n`` for the class of its cell ``cell[n]`` (row-major, of a
+    ``grid x grid`` split). An all-zero map scores 0.0. A map that ignores the class (the same for every
+    cell of a grid) scores ``1 / grid**2`` on average over a grid's cells, whatever it looks like.
+    """
+    if maps.dim() != 3 or cell.shape != maps.shape[:1]:
+        raise InputError(f"maps must be (N, H, W) and cell (N,), got {tuple(maps.shape)} and {tuple(cell.shape)}")
+    _check_finite(maps, "maps")
+    if bool(((cell < 0) | (cell >= grid * grid)).any()):
+        raise InputError(f"cell indices must lie in [0, {grid * grid}), got {cell.tolist()}")
+    positive = maps.clamp(min=0)
+    inside = grid_cell_masks(cell.to(maps.device), grid, tuple(maps.shape[-2:]))
+    return _ratio((positive * inside).flatten(1).sum(1), positive.flatten(1).sum(1))
 
 
 # --- faithfulness: the map as a multiplicative mask ---------------------------------

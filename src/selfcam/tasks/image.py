@@ -12,11 +12,12 @@ from ..heads import HEADS
 from ..model import ModelConfig, create_model
 from .base import MAPS_NOTE, Task, TaskGraph, register_task
 
-__all__ = ["ATTRIBUTE_METRICS", "AttributesTask", "IMAGE_METRICS", "ImageTask"]
+__all__ = ["ATTRIBUTE_METRICS", "AttributesTask", "GRID", "IMAGE_METRICS", "ImageTask"]
 
 LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
 FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
-IMAGE_METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS)
+GRID = ("grid_pointing_game",)  # on grids of test images, for the class-specific maps (selfcam.evaluate.grid_scores)
+IMAGE_METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS, *GRID)
 ATTRIBUTE_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "iou")
 
 
