@@ -967,7 +967,45 @@ def _same_names(env: Env, tmp: Path) -> Bad:
 
 def _pretrained_fifo(env: Env, tmp: Path) -> Bad:
     fifo = _fifo(tmp / "weights.safetensors")
-    return Bad(api=lambda: create_model("se", "resnet8", 10, 1, pretrained=fifo), names=str(fifo))
+    return Bad(api=lambda: create_model("se", "resnet8", 10, 1, pretrained=fifo), names=str(fifo),
+               cli=[_train_cmd(tmp, "--pretrained", str(fifo))], fresh=[tmp / "trained"])  # fmt: skip
+
+
+# --- issue 14: your own model class and pretrained weights on the command line
+
+
+def _factory_train(tmp: Path, spec: str) -> list[str]:
+    """`selfcam train --model-factory SPEC` (no --backbone: the factory builds the whole classifier)."""
+    cmd = _train_cmd(tmp, "--model-factory", spec)
+    i = cmd.index("--backbone")
+    return cmd[:i] + cmd[i + 2 :]
+
+
+def _bad_factory(spec: str) -> Callable[[Env, Path], Bad]:
+    def build(env: Env, tmp: Path) -> Bad:
+        from selfcam.wrap import model_factory
+
+        return Bad(api=lambda: model_factory(spec), cli=[_factory_train(tmp, spec)], names=spec, fresh=[tmp / "trained"])
+
+    return build
+
+
+def _pretrained_other_architecture(env: Env, tmp: Path) -> Bad:
+    """A .pth state dict of a tiny conv + linear net given to a CIFAR ResNet: the key report, nothing loaded."""
+    pth = tmp / "tiny.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 10)).state_dict(), pth)
+    return Bad(api=lambda: create_model("se", "resnet8", 10, 1, pretrained=pth), cli=[_train_cmd(tmp, "--pretrained", str(pth))],
+               names=str(pth), fresh=[tmp / "trained"])  # fmt: skip
+
+
+def _pretrained_pickle(env: Env, tmp: Path) -> Bad:
+    """A torch.save zip and a raw pickle named .pth whose payload would create a marker: refused by weights_only."""
+    zipped = _torch_zip(tmp / "resnet8.pth", tmp / "PWNED")
+    raw = tmp / "raw.pth"
+    raw.write_bytes(_payload(tmp / "PWNED"))
+    return Bad(api=lambda: create_model("se", "resnet8", 10, 1, pretrained=zipped),
+               cli=[_train_cmd(tmp, "--pretrained", str(zipped)), _train_cmd(tmp, "--pretrained", str(raw))],
+               shown=str(tmp), fresh=[tmp / "trained"], marker=tmp / "PWNED")  # fmt: skip
 
 
 def _explain_sigterm(env: Env, tmp: Path) -> Bad:
@@ -1268,12 +1306,24 @@ CASES = [
     Case("explain-failed-rerun-keeps-the-earlier-run", "api+cli", InputError, r"cannot decode image \(image file is truncated",
          _explain_failed_rerun),
     Case("explain-same-name-in-two-folders", "api+cli", None, "", _same_names),
-    Case("pretrained-weights-fifo", "api", InputError, FIFO, _pretrained_fifo),
+    Case("pretrained-weights-fifo", "api+cli", InputError, FIFO, _pretrained_fifo),
     Case("explain-sigterm-between-batches", "api", None, "", _explain_sigterm),
     # family 2: interrupted commands
     Case("resume-newest-state-corrupt", "api+cli", None, "", _newest_state_corrupt),
     Case("train-sigterm-in-an-epoch", "api", None, "", _train_sigterm),
     Case("train-killed-while-removing-its-states", "api+cli", None, "", _killed_while_dropping_states),
+    # issue 14: your own model and pretrained weights
+    Case("model-factory-not-importable", "api+cli", ConfigError,
+         r"--model-factory 'selfcam_no_such_module:build': cannot import 'selfcam_no_such_module': no module named "
+         r"'selfcam_no_such_module' \(not in the current directory nor on PYTHONPATH\)", _bad_factory("selfcam_no_such_module:build")),
+    Case("model-factory-not-callable", "api+cli", ConfigError, r"--model-factory 'math:pi': pi is a float, not a function or class",
+         _bad_factory("math:pi")),
+    Case("pretrained-weights-of-another-architecture", "api+cli", ConfigError,
+         r"weights do not match Backbone \(nothing fits: weights of another architecture\?\): .*tiny\.pth: 0 tensors fit, "
+         r"\d+ missing .*, 4 unexpected \['0\.weight', '0\.bias', '2\.weight'\] \.\.\., 0 of another shape", _pretrained_other_architecture),
+    Case("pretrained-pth-pickle-runs-code", "api+cli", InputError,
+         r"\.pth: refused: loading it would import open\. selfcam reads \.pth files only through "
+         r"torch\.load\(weights_only=True\), which never runs code from a file", _pretrained_pickle),
 ]  # fmt: skip
 
 
