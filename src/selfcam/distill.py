@@ -134,9 +134,9 @@ def load_teacher(teacher: str | Path, *, model: Any = None, pretrained: str | Pa
         if pretrained is None:
             raise ConfigError(f"teacher {name}: a model given by name has random weights; give its trained weights (pretrained=FILE)")
         from .pretrained import load_pretrained
-        from .wrap import _build_named
+        from .wrap import named_model
 
-        module = _build_named(name, dict(model_kwargs or {}))
+        module = named_model(name, dict(model_kwargs or {}))
         load_pretrained(module, pretrained)
         return module.eval(), f"{name} with weights {pretrained}", None
     if pretrained is not None or model_kwargs:
