@@ -674,11 +674,7 @@ def distill(
     if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"--temperature must be a finite number > 0, got {temperature}")
     head_kw, model_kw = _json_object(head_kwargs, "--head-kwargs"), _json_object(model_kwargs, "--model-kwargs")
-    factory = None
-    if model_factory is not None:
-        from .wrap import model_factory as resolve
-
-        factory = resolve(model_factory)
+    factory = _user_factory(model_factory)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, accelerator=accelerator)
     doc: dict[str, Any] | None = None
     named, given, source = model_name(teacher), teacher, None
