@@ -180,3 +180,52 @@ def test_a_run_of_your_own_class_through_every_command(tmp_path: Path, monkeypat
     assert "left out" not in (tmp_path / "r.html").read_text()  # the gallery drew the run
     code, out = _run("info", str(run), "--model-factory", "usernets:NOT_CALLABLE")
     assert code == 2 and "NOT_CALLABLE is a int, not a function or class" in out, out
+
+
+def test_train_a_wrapped_timm_model_from_a_pth_file_and_resume_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train --backbone wrap:timm:NAME --pretrained FILE.pth on RGB images, head first: the file's weights are where
+    training starts (the frozen epoch leaves them as they are), the run records the file, and a crashed run resumes
+    (rebuilt by name); --pretrained of another file on --resume is refused."""
+    import numpy as np
+    import timm
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    import selfcam.train as T
+
+    for split, count in (("train", 6), ("test", 2)):
+        for label in ("a", "b"):
+            folder = tmp_path / "rgb" / split / label
+            folder.mkdir(parents=True)
+            for k in range(count):
+                Image.fromarray(np.random.default_rng(k).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "resnet10t.pth")
+    run = tmp_path / "run"
+    train = ["train", "--method", "se", "--backbone", "wrap:timm:resnet10t", "--pretrained", str(tmp_path / "resnet10t.pth"),
+             "--data", f"imagefolder:{tmp_path / 'rgb'}", "--image-size", "64", "--epochs", "2", "--head-epochs", "1",
+             "--batch-size", "4", "--train-size", "8", "--val-size", "2", "--quiet", "--out", str(run)]  # fmt: skip
+    original = T.SelfcamModule.training_step
+
+    def crash(self: T.SelfcamModule, batch: object, batch_idx: int) -> torch.Tensor:
+        if self.step_offset + self.global_step == 2:  # after the head-only epoch's state
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    with monkeypatch.context() as m:
+        m.setattr(T.SelfcamModule, "training_step", crash)
+        result = runner.invoke(app, train)
+    assert isinstance(result.exception, RuntimeError), result.output
+    assert "pretrained: " in result.output and "tensors fit, 0 missing, 0 unexpected" in result.output
+    state = T.latest_state(run)
+    saved = load_file(str(state.path / T.STATE_TENSORS))
+    conv = "model.backbone.trunk.model.conv1.0.weight"
+    assert torch.equal(saved[conv], source.state_dict()["conv1.0.weight"])  # the file's weights, frozen in epoch 0
+    code, out = _run("train", "--resume", str(run), "--pretrained", "other.pth")
+    assert code == 2 and "--pretrained other.pth (the run has" in out, out
+    code, out = _run("train", "--resume", str(run), "--quiet")
+    assert code == 0, out
+    doc = json.loads((run / "config.json").read_text())
+    assert doc["model"]["backbone"] == "wrap:timm:resnet10t" and doc["pretrained"] == str(tmp_path / "resnet10t.pth")
+    assert doc["train"]["head_epochs"] == 1
