@@ -145,3 +145,52 @@ def test_constructor_errors() -> None:
         ClutteredDigits("train", 5, noise=-0.1)
     with pytest.raises(DataError, match="split"):
         ClutteredDigits("bogus", 5)  # type: ignore[arg-type]
+
+
+# --- shortcut digits (issue 15 item 4) ----------------------------------------------
+
+
+def test_mark_places_hand_values() -> None:
+    from selfcam.data.digits import mark_places
+
+    # ring of corners 1..13 on a 16 px canvas with a 2 px mark, 4 classes: its four corners, clockwise
+    assert mark_places(16, 2, 4).tolist() == [[1, 1], [13, 1], [13, 13], [1, 13]]
+    # 64 px, 4 px mark: ring 1..59 (58 px a side), every 23.2 px along it
+    assert mark_places(64, 4).tolist() == [[1, 1], [24, 1], [47, 1], [59, 13], [59, 36], [59, 59], [36, 59],
+                                           [13, 59], [1, 47], [1, 24]]  # fmt: skip
+    with pytest.raises(DataError, match="does not fit"):
+        mark_places(4, 2)
+
+
+def test_the_mark_is_where_the_generator_says() -> None:
+    from selfcam.data.digits import ShortcutDigits, mark_places
+
+    plain = ClutteredDigits("train", 300, seed=2)
+    ds = ShortcutDigits("train", 300, seed=2)
+    assert ds.mark == 4 and ds.mark_boxes.shape == (300, 4)
+    x0, y0, x1, y1 = ds.mark_boxes.T
+    assert ((x1 - x0) == 4).all() and ((y1 - y0) == 4).all() and (x0 >= 0).all() and (x1 <= 64).all()
+    inside = box_mask(ds.mark_boxes, 64)[:, None]
+    assert (ds.images[inside] == 1).all()  # the mark: a bright square, exactly in its box
+    assert torch.equal(ds.images[~inside], plain.images[~inside])  # the rest: the cluttered canvas, untouched
+    assert torch.equal(ds.labels, plain.labels) and torch.equal(ds.boxes, plain.boxes)
+    places = mark_places(64, 4)
+    at_place = (ds.mark_boxes[:, :2] == places[ds.labels]).all(1)
+    assert at_place[ds.correlated].all()  # correlated images: the mark at the class's place
+    assert 0.85 <= ds.correlated.float().mean() <= 0.95  # default train correlation 0.9
+    test = ShortcutDigits("test", 300, seed=2)
+    assert not test.correlated.any() and test.correlation == 0.0  # test: anywhere
+    spread = test.mark_boxes[:, :2]
+    assert spread.min() == 0 and spread.max() == 60 and len(spread.unique(dim=0)) > 250  # uniform over the canvas
+    assert ShortcutDigits("test", 50, seed=2, correlation=1.0).correlated.all()
+    with pytest.raises(DataError, match="correlation"):
+        ShortcutDigits("train", 5, correlation=1.5)
+    with pytest.raises(DataError, match="mark"):
+        ShortcutDigits("train", 5, mark=40)
+
+
+def test_shortcut_digits_load_by_name() -> None:
+    ds = load_dataset("shortcut-digits", "val", 20, seed=1, size=32)
+    x, y, box = ds[0]
+    assert x.shape == (1, 32, 32) and ds.spec == "shortcut-digits" and ds.mark == 2 and ds.num_classes == 10
+    assert torch.equal(load_dataset("shortcut-digits", "val", 20, seed=1, size=32).images, ds.images)

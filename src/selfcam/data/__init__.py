@@ -35,6 +35,8 @@ def _generator(name: str, split: str, n: int | None, seed: int, size: int | None
         raise DataError(f"unknown split {split!r} for {name}; expected one of {', '.join(SPLITS)}")
     if name == "cluttered-digits":
         cls: Any = ClutteredDigits
+    elif name == "shortcut-digits":
+        from .digits import ShortcutDigits as cls
     elif name == "synthetic-faces":
         from .faces import SyntheticFaces as cls
     elif name == "synthetic-clips":
@@ -52,6 +54,7 @@ def _generator(name: str, split: str, n: int | None, seed: int, size: int | None
 # the built-in generators and their default number of items per split
 GENERATORS: dict[str, dict[str, int]] = {
     "cluttered-digits": SIZES,
+    "shortcut-digits": SIZES,
     "synthetic-faces": {"train": 6000, "val": 500, "test": 1000},
     "synthetic-clips": {"train": 2000, "val": 300, "test": 500},
     "speaker-clips": {"train": 2000, "val": 300, "test": 500},

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import DataError
 
-__all__ = ["MEAN", "STD", "ClutteredDigits", "box_mask", "source_indices"]
+__all__ = ["MEAN", "STD", "ClutteredDigits", "ShortcutDigits", "box_mask", "mark_places", "source_indices"]
 
 MEAN: float = 0.15  # measured on load_dataset("cluttered-digits", "train"), rounded
 STD: float = 0.26
@@ -189,3 +189,51 @@ class ClutteredDigits(DigitCanvases):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """(normalized image (1, S, S) float32, label () int64, box (4,) int64)."""
         return self.normalize(self.images[i]), self.labels[i], self.boxes[i]
+
+
+def mark_places(size: int, mark: int, classes: int = 10) -> Tensor:
+    """``(classes, 2)`` int64 ``(x, y)`` top-left corners of each class's mark in :class:`ShortcutDigits`:
+    evenly spaced, clockwise from the top-left corner, along the square ring one pixel inside the canvas
+    border (the ring of corners ``1 .. size - 1 - mark``)."""
+    lo, hi = 1, size - 1 - mark
+    side = hi - lo
+    if side < 1:
+        raise DataError(f"a {mark} px mark does not fit a ring inside a {size} px canvas")
+    t = (torch.arange(classes, dtype=torch.float64) * (4 * side / classes)).round().long()  # distance along the ring
+    edge, d = t // side, t % side
+    x = torch.stack([lo + d, torch.full_like(d, hi), hi - d, torch.full_like(d, lo)], 1).gather(1, edge[:, None])[:, 0]
+    y = torch.stack([torch.full_like(d, lo), lo + d, torch.full_like(d, hi), hi - d], 1).gather(1, edge[:, None])[:, 0]
+    return torch.stack([x, y], 1)
+
+
+class ShortcutDigits(ClutteredDigits):
+    """Cluttered digits with a shortcut: a small bright square (the *mark*) that sits, in a share
+    ``correlation`` of the images, at a place that depends on the class (:func:`mark_places`), and
+    anywhere (uniformly, fully inside the canvas) in the others.
+
+    The canvases are those of :class:`ClutteredDigits` with the same arguments, pixel for pixel, except
+    under the mark, which is set to 1 (``mark`` px square, default ``size // 16``). ``correlation``
+    defaults to 0.9 for train and val and 0.0 for test: a model that learned the mark's place loses
+    accuracy on the test split (``correlation=1.0`` gives the correlated test set). The mark's draws come
+    from their own generator seeded by (seed, split, 1). ``mark_boxes (n, 4)`` ``(x0, y0, x1, y1)``, exclusive
+    ends; ``correlated (n,)`` bool: the mark is at its class's place.
+    """
+
+    spec: str = "shortcut-digits"
+
+    def __init__(self, split: Literal["train", "val", "test"], n: int, *, size: int = 64, seed: int = 0,
+                 correlation: float | None = None, mark: int | None = None, **options: float) -> None:  # fmt: skip
+        super().__init__(split, n, size=size, seed=seed, **options)  # type: ignore[arg-type]
+        correlation = (0.0 if split == "test" else 0.9) if correlation is None else correlation
+        if not 0 <= correlation <= 1:
+            raise DataError(f"correlation must lie in [0, 1], got {correlation!r}")
+        mark = max(2, size // 16) if mark is None else mark
+        if not isinstance(mark, Integral) or isinstance(mark, bool) or not 1 <= mark <= size // 4:
+            raise DataError(f"mark must be an integer in [1, {size // 4}] px, got {mark!r}")
+        self.correlation, self.mark = float(correlation), int(mark)
+        rng = np.random.default_rng([int(seed), SPLITS.index(split), 1])
+        self.correlated: Tensor = torch.from_numpy(rng.random(n) < correlation)
+        anywhere = torch.from_numpy(rng.integers(0, size - mark + 1, (n, 2)))
+        corner = torch.where(self.correlated[:, None], mark_places(size, mark)[self.labels], anywhere)
+        self.mark_boxes: Tensor = torch.cat([corner, corner + mark], 1)  # (n, 4) int64
+        self.images[box_mask(self.mark_boxes, size)[:, None]] = 1.0
