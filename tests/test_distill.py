@@ -220,3 +220,9 @@ def test_a_torchvision_model_given_by_name_with_its_weights(tmp_path: Path) -> N
     assert doc["model"].backbone == "wrap:torchvision:resnet18" and _identical(_snapshot(loaded), _snapshot(result.model))
     kept = {k.removeprefix("trunk.").replace("last.", "layer4.", 1): v for k, v in loaded.backbone.state_dict().items()}
     assert _identical(kept, {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")})  # the file's weights
+    # that wrapped run as a teacher in turn: its backbone is copied, the run rebuilds from its wrap: config
+    again = distill(tmp_path / "run", "se", images, None, images, TrainConfig(epochs=1, batch_size=16), run_dir=tmp_path / "se",
+                    progress=False, head_kwargs={"reduction": 8})  # fmt: skip
+    rebuilt, doc = load_checkpoint(tmp_path / "se")
+    assert doc["model"].method == "se" and doc["model"].backbone == "wrap:torchvision:resnet18"
+    assert _identical(_snapshot(rebuilt.backbone), _snapshot(loaded.backbone)) and _identical(_snapshot(rebuilt), _snapshot(again.model))
