@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .data import load_dataset
 from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate_runs
@@ -32,8 +34,8 @@ from .recipes import Recipe
 from .tasks import get_task
 from .train import TrainConfig, fit, seed_all
 
-__all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "stability_experiment",
-           "recipe_for", "write_results_markdown"]  # fmt: skip
+__all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "grid_results", "shortcut_experiment",
+           "stability_experiment", "recipe_for", "write_grid_results", "write_results_markdown"]  # fmt: skip
 
 Log = Callable[[str], None]
 
@@ -236,6 +238,90 @@ def stability_experiment(data: str, methods: Sequence[str], settings: int, out: 
     return doc
 
 
+def grid_results(evaluation: dict[str, Any], command: str = "") -> dict[str, Any]:
+    """The grid pointing game of a ``selfcam evaluate`` document (``evaluation.json`` with metric
+    ``grid_pointing_game``) as ``results/grid-pointing-game.json``: ``{"experiment": "grid-pointing-game",
+    "dataset", "split", "n_items", "grid": "2x2", "count", "confidence", "seed", "eligible": {RUN: images},
+    "skipped": {RUN: reason}, "accuracy": {RUN: a}, "methods": {"RUN/METHOD": {"score": x}}, "command"}``."""
+    grid = evaluation.get("grid")
+    if not isinstance(grid, dict):
+        raise ConfigError("the evaluation has no grid pointing game (evaluate with --metrics grid-pointing-game)")
+    methods, accuracy = {}, {}
+    for run, entry in evaluation["runs"].items():
+        for method, row in entry["results"].items():
+            if "accuracy" in row:
+                accuracy[run] = row["accuracy"]
+            if "grid_pointing_game" in row:
+                methods[f"{run}/{method}"] = {"score": row["grid_pointing_game"]}
+    return {"experiment": "grid-pointing-game", "dataset": evaluation.get("dataset"), "split": evaluation.get("split"),
+            "n_items": evaluation.get("n_items"), "grid": grid["size"], "count": grid["count"],
+            "confidence": grid["confidence"], "seed": grid["seed"], "eligible": grid["eligible"],
+            "skipped": grid["skipped"], "accuracy": accuracy, "methods": methods, "command": command}  # fmt: skip
+
+
+def write_grid_results(evaluation: str | Path, out: str | Path, command: str = "") -> dict[str, Any]:
+    """:func:`grid_results` of the ``evaluation.json`` at ``evaluation``, written to ``out``."""
+    doc = grid_results(json.loads(Path(evaluation).read_text()), command)
+    _write_json(Path(out), doc)
+    return doc
+
+
+class _MarkBoxes(torch.utils.data.Dataset):
+    """A :class:`~selfcam.data.digits.ShortcutDigits` whose items carry the mark's box instead of the digit's."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.num_classes, self.in_chans = data.num_classes, data.in_chans
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, Any]:
+        image, label, _ = self.data[i]
+        return image, label, self.data.mark_boxes[i]
+
+
+def shortcut_experiment(runs: dict[str, str | Path], methods: Sequence[str], out: str | Path, n: int = 1000,
+                        seed: int = 0, batch_size: int = 50, command: str = "") -> dict[str, Any]:  # fmt: skip
+    """How much trained runs rely on the mark of ``shortcut-digits`` (docs/metrics.md, shortcut benchmark).
+
+    Each run (``{NAME: run directory}``) and each of ``methods`` that applies to it is evaluated on two test
+    sets of ``n`` images (data seed ``seed``): *correlated* (``correlation=1.0``: the mark at its class's place)
+    and *decorrelated* (``correlation=0.0``: anywhere). Per ``NAME/METHOD``: ``acc_correlated``,
+    ``acc_decorrelated`` (the model's, the same for all its methods), ``mark_energy`` (the share of the map's mass
+    on the mark's box on the correlated set, :func:`selfcam.metrics.energy_pointing_game`),
+    ``mark_energy_decorrelated`` and ``digit_energy`` (the share on the digit's box, correlated set). Writes
+    ``out``: ``{"experiment": "shortcut", "dataset": "shortcut-digits", "n_items", "seed", "mark", "mark_area",
+    "methods": {NAME/METHOD: {...}}, "wall_seconds", "command"}``.
+    """
+    t0 = time.perf_counter()
+    loaded = {name: load_checkpoint(path) for name, path in runs.items()}
+    models = {name: model for name, (model, _) in loaded.items()}
+    size = (next(iter(loaded.values()))[1].get("data") or {}).get("size")  # the first run's training size
+    sets = {}
+    for key, corr in (("correlated", 1.0), ("decorrelated", 0.0)):
+        sets[key] = load_dataset("shortcut-digits", "test", n, seed=seed, size=size, correlation=corr)
+    cfg = EvalConfig(methods=tuple(methods), metrics=("accuracy", "energy_pointing_game"), batch_size=batch_size)
+    by_digit = evaluate_runs(models, sets["correlated"], cfg)["runs"]
+    by_mark = {key: evaluate_runs(models, _MarkBoxes(d), cfg)["runs"] for key, d in sets.items()}
+    results: dict[str, Any] = {}
+    for run in models:
+        for method, row in by_mark["correlated"][run]["results"].items():
+            results[f"{run}/{method}"] = {
+                "acc_correlated": row["accuracy"],
+                "acc_decorrelated": by_mark["decorrelated"][run]["results"][method]["accuracy"],
+                "mark_energy": row["energy_pointing_game"],
+                "mark_energy_decorrelated": by_mark["decorrelated"][run]["results"][method]["energy_pointing_game"],
+                "digit_energy": by_digit[run]["results"][method]["energy_pointing_game"],
+            }
+    d = sets["correlated"]
+    doc = {"experiment": "shortcut", "dataset": "shortcut-digits", "n_items": n, "seed": seed, "mark": d.mark,
+           "mark_area": d.mark**2 / d.size**2, "runs": {k: str(v) for k, v in runs.items()}, "methods": results,
+           "wall_seconds": round(time.perf_counter() - t0, 1), "command": command}  # fmt: skip
+    _write_json(Path(out), doc)
+    return doc
+
+
 # ---------------------------------------------------------------- results/*.json -> docs/RESULTS.md
 
 _GOALS = ("LFI-CAM mean accuracy >= plain's; SE-CAM within 0.3 points of plain's; "
@@ -252,6 +338,57 @@ def _load_results(results_dir: Path) -> tuple[list[dict[str, Any]], list[dict[st
         if doc.get("experiment") in ("accuracy", "stability"):
             docs.append({**doc, "file": path.name})
     return [d for d in docs if d["experiment"] == "accuracy"], [d for d in docs if d["experiment"] == "stability"]
+
+
+def _load_kind(results_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The ``results_dir/*.json`` documents of experiment ``kind`` (``grid-pointing-game``, ``shortcut``)."""
+    docs = []
+    for path in sorted(results_dir.glob("*.json")):
+        doc = json.loads(path.read_text())
+        if doc.get("experiment") == kind:
+            docs.append({**doc, "file": path.name})
+    return docs
+
+
+def _grid_section(doc: dict[str, Any]) -> list[str]:
+    runs = list(dict.fromkeys(name.split("/")[0] for name in doc["methods"]))
+    methods = list(dict.fromkeys(name.split("/", 1)[1] for name in doc["methods"]))
+    lines = [f"### {doc['dataset']}, {doc['grid']} grids", "",
+             f"{doc['count']} grids per run from the {doc['split']} split ({doc['n_items']} images); an image enters "
+             f"a grid when it is classified correctly with probability >= {doc['confidence']:g} (eligible images per "
+             f"run: {', '.join(f'{r} {n}' for r, n in doc['eligible'].items())}); grid seed {doc['seed']} "
+             f"(`results/{doc['file']}`).", "",
+             "| run | accuracy (%) | " + " | ".join(methods) + " | self-class - gradcam |",
+             "|---|---|" + "---|" * len(methods) + "---|"]  # fmt: skip
+    checks = []
+    for run in runs:
+        row = {m: doc["methods"].get(f"{run}/{m}", {}).get("score") for m in methods}
+        cells = " | ".join("-" if v is None else f"{v:.3f}" for v in row.values())
+        delta = ""
+        if row.get("self-class") is not None and row.get("gradcam") is not None:
+            d = row["self-class"] - row["gradcam"]
+            delta = f"{d:+.3f}"
+            checks.append(f"{run} {delta}: {'met' if d >= 0 else 'NOT met'}")
+        lines.append(f"| {run} | {_pct(doc['accuracy'].get(run, float('nan')))} | {cells} | {delta} |")
+    if checks:
+        lines += ["", "Goal check (self-class >= Grad-CAM on the same model): " + "; ".join(checks) + "."]
+    return lines + [""]
+
+
+def _shortcut_section(doc: dict[str, Any]) -> list[str]:
+    lines = [f"{doc['n_items']} test images per set (data seed {doc['seed']}); the mark is a {doc['mark']} px square, "
+             f"{100 * doc['mark_area']:.2f} % of the image: a map that ignores it puts about that share of its mass "
+             f"on it. Wall time {doc['wall_seconds'] / 60:.1f} min (`results/{doc['file']}`).", "",
+             "| run/method | acc. correlated (%) | acc. decorrelated (%) | drop (points) | mark energy | "
+             "mark energy, decorrelated | digit energy |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    drops = {}
+    for name, m in doc["methods"].items():
+        drop = 100 * (m["acc_correlated"] - m["acc_decorrelated"])
+        drops[name.split("/")[0]] = drop
+        lines.append(f"| {name} | {_pct(m['acc_correlated'])} | {_pct(m['acc_decorrelated'])} | {drop:.2f} | "
+                     f"{m['mark_energy']:.3f} | {m['mark_energy_decorrelated']:.3f} | {m['digit_energy']:.3f} |")  # fmt: skip
+    checks = [f"{run} {d:.1f}: {'met' if d >= 10 else 'NOT met'}" for run, d in drops.items()]
+    return lines + ["", "Goal check (a drop of at least 10 points): " + "; ".join(checks) + ".", ""]
 
 
 def _pct(x: float) -> str:
@@ -358,8 +495,23 @@ def write_results_markdown(results_dir: str | Path = "results", out: str | Path 
         lines += ["![stability per method](results/stability.png)", ""] if plots else []
         for doc in stab:
             lines += _stability_section(doc)
+    grids, shortcuts = _load_kind(results_dir, "grid-pointing-game"), _load_kind(results_dir, "shortcut")
+    if grids:
+        lines += ["## Grid pointing game (class-specific maps)", "",
+                  "B-cos / CoDA-Nets protocol (docs/metrics.md): grids of images of distinct classes, each explained "
+                  "for the class of each cell; the score is the share of the map's positive mass in that cell "
+                  "(1 / cells for a map that ignores the class). `self-class` is the head's own class-specific "
+                  "map (docs/methods.md); the papers' class-agnostic maps (`self`) are left out.", ""]  # fmt: skip
+        for doc in grids:
+            lines += _grid_section(doc)
+    for doc in shortcuts:
+        lines += ["## Shortcut benchmark (shortcut-digits)", "",
+                  "Trained on `shortcut-digits` (docs/data.md): a mark at a class-dependent place in 90 % of the "
+                  "training images. Tested with the mark at its class's place (correlated) and anywhere "
+                  "(decorrelated); the mark energy is the share of a map's mass on the mark (correlated set).", ""]  # fmt: skip
+        lines += _shortcut_section(doc)
     lines += ["## Commands", "", "```"]
-    lines += [d["command"] or f"# {d['file']}: command not recorded" for d in (*acc, *stab)]
+    lines += [d["command"] or f"# {d['file']}: command not recorded" for d in (*acc, *stab, *grids, *shortcuts)]
     lines += ["selfcam experiment results --results results --out docs/RESULTS.md", "```", ""]
     notes = results_dir / "notes.md"
     if notes.exists():
