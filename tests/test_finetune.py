@@ -158,6 +158,8 @@ def test_cli_fine_tuning_options_are_recorded_and_kept_on_resume(tmp_path: Path,
     assert isinstance(result.exception, RuntimeError), result.output
     result = CliRunner().invoke(app, ["train", "--resume", str(run), "--freeze-backbone"])
     assert result.exit_code == 2 and "--freeze-backbone True (the run has False)" in result.output, result.output
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--features", "layer4", "--pretrained", "w.pth"])
+    assert result.exit_code == 2 and "--features layer4 (the run has None), --pretrained w.pth (the run has None)" in result.output, result.output
     result = CliRunner().invoke(app, ["train", "--resume", str(run), "--quiet"])
     assert result.exit_code == 0, result.output
     train = json.loads((run / "config.json").read_text())["train"]

@@ -255,6 +255,7 @@ def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
     if hasattr(m, "method"):  # image and attribute models: the head and both option sets are in the config
         stored.update(method=m.method, backbone_kwargs=json.dumps(m.backbone_kwargs), head_kwargs=json.dumps(m.head_kwargs))
     wrapped = m.backbone.startswith("wrap:")
+    stored.update(features=None, classifier=None, tokens=None)  # a run that was not wrapped has none
     if wrapped:  # what selfcam.wrap recorded; the backbone_kwargs of a wrapped model are wrap's options, not the user's
         stored.update(features=m.backbone_kwargs.get("features"), classifier=m.backbone_kwargs.get("classifier"),
                       tokens=m.backbone_kwargs.get("tokens"), backbone_kwargs=json.dumps(m.backbone_kwargs.get("model_kwargs") or {}))  # fmt: skip
