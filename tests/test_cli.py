@@ -70,7 +70,7 @@ def test_corrupt_checkpoint_through_the_real_console_script(tmp_path: Path) -> N
 def test_models_lists_methods_and_backbones() -> None:
     code, out = _run("models")
     assert code == 0
-    for name in ("plain", "lfi-light", "abn", "resnet20", "resnet110-bottleneck", "torchvision:resnet50"):
+    for name in ("plain", "lfi-light", "abn", "resnet20", "resnet110-bottleneck", "torchvision:resnet50", "wrap:timm:<name>", "--model-factory"):
         assert name in out
 
 

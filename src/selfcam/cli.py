@@ -548,6 +548,8 @@ def models() -> None:
         console.print(f"[bold]task {name}:[/] methods {', '.join(t.methods)}; default data {t.default_data}", highlight=False)
     names = list_backbones()
     console.print("[bold]backbones:[/] " + ", ".join(names))
+    console.print("[bold]wrapped whole by selfcam.wrap (image and attribute tasks):[/] wrap:torchvision:<name>, wrap:timm:<name>, "
+                  "or your own class with `selfcam train --model-factory module:function` (docs/own-model.md)", highlight=False)  # fmt: skip
 
 
 @app.command()
