@@ -11,7 +11,7 @@ import torch
 from selfcam import experiment as E
 from selfcam.checkpoint import save_checkpoint
 from selfcam.data import box_mask, load_dataset
-from selfcam.metrics import energy_pointing_game
+from selfcam.metrics import energy_pointing_game, pointing_game
 from selfcam.model import create_model
 
 
@@ -39,6 +39,9 @@ def test_shortcut_experiment_against_a_hand_computation(tmp_path: Path) -> None:
         if corr:
             digit = energy_pointing_game(out.heatmap, box_mask(data.boxes, 32)).mean().item()
             assert row["digit_energy"] == pytest.approx(digit, abs=1e-6)
+            hits = pointing_game(out.heatmap, box_mask(data.mark_boxes, 32)).mean().item()
+            assert row["mark_pointing_game"] == pytest.approx(hits)
+            assert row["digit_pointing_game"] == pytest.approx(pointing_game(out.heatmap, box_mask(data.boxes, 32)).mean().item())
     assert doc["methods"]["se/gradcam"]["acc_correlated"] == row["acc_correlated"]  # the model's, whatever the map
 
 
@@ -69,5 +72,5 @@ def test_grid_results_and_their_markdown(tmp_path: Path) -> None:
     text = E.write_results_markdown(results, tmp_path / "RESULTS.md", plots=False)
     assert "| p | 90.00 | 0.700 | 0.700 | +0.000 |" in text and "| l | 80.00 | 0.600 | 0.650 | -0.050 |" in text
     assert "p +0.000: met; l -0.050: NOT met" in text and "selfcam evaluate x" in text
-    assert "| p/self | 99.00 | 50.00 | 49.00 | 0.300 | 0.200 | 0.400 |" in text
+    assert "| p/self | 99.00 | 50.00 | 49.00 | 0.300 | 0.200 | 0.400 | - | - |" in text
     assert "p 49.0: met; l 5.0: NOT met" in text and "0.39 % of the image" in text

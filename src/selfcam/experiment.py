@@ -290,7 +290,8 @@ def shortcut_experiment(runs: dict[str, str | Path], methods: Sequence[str], out
     and *decorrelated* (``correlation=0.0``: anywhere). Per ``NAME/METHOD``: ``acc_correlated``,
     ``acc_decorrelated`` (the model's, the same for all its methods), ``mark_energy`` (the share of the map's mass
     on the mark's box on the correlated set, :func:`selfcam.metrics.energy_pointing_game`),
-    ``mark_energy_decorrelated`` and ``digit_energy`` (the share on the digit's box, correlated set). Writes
+    ``mark_energy_decorrelated``, ``digit_energy`` (the share on the digit's box, correlated set), and
+    ``mark_pointing_game`` / ``digit_pointing_game`` (the map's maximum on the mark / the digit, correlated set). Writes
     ``out``: ``{"experiment": "shortcut", "dataset": "shortcut-digits", "n_items", "seed", "mark", "mark_area",
     "methods": {NAME/METHOD: {...}}, "wall_seconds", "command"}``.
     """
@@ -301,7 +302,7 @@ def shortcut_experiment(runs: dict[str, str | Path], methods: Sequence[str], out
     sets = {}
     for key, corr in (("correlated", 1.0), ("decorrelated", 0.0)):
         sets[key] = load_dataset("shortcut-digits", "test", n, seed=seed, size=size, correlation=corr)
-    cfg = EvalConfig(methods=tuple(methods), metrics=("accuracy", "energy_pointing_game"), batch_size=batch_size)
+    cfg = EvalConfig(methods=tuple(methods), metrics=("accuracy", "pointing_game", "energy_pointing_game"), batch_size=batch_size)
     by_digit = evaluate_runs(models, sets["correlated"], cfg)["runs"]
     by_mark = {key: evaluate_runs(models, _MarkBoxes(d), cfg)["runs"] for key, d in sets.items()}
     results: dict[str, Any] = {}
@@ -313,6 +314,8 @@ def shortcut_experiment(runs: dict[str, str | Path], methods: Sequence[str], out
                 "mark_energy": row["energy_pointing_game"],
                 "mark_energy_decorrelated": by_mark["decorrelated"][run]["results"][method]["energy_pointing_game"],
                 "digit_energy": by_digit[run]["results"][method]["energy_pointing_game"],
+                "mark_pointing_game": row["pointing_game"],
+                "digit_pointing_game": by_digit[run]["results"][method]["pointing_game"],
             }
     d = sets["correlated"]
     doc = {"experiment": "shortcut", "dataset": "shortcut-digits", "n_items": n, "seed": seed, "mark": d.mark,
@@ -380,15 +383,21 @@ def _shortcut_section(doc: dict[str, Any]) -> list[str]:
              f"{100 * doc['mark_area']:.2f} % of the image: a map that ignores it puts about that share of its mass "
              f"on it. Wall time {doc['wall_seconds'] / 60:.1f} min (`results/{doc['file']}`).", "",
              "| run/method | acc. correlated (%) | acc. decorrelated (%) | drop (points) | mark energy | "
-             "mark energy, decorrelated | digit energy |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "mark energy, decorrelated | digit energy | max on the mark | max on the digit |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     drops = {}
     for name, m in doc["methods"].items():
         drop = 100 * (m["acc_correlated"] - m["acc_decorrelated"])
         drops[name.split("/")[0]] = drop
         lines.append(f"| {name} | {_pct(m['acc_correlated'])} | {_pct(m['acc_decorrelated'])} | {drop:.2f} | "
-                     f"{m['mark_energy']:.3f} | {m['mark_energy_decorrelated']:.3f} | {m['digit_energy']:.3f} |")  # fmt: skip
+                     f"{m['mark_energy']:.3f} | {m['mark_energy_decorrelated']:.3f} | {m['digit_energy']:.3f} | "
+                     f"{_opt(m.get('mark_pointing_game'))} | {_opt(m.get('digit_pointing_game'))} |")  # fmt: skip
     checks = [f"{run} {d:.1f}: {'met' if d >= 10 else 'NOT met'}" for run, d in drops.items()]
     return lines + ["", "Goal check (a drop of at least 10 points): " + "; ".join(checks) + ".", ""]
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _pct(x: float) -> str:
