@@ -523,7 +523,7 @@ def write_results_markdown(results_dir: str | Path = "results", out: str | Path 
             lines += _grid_section(doc)
     for doc in shortcuts:
         lines += ["## Shortcut benchmark (shortcut-digits)", "",
-                  "Trained on `shortcut-digits` (docs/data.md): a mark at a class-dependent place in 90 % of the "
+                  "Trained on `shortcut-digits` (docs/metrics.md, shortcut benchmark): a mark at a class-dependent place in 90 % of the "
                   "training images. Tested with the mark at its class's place (correlated) and anywhere "
                   "(decorrelated); the mark energy is the share of a map's mass on the mark (correlated set).", ""]  # fmt: skip
         lines += _shortcut_section(doc)
