@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
+
 __all__ = ["CellGrid", "measure_cells", "resample", "resample_matrix"]
 
 
@@ -61,7 +63,10 @@ def _measure_axis(features: Callable[[Tensor], Tensor], shape: list[int], axis: 
         size = list(shape)
         size[dim] = length
         x = torch.randn(size, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        f = features(x)
+        try:
+            f = features(x)
+        except (InputError, RuntimeError, AssertionError, ValueError):  # a model of one input size (a ViT's fixed grid)
+            return None
         n = f.shape[dim]
         if n >= 2:
             cells = (n // 2 - 1, n // 2)
@@ -90,7 +95,8 @@ def measure_cells(features: Callable[[Tensor], Tensor], in_chans: int, size: tup
     Each axis is measured on inputs of ``size`` stretched along that axis only (about doubling up to
     ``max_side`` pixels, the length kept modulo the stride) until two neighbouring cells see windows that do
     not touch the border. ``module`` (the network behind ``features``) is put in eval mode meanwhile and
-    restored; no parameter gradient is touched. ``None`` when the cells see the whole input at every length.
+    restored; no parameter gradient is touched. ``None`` when the cells see the whole input at every length,
+    or when ``features`` refuses the stretched inputs (a model of one input size, as a ViT's fixed token grid).
     """
     modes = [(m, m.training) for m in module.modules()] if module is not None else []
     tracing = torch._C._get_tracing_state()  # measured eagerly, outside an ONNX / TorchScript trace
