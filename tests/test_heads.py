@@ -315,7 +315,8 @@ def test_class_map_equals_hand_computation(method: str) -> None:
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         pooled = _pooled_by_hand(model, x)
-        out = model(x)
+        assert model(x).class_heatmap is None  # computed only when asked for
+        out = model(x, target="predicted")
         assert torch.allclose(out.features, pooled, atol=1e-5)
         # the classifier pools exactly these features
         assert torch.allclose(out.logits, model.head.fc(pooled.mean(dim=(2, 3))), atol=1e-5)
@@ -339,7 +340,7 @@ def test_plain_class_map_is_cam_and_different_classes_give_different_maps() -> N
     model = create_model("plain", "resnet8", num_classes=4, in_chans=1).eval()
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
-        out = model.explain(x)
+        out = model.explain(x, target="predicted")
         assert torch.equal(out.class_heatmap, out.heatmap)  # the predicted class: the plain head's own map
         for c in range(4):
             target = torch.full((2,), c)

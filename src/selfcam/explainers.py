@@ -100,7 +100,7 @@ class OwnClassMap(Explainer):
         if options:
             raise ConfigError(f"the self-class map takes no options, got {', '.join(options)}")
         with torch.no_grad():
-            out = model.explain(*inputs, target=target)
+            out = model.explain(*inputs, target="predicted" if target is None else target)
         if out.class_heatmap is None:
             raise ConfigError(f"the {model.config.method} head gives no class-specific map")
         return Explanation(out.logits, out.class_heatmap)

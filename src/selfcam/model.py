@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ class ModelConfig:
         from .checkpoint import dataclass_from_json
 
         return dataclass_from_json(cls, d, source)
+
+
+Target = Union[int, Tensor, Literal["predicted"], None]  # the class of a class-specific map
 
 
 class SelfExplainer(nn.Module):
@@ -76,23 +79,25 @@ class SelfExplainer(nn.Module):
             bad = int((~torch.isfinite(x)).sum())
             raise InputError(f"input has {bad} NaN or infinite value(s) of {x.numel()} (shape {tuple(x.shape)})")
 
-    def forward(self, x: Tensor, *, target: int | Tensor | None = None) -> ExplainedOutput:
-        """Logits and maps of ``x``. ``class_heatmap`` (heads that give ``features``) is the class-specific
-        map of class ``target``: an int for every image, or ``(N,)`` class indices; default the predicted class."""
+    def forward(self, x: Tensor, *, target: Target = None) -> ExplainedOutput:
+        """Logits and maps of ``x``. With ``target`` (heads that give ``features``), also ``class_heatmap``, the
+        class-specific map of class ``target``: an int for every image, ``(N,)`` class indices, or ``"predicted"``
+        (each image's predicted class). Without it no class map is computed (it costs a CAM per call)."""
         self.check_input(x)
         pre, feats = self.backbone.forward_split(x)
         out = self.head(feats, x, pre)
-        if out.features is not None:
-            chosen = out.logits.argmax(dim=1) if target is None else check_target(target, out.logits)
-            out.class_heatmap = self.head.class_map(out.features, chosen)
-        elif target is not None:
+        if target is None:
+            return out
+        if out.features is None:
             raise ConfigError(f"the {self.config.method} head has no class-specific map (its output has no features)")
+        chosen = out.logits.argmax(dim=1) if isinstance(target, str) and target == "predicted" else check_target(target, out.logits)
+        out.class_heatmap = self.head.class_map(out.features, chosen)
         return out
 
-    def explain(self, x: Tensor, mode: str = "bilinear", *, target: int | Tensor | None = None) -> ExplainedOutput:
+    def explain(self, x: Tensor, mode: str = "bilinear", *, target: Target = None) -> ExplainedOutput:
         """Like ``forward`` but with the maps upsampled to the input size: ``heatmap`` ``(N, H, W)``
-        (``(N, A, H, W)`` for a multi-label head's one map per attribute) and ``class_heatmap`` ``(N, H, W)``
-        (of class ``target``, default the predicted one)."""
+        (``(N, A, H, W)`` for a multi-label head's one map per attribute) and, with ``target``,
+        ``class_heatmap`` ``(N, H, W)`` of that class (``"predicted"``: each image's predicted class)."""
         out = self(x, target=target)
         heat, size = out.heatmap, tuple(x.shape[-2:])
         cells = self.backbone.cell_grid(size)  # where the backbone centres its cells (selfcam.cells)
@@ -134,7 +139,7 @@ def check_target(target: int | Tensor, logits: Tensor) -> Tensor:
     :class:`InputError` naming the problem otherwise (wrong type, shape or range)."""
     n, classes = logits.shape
     if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
-        raise InputError(f"target must be an int or an (N,) tensor of class indices, got {type(target).__name__}")
+        raise InputError(f"target must be an int, an (N,) tensor of class indices or \"predicted\", got {target!r}"[:200])
     t = torch.as_tensor(target, device=logits.device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise InputError(f"target must hold integer class indices, got dtype {t.dtype}")
