@@ -87,7 +87,8 @@ _ASD = Recipe(
     task="asd", data="speaker-clips", methods=("se",), backbone_kwargs={"stem_stride": 2, "output_stride": 8},
     # measured choices (docs/asd.md): max pooling of the gated face map kept the frame maps on the
     # mouth (pointing game 0.78-0.85 over seeds 0-2); the gate L1 and audio dropout did not make the
-    # audio importance fall reliably under silence and cost pointing game, so they are off
+    # paper's importance (mean SE weight, importance="se_mean") fall reliably under silence and cost pointing
+    # game, so they are off; the default removal importance falls under silence and blank faces (docs/asd.md)
     head_kwargs={"se": {"visual_reduction": 4, "fusion_reduction": 8, "fusion_bias": True, "face_pool": "max",
                         "gate_l1": 0.0, "audio_dropout": 0.0}},
     epochs=6, batch_size=32, train_size=2000, val_size=300, test_size=500, image_size=64, data_options={"frames": 8},
