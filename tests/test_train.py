@@ -471,3 +471,27 @@ def test_two_process_training_and_sharded_evaluation(tmp_path: Path) -> None:
     for k in one:
         if k != "map_ms_per_image":
             assert one[k] == pytest.approx(two[k], rel=1e-6, abs=1e-6), k
+
+
+def test_precision_is_lightnings_recorded_and_kept_on_resume(tmp_path: Path) -> None:
+    """--precision bf16-mixed trains under autocast (weights stay float32) and is recorded (a resume compares it as the
+    other recipe options); --num-workers is a runtime option; unknown precisions are refused in one line (issue 17.4)."""
+    from typer.testing import CliRunner
+
+    from selfcam.cli import app
+
+    with pytest.raises(ConfigError, match="precision must be one of 32, bf16-mixed, 16-mixed"):
+        TrainConfig(precision="64")
+    run = tmp_path / "run"
+    base = ["train", "--method", "se", "--backbone", "resnet8", "--epochs", "1", "--train-size", "64", "--val-size", "16",
+            "--image-size", "32", "--batch-size", "32", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, [*base, "--out", str(run), "--precision", "bf16-mixed", "--num-workers", "1"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((run / "config.json").read_text())
+    assert (doc["train"]["precision"], doc["train"]["num_workers"]) == ("bf16-mixed", 1)
+    model, _ = load_checkpoint(run)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    stored = T._train_config({k: v for k, v in doc["train"].items() if k != "precision"}, "an older state")
+    assert stored.precision == "32"  # states written before the option read as full precision
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--precision", "bf16"])
+    assert result.exit_code == 2 and "--precision must be one of" in result.output, result.output

@@ -152,6 +152,8 @@ def train(
     devices: int = typer.Option(1, help="Processes per machine; more than one trains with DDP (see docs/training.md)."),
     num_nodes: int = typer.Option(1, "--num-nodes", help="Machines, each running --devices processes."),
     accelerator: str = typer.Option("auto", help="cpu, gpu or auto."),
+    precision: str = typer.Option("32", "--precision", help="32, bf16-mixed or 16-mixed (Lightning's autocast; 16-mixed needs a GPU)."),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (may differ on --resume)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last saved state, with its stored recipe."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head alone, the backbone frozen "
@@ -213,13 +215,20 @@ def train(
         value = o[key]
         if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
             raise ConfigError(f"{option} must be a finite number {low}, got {value}")
+    from .errors import require_int
+    from .train import PRECISIONS
+
+    if o["precision"] not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {o['precision']!r}")
+    require_int("--num-workers", o["num_workers"], 0, 256)
     if not (math.isfinite(o["backbone_lr_scale"]) and o["backbone_lr_scale"] > 0):
         raise ConfigError(f"--backbone-lr-scale must be a finite number > 0, got {o['backbone_lr_scale']}")
     if o["model_factory"] is not None and getattr(ctx.get_parameter_source("backbone"), "name", "") == "COMMANDLINE":
         raise ConfigError("give --backbone or --model-factory, not both (--model-factory builds the whole classifier)")
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
                       seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"],
-                      freeze_backbone=o["freeze_backbone"], head_epochs=o["head_epochs"], backbone_lr_scale=o["backbone_lr_scale"])  # fmt: skip
+                      freeze_backbone=o["freeze_backbone"], head_epochs=o["head_epochs"], backbone_lr_scale=o["backbone_lr_scale"],
+                      precision=o["precision"], num_workers=o["num_workers"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
     factory = _user_factory(o["model_factory"])
     train_set = load_dataset(o["data"], "train", o["train_size"], seed=cfg.seed, size=o["image_size"])
@@ -243,7 +252,7 @@ def train(
 
 
 _RECIPE = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes", "freeze_backbone",
-           "head_epochs", "backbone_lr_scale")  # the train options stored in TrainConfig under the same names
+           "head_epochs", "backbone_lr_scale", "precision")  # the train options stored in TrainConfig under the same names
 
 
 def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:

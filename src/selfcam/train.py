@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 STATE_DIR, STATE_TENSORS, STATE_JSON, HISTORY = "checkpoints", "state.safetensors", "state.json", "history.json"
 STATE_FORMAT, STATE_VERSION = "selfcam-train-state", 2  # version 1: image runs, no "task" field
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's: full float32, or mixed with bfloat16 / float16 autocast
 RUNTIME_FIELDS = ("accelerator", "num_workers")  # may differ when a run is resumed; every other field must not
 _REQUESTED = threading.Event()
 
@@ -85,6 +86,9 @@ class TrainConfig:
     ``head_epochs`` trains it alone for the first N epochs, then everything. A frozen backbone gets no
     gradient and runs in eval mode (its BatchNorm statistics and dropout stay as they are).
     ``backbone_lr_scale`` gives the backbone's parameters ``lr * scale`` (a second parameter group).
+
+    ``precision``: Lightning's ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast; float16 also scales
+    the loss; the weights stay float32). ``num_workers``: DataLoader worker processes (a runtime field).
     """
 
     epochs: int = 10
@@ -101,6 +105,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     head_epochs: int = 0
     backbone_lr_scale: float = 1.0
+    precision: str = "32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -120,6 +125,8 @@ class TrainConfig:
         if self.head_epochs and self.world_size > 1:  # DDP fixes the parameters it reduces when it starts
             raise ConfigError("head_epochs unfreezes the backbone during the run, which DDP does not allow: train on one "
                               "process, or use freeze_backbone (frozen throughout)")  # fmt: skip
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} (Lightning's names), got {self.precision!r}")
         if not (self.backbone_lr_scale > 0 and math.isfinite(self.backbone_lr_scale)):
             raise ConfigError(f"backbone_lr_scale must be > 0 (freeze_backbone gives no backbone updates), got {self.backbone_lr_scale}")
 
@@ -422,7 +429,7 @@ def _expect(doc: Any, spec: dict[str, Any], where: str) -> dict[str, Any]:
     return doc
 
 
-_ADDED_FIELDS = {"freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0}  # states written before them lack them
+_ADDED_FIELDS = {"freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0, "precision": "32"}  # states written before them lack them
 
 
 def _train_config(d: Any, where: str) -> TrainConfig:
@@ -930,7 +937,7 @@ def _train(model: torch.nn.Module, train_set: Dataset, val_set: Dataset | None, 
         strategy="ddp" if cfg.world_size > 1 else "auto", use_distributed_sampler=False, reload_dataloaders_every_n_epochs=1,
         limit_val_batches=1.0 if val_set is not None else 0, logger=False, enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=True, callbacks=callbacks,
-        num_sanity_val_steps=0, default_root_dir=run,
+        num_sanity_val_steps=0, default_root_dir=run, precision=cfg.precision,  # type: ignore[arg-type]
         # Lightning's SLURM auto-requeue saves pickled checkpoints on SIGUSR1: ours handles SIGUSR1 instead
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
     )  # fmt: skip
