@@ -210,7 +210,9 @@ def _task_parts(name: str, doc: dict, prefix: str, notes: list[str]) -> tuple[di
             silent = silence.get("silent_modality_importance")
             if isinstance(silent, dict):
                 importance.update({f"{c}, silent audio": v for c, v in silent.items() if isinstance(v, dict)})
-            tables.append((f"{name}: {run}, modality importance (mean fusion-SE weight of each modality's slice)", importance))
+            what = {"removal": "the change of p(speaking) when the modality is removed",
+                    "se_mean": "mean fusion-SE weight of each modality's slice"}.get(silence.get("definition"), "as the run defines it")
+            tables.append((f"{name}: {run}, modality importance ({what})", importance))
             try:
                 figures.append((f"{name}: {run}, modality importance (speaking / not speaking, real and silent audio)",
                                 render.importance_bars(entry)))  # fmt: skip
