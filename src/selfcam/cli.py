@@ -411,8 +411,9 @@ def evaluate(
 
 @app.command()
 def explain(
-    images: Optional[list[Path]] = typer.Argument(None, help="Image files, or directories searched recursively (image and "
-                                                  "attribute runs). Without them: items of --data."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files (image and attribute runs) or video "
+                                                  "files .mp4 .avi .mov .mkv .webm (video and ASD runs), or directories "
+                                                  "searched recursively. Without them: items of --data."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Run directory written by `selfcam train`."),
     out: Path = typer.Option(..., "--out", help="Directory for one PNG per image (clips: PNG strip + GIF) and predictions.json."),
     methods: str = typer.Option("", "--methods", help="Comma-separated post-hoc maps to add: cam, gradcam, gradcam++, scorecam, rise, lime."),
