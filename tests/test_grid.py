@@ -136,3 +136,26 @@ def test_a_run_without_enough_confident_classes_is_skipped_with_the_reason() -> 
     assert "needs 4 classes" in doc["skipped"]["m"]
     with pytest.raises(ConfigError, match="grid_size"):
         EvalConfig(grid_size=1)
+
+
+def test_cli_evaluate_takes_the_grid_options(tmp_path) -> None:
+    """`selfcam evaluate --metrics grid-pointing-game --grid-size 3 --grid-count 2 --grid-confidence 0 --grid-seed 4`
+    reaches EvalConfig (recorded in evaluation.json's "grid"); a grid of one image is refused in one line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from selfcam.cli import app
+
+    run = tmp_path / "run"
+    train = ["train", "--method", "plain", "--backbone", "resnet8", "--epochs", "1", "--train-size", "64", "--val-size", "16",
+             "--image-size", "32", "--batch-size", "32", "--quiet", "--out", str(run)]  # fmt: skip
+    assert CliRunner().invoke(app, train).exit_code == 0
+    args = ["evaluate", "--checkpoint", str(run), "--n", "60", "--methods", "self-class", "--metrics", "accuracy,grid-pointing-game",
+            "--grid-size", "3", "--grid-count", "2", "--grid-confidence", "0", "--grid-seed", "4"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    grid = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["grid"]
+    assert (grid["size"], grid["count"], grid["confidence"], grid["seed"]) == ("3x3", 2, 0.0, 4)
+    result = CliRunner().invoke(app, [*args[:-8], "--grid-size", "1", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "grid_size must be >= 2" in result.output, result.output

@@ -355,12 +355,17 @@ def evaluate(
     data: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP + " Default: the data the first run was trained on (cluttered-digits if it does not say)."),
     split: str = typer.Option("test", help="Dataset split: train, val or test."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images (dataset default if unset)."),
-    methods: str = typer.Option("self", help="Comma-separated: self, cam, gradcam, gradcam++, scorecam, rise, lime "
+    methods: str = typer.Option("self", help="Comma-separated: self, self-class, cam, gradcam, gradcam++, scorecam, rise, lime "
                                 "(each on the runs it applies to; video runs: self, gradcam, gradcam++; attribute and asd runs: self)."),
     metrics: str = typer.Option("all", help="Comma-separated metric names, or 'all' (the runs' task's metrics, docs/metrics.md)."),
     batch_size: int = typer.Option(50, help="Images per batch."),
     steps: int = typer.Option(20, help="Deletion / insertion steps."),
     sanity_images: int = typer.Option(0, help="Images for the cascading-randomization check (0: skip)."),
+    grid_size: int = typer.Option(2, "--grid-size", help="Grid pointing game: a grid of N x N images of distinct classes."),
+    grid_count: int = typer.Option(100, "--grid-count", help="Grid pointing game: grids per run."),
+    grid_confidence: float = typer.Option(0.9, "--grid-confidence", help="Grid pointing game: the softmax probability "
+                                          "(of a correct prediction) an image needs to enter a grid."),
+    grid_seed: int = typer.Option(0, "--grid-seed", help="Grid pointing game: seed of the grids."),
     seed: int = typer.Option(0, help="Seed of the generated data."),
     out: Path = typer.Option(..., "--out", help="Directory for evaluation.json."),
     devices: int = typer.Option(1, help="Processes to share the images (contiguous shards; same numbers as one)."),
@@ -398,7 +403,8 @@ def evaluate(
     task = get_task(first["task"])
     data = data or (first.get("data") or {}).get("name") or task.default_data
     cfg = EvalConfig(methods=_names(methods), metrics=task_metrics(task.name) if metrics == "all" else _names(metrics),
-                     batch_size=batch_size, steps=steps, sanity_images=sanity_images)  # fmt: skip
+                     batch_size=batch_size, steps=steps, sanity_images=sanity_images, grid_size=grid_size,
+                     grid_count=grid_count, grid_confidence=grid_confidence, grid_seed=grid_seed)  # fmt: skip
     _, dataset = task.run_data(first, split, n, spec=data, seed=seed)  # at the first run's size, with its data's options
     result = evaluate_task(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
     doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
