@@ -446,21 +446,17 @@ def _checks(real: dict[str, Tensor], silent: dict[str, Tensor], blank: dict[str,
             definition: str) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The silence check and the blank-face check of one importance definition (modality -> ``(n,)`` each)."""
     mean = {name: {m: float(v.mean()) for m, v in imp.items()} for name, imp in (("real", real), ("silent", silent), ("blank", blank))}
-    silence = {
-        "definition": definition,
-        "audio_importance": mean["real"]["audio"], "audio_importance_silent": mean["silent"]["audio"],
-        "face_importance": mean["real"]["face"], "face_importance_silent": mean["silent"]["face"],
-        "audio_importance_falls": mean["silent"]["audio"] < mean["real"]["audio"],
-        "silent_modality_importance": importance_by_class(silent, labels),
-    }  # fmt: skip
-    blank_face = {
-        "definition": definition,
-        "face_importance": mean["real"]["face"], "face_importance_blank": mean["blank"]["face"],
-        "audio_importance": mean["real"]["audio"], "audio_importance_blank": mean["blank"]["audio"],
-        "face_importance_falls": mean["blank"]["face"] < mean["real"]["face"],
-        "blank_modality_importance": importance_by_class(blank, labels),
-    }  # fmt: skip
-    return silence, blank_face
+
+    def check(altered: dict[str, Tensor], key: str, removed: str, kept: str) -> dict[str, Any]:
+        return {
+            "definition": definition,
+            f"{removed}_importance": mean["real"][removed], f"{removed}_importance_{key}": mean[key][removed],
+            f"{kept}_importance": mean["real"][kept], f"{kept}_importance_{key}": mean[key][kept],
+            f"{removed}_importance_falls": mean[key][removed] < mean["real"][removed],
+            f"{key}_modality_importance": importance_by_class(altered, labels),
+        }  # fmt: skip
+
+    return check(silent, "silent", "audio", "face"), check(blank, "blank", "face", "audio")
 
 
 def evaluate_asd(model: ASDModel, dataset: Dataset, batch_size: int = 64) -> dict[str, Any]:
