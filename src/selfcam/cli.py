@@ -203,26 +203,22 @@ def train(
     if resume is None and (o["method"] is None or out is None):
         raise typer.BadParameter("--method and --out are required unless you --resume a run")
     o["data"] = o["data"] or t.default_data
+    from .errors import check_accelerator, require_int
+    from .train import PRECISIONS
+
     if o["image_size"] is not None:  # 0 is refused, not taken for the dataset's default
-        from .errors import require_int
         from .safeio import MAX_IMAGE_SIZE
 
         require_int("--image-size", o["image_size"], 1, MAX_IMAGE_SIZE)
-    from .errors import check_accelerator
-
     check_accelerator(accelerator)
-    for option, key, low in (("--lr", "lr", "> 0"), ("--weight-decay", "weight_decay", ">= 0")):  # named as typed, not as fields
+    numbers = (("--lr", "lr", "> 0"), ("--weight-decay", "weight_decay", ">= 0"), ("--backbone-lr-scale", "backbone_lr_scale", "> 0"))
+    for option, key, low in numbers:  # named as typed, not as fields
         value = o[key]
         if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
             raise ConfigError(f"{option} must be a finite number {low}, got {value}")
-    from .errors import require_int
-    from .train import PRECISIONS
-
     if o["precision"] not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {o['precision']!r}")
     require_int("--num-workers", o["num_workers"], 0, 256)
-    if not (math.isfinite(o["backbone_lr_scale"]) and o["backbone_lr_scale"] > 0):
-        raise ConfigError(f"--backbone-lr-scale must be a finite number > 0, got {o['backbone_lr_scale']}")
     if o["model_factory"] is not None and getattr(ctx.get_parameter_source("backbone"), "name", "") == "COMMANDLINE":
         raise ConfigError("give --backbone or --model-factory, not both (--model-factory builds the whole classifier)")
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
