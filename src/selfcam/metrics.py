@@ -27,6 +27,7 @@ from .errors import ConfigError, InputError
 
 __all__ = [
     "accuracy",
+    "check_class_indices",
     "pointing_game",
     "zhang_tolerance",
     "iou",
@@ -77,12 +78,16 @@ def _check_pair(maps: Tensor, masks: Tensor) -> None:
     _check_finite(maps, "maps")
 
 
-def _check_target(target: Tensor, n: int, num_classes: int | None) -> None:
+def check_class_indices(target: Tensor, n: int, num_classes: int | None) -> None:
+    """Raise :class:`InputError` unless ``target`` is ``(n,)`` integer class indices in ``[0, num_classes)``
+    (the range is not checked on an empty batch, nor while tracing or compiling: data-dependent)."""
     if not isinstance(target, Tensor) or target.shape != (n,):
         shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise InputError(f"target must be (N,) = ({n},) class indices, got {shape}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise InputError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if n == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return
     lo, hi = int(target.min()), int(target.max())
     if lo < 0 or (num_classes is not None and hi >= num_classes):
         bound = num_classes if num_classes is not None else "num_classes"
@@ -109,7 +114,7 @@ def check_maps(x: Tensor, maps: Tensor, target: Tensor | None = None, num_classe
     _check_finite(x, "x")
     _check_finite(maps, "maps")
     if target is not None:
-        _check_target(target, n, num_classes)
+        check_class_indices(target, n, num_classes)
 
 
 def logits_of(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
@@ -125,7 +130,7 @@ def logits_of(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
 def _target_prob(model: Callable[[Tensor], Any], x: Tensor, target: Tensor) -> Tensor:
     """Softmax probability of class ``target[n]``: ``(N, C, H, W) -> (N,)``."""
     logits = logits_of(model, x)
-    _check_target(target, len(x), logits.shape[1])
+    check_class_indices(target, len(x), logits.shape[1])
     return torch.softmax(logits, dim=1).gather(1, target.to(logits.device).long()[:, None]).squeeze(1)
 
 
@@ -733,7 +738,7 @@ def cascading_randomization(
     """
     if not isinstance(x, Tensor) or x.dim() < 2 or len(x) == 0:
         raise InputError(f"x must be a non-empty batch (N, ...), got {tuple(x.shape) if isinstance(x, Tensor) else x!r}")
-    _check_target(target, len(x), None)
+    check_class_indices(target, len(x), None)
     if layers is not None and layers < 1:
         raise ConfigError(f"layers must be a positive int or None, got {layers!r}")
     clone = copy.deepcopy(model)

@@ -136,19 +136,16 @@ class SelfExplainer(nn.Module):
 
 def check_target(target: int | Tensor, logits: Tensor) -> Tensor:
     """``target`` (an int, a 0-d or ``(N,)`` integer tensor) as ``(N,)`` class indices on the logits' device;
-    :class:`InputError` naming the problem otherwise (wrong type, shape or range)."""
+    :class:`InputError` naming the problem otherwise (wrong type, shape or range: :func:`~selfcam.metrics.check_class_indices`)."""
+    from .metrics import check_class_indices
+
     n, classes = logits.shape
     if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
         raise InputError(f"target must be an int, an (N,) tensor of class indices or \"predicted\", got {target!r}"[:200])
     t = torch.as_tensor(target, device=logits.device)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise InputError(f"target must hold integer class indices, got dtype {t.dtype}")
-    t = t.long().expand(n) if t.dim() == 0 else t.long()
-    if t.shape != (n,):
-        raise InputError(f"target must be an int or (N,) = ({n},) class indices, got shape {tuple(t.shape)}")
-    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and n and not bool(((t >= 0) & (t < classes)).all()):
-        raise InputError(f"target out of range: class indices must lie in [0, {classes}), got {t.tolist()}")
-    return t
+    t = t.expand(n) if t.dim() == 0 else t
+    check_class_indices(t, n, classes)
+    return t.long()
 
 
 def list_methods() -> list[str]:
