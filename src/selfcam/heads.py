@@ -48,8 +48,8 @@ class ExplainedOutput:
     features: ``(N, K, h, w)``, what the classifier pools: ``F`` (plain), ``(1 + A) F`` (LFI),
     ``s F`` (SE), ``(1 + M) F`` (ABN); ``None`` for heads whose logits are not ``fc(GAP(features))``.
     class_heatmap: ``(N, h, w)`` in ``[0, 1]``, the class-specific map (:meth:`Head.class_map`) of the
-    target class (default: the predicted one); set by :class:`~selfcam.model.SelfExplainer` when the
-    head gives ``features``.
+    target class; set by :class:`~selfcam.model.SelfExplainer` only when asked for with ``target=``
+    (a class, ``(N,)`` classes or ``"predicted"``) and the head gives ``features``; else ``None``.
     """
 
     logits: Tensor
