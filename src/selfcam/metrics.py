@@ -310,9 +310,8 @@ def grid_pointing_game(maps: Tensor, cell: Tensor, grid: int) -> Tensor:
     _check_finite(maps, "maps")
     if bool(((cell < 0) | (cell >= grid * grid)).any()):
         raise InputError(f"cell indices must lie in [0, {grid * grid}), got {cell.tolist()}")
-    positive = maps.clamp(min=0)
     inside = grid_cell_masks(cell.to(maps.device), grid, tuple(maps.shape[-2:]))
-    return _ratio((positive * inside).flatten(1).sum(1), positive.flatten(1).sum(1))
+    return energy_pointing_game(maps.clamp(min=0), inside)  # the energy of the positive part in the cell
 
 
 # --- faithfulness: the map as a multiplicative mask ---------------------------------
