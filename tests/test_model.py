@@ -99,6 +99,24 @@ def test_wrong_rank_and_channel_count_are_named() -> None:
         model(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
 
 
+def test_finite_check_is_exact_when_the_sum_overflows() -> None:
+    """check_input sums the input first; a sum that overflows on huge finite values must not be an error, and
+    NaN / infinity must be one whatever the sum does (NaN + -inf, +inf + -inf)."""
+    model = create_model("plain", "resnet8", 10, in_chans=1).eval()
+    x = torch.full((1, 1, 8, 8), 3e38)
+    assert not torch.isfinite(x.sum())
+    model.check_input(x)  # every value is finite
+    for bad, count in ((float("nan"), 1), (float("inf"), 1)):
+        y = x.clone()
+        y[0, 0, 3, 4] = bad
+        with pytest.raises(InputError, match=rf"input has {count} NaN or infinite value\(s\) of 64"):
+            model.check_input(y)
+    z = torch.zeros(1, 1, 8, 8)
+    z[0, 0, 0, 0], z[0, 0, 0, 1] = float("inf"), float("-inf")  # the sum is NaN, the count 2
+    with pytest.raises(InputError, match=r"input has 2 NaN"):
+        model.check_input(z)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_round_trip_gives_identical_outputs(method: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
