@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError, require_int
 from .cells import CellGrid, measure_cells
 from .heads import PlainHead, minmax, upsample
-from .metrics import logits_of
+from .metrics import check_class_indices, logits_of
 from .model import SelfExplainer
 from .video import VideoSelfExplainer, check_clip, upsample_clip
 
@@ -316,9 +316,6 @@ def _check_input(model: nn.Module, x: Tensor) -> None:
         raise InputError("the input holds NaN or infinite values")
 
 
-_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
 def _target(model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
     """``target`` checked as ``(N,)`` class indices on ``x``'s device; by default the predicted class."""
     if target is None or not isinstance(model, (SelfExplainer, VideoSelfExplainer)):
@@ -330,8 +327,7 @@ def _target(model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
     else:
         classes = model.config.num_classes
     target = torch.as_tensor(target, device=x.device)
-    if target.shape != (len(x),) or target.dtype not in _INDEX_DTYPES or not 0 <= int(target.min()) <= int(target.max()) < classes:
-        raise InputError(f"target must be (N,) class indices in [0, {classes}), got {target.tolist()}")
+    check_class_indices(target, len(x), classes)
     return target
 
 
