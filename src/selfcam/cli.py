@@ -403,7 +403,9 @@ def evaluate(
                      grid_count=grid_count, grid_confidence=grid_confidence, grid_seed=grid_seed)  # fmt: skip
     _, dataset = task.run_data(first, split, n, spec=data, seed=seed)  # at the first run's size, with its data's options
     result = evaluate_task(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
-    doc = {"dataset": data, "split": split, "config": asdict(cfg), **result}
+    from .experiment import command_line
+
+    doc = {"dataset": data, "split": split, "config": asdict(cfg), **result, "command": command_line()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(doc, indent=2, default=list))
     rows = {f"{run}/{m}": r for run, v in result["runs"].items() for m, r in v["results"].items()}
@@ -584,17 +586,25 @@ experiment_app = typer.Typer(cls=_FriendlyGroup, no_args_is_help=True,
                              help="Experiments behind the papers' claims (resumable; JSON under results/).")  # fmt: skip
 app.add_typer(experiment_app, name="experiment")
 _EXP_HELP = {
+    "recipe": "A named recipe of selfcam.experiment.RECIPES (mnist, mnist-full, fashion-mnist, fashion-mnist-full, "
+              "cluttered-digits; docs/RESULTS.md); default: the one named like --data.",
     "epochs": "Epochs (default: the dataset's recipe, see docs/RESULTS.md).",
     "train_size": "Training images (default: the dataset's recipe).",
     "test_size": "Test images (default: the dataset's recipe).",
 }
 
 
-def _recipe(data: str, backbone: Optional[str], epochs: Optional[int], train_size: Optional[int],
-            test_size: Optional[int]) -> Any:  # fmt: skip
-    from .experiment import recipe_for
+def _recipe(data: Optional[str], name: Optional[str], backbone: Optional[str], epochs: Optional[int],
+            train_size: Optional[int], test_size: Optional[int]) -> tuple[str, Any]:  # fmt: skip
+    """The dataset spec and the recipe of an experiment: ``--recipe`` by name (its data unless ``--data``
+    names another spec), else the recipe of ``--data``; the size and epoch options applied."""
+    from .experiment import named_recipe, recipe_for
 
-    return recipe_for(data, backbone=backbone, epochs=epochs, train_size=train_size, test_size=test_size)
+    if data is None and name is None:
+        raise ConfigError("give --data or --recipe")
+    overrides = {"backbone": backbone, "epochs": epochs, "train_size": train_size, "test_size": test_size}
+    recipe = named_recipe(name, **overrides) if name else recipe_for(data, **overrides)
+    return data or recipe.data, recipe
 
 
 def _experiment_command(kind: str, methods: str, count: tuple[str, int, str], columns: tuple[str, ...], what: str,
@@ -603,7 +613,9 @@ def _experiment_command(kind: str, methods: str, count: tuple[str, int, str], co
     count_option, count_default, count_help = count
 
     def command(
-        data: str = typer.Option(..., "--data", help="Dataset: a name or KIND:PATH (see docs/data.md)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Dataset: a name or KIND:PATH (see docs/data.md); "
+                                           "default: the recipe's."),
+        recipe_name: Optional[str] = typer.Option(None, "--recipe", help=_EXP_HELP["recipe"]),
         methods: str = typer.Option(methods, help="Comma-separated heads."),
         count: int = typer.Option(count_default, count_option, help=count_help),
         out: Path = typer.Option(..., "--out", help="JSON file; checkpoints go beside it in OUT.runs/."),
@@ -615,7 +627,7 @@ def _experiment_command(kind: str, methods: str, count: tuple[str, int, str], co
     ) -> None:
         from . import experiment
 
-        recipe = _recipe(data, backbone, epochs, train_size, test_size)
+        data, recipe = _recipe(data, recipe_name, backbone, epochs, train_size, test_size)
         log = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
         result = getattr(experiment, f"{kind}_experiment")(data, _names(methods), count, out, recipe, progress=not quiet, log=log)
         rows = {m: {k: v[k] for k in columns} for m, v in result["methods"].items()}
@@ -631,6 +643,59 @@ _experiment_command("accuracy", "plain,lfi,lfi-light,se,abn", ("--seeds", 3, "Se
 _experiment_command("stability", "lfi,lfi-light,se,abn", ("--settings", 5, "Hyper-parameter settings (2-5; listed in docs/RESULTS.md)."),
                     ("iou", "dice"), "map stability",
                     "Map stability (mean pairwise IoU / Dice) of every method across settings; resumable.")  # fmt: skip
+
+
+@experiment_app.command("grid")
+def experiment_grid(
+    evaluation: Path = typer.Option(..., "--evaluation", help="evaluation.json of `selfcam evaluate --metrics "
+                                    "grid-pointing-game` (or its folder)."),
+    out: Path = typer.Option(Path("results/grid-pointing-game.json"), "--out", help="Results JSON to write."),
+) -> None:
+    """The grid pointing game of an evaluation as results/grid-pointing-game.json (for `experiment results`)."""
+    from .experiment import command_line, write_grid_results
+
+    path = evaluation / "evaluation.json" if evaluation.is_dir() else evaluation
+    if not path.is_file():
+        raise ConfigError(f"--evaluation: {path} not found (the evaluation.json that `selfcam evaluate --out` writes)")
+    doc = write_grid_results(path, out, command_line())
+    rows = {name: {"score": m["score"]} for name, m in doc["methods"].items()}
+    console.print(_table(f"{doc['dataset']}: grid pointing game, {doc['grid']}", rows, first="run/method"))
+    console.print(f"wrote {out}")
+
+
+@experiment_app.command("shortcut")
+def experiment_shortcut(
+    runs: list[str] = typer.Option(..., "--run", help="NAME=RUN_DIR of a run trained on shortcut-digits (repeat it)."),
+    methods: str = typer.Option("self,self-class,cam,gradcam,gradcam++", help="Comma-separated map methods."),
+    out: Path = typer.Option(Path("results/shortcut.json"), "--out", help="Results JSON to write."),
+    n: int = typer.Option(1000, "--n", help="Test images per set (correlated, decorrelated)."),
+    seed: int = typer.Option(0, "--seed", help="Data seed of the two test sets."),
+    batch_size: int = typer.Option(50, "--batch-size", help="Images per batch."),
+    tolerance: Optional[int] = typer.Option(None, "--tolerance", help="Pixels a map's maximum may lie off the "
+                                            "mark or the digit (default: one feature cell of the first run)."),
+) -> None:
+    """The shortcut benchmark on trained runs: accuracy with the mark correlated / decorrelated, map energy on the mark."""
+    from .errors import require_int
+    from .experiment import command_line, shortcut_experiment
+
+    require_int("--n", n, 1)
+    require_int("--batch-size", batch_size, 1)
+    if tolerance is not None:
+        require_int("--tolerance", tolerance, 0)
+    named = {}
+    for item in runs:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--run takes NAME=RUN_DIR, got {item!r}")
+        if name in named:
+            raise ConfigError(f"--run: the name {name!r} is given twice")
+        named[name] = Path(path)
+    doc = shortcut_experiment(named, _names(methods), out, n=n, seed=seed, batch_size=batch_size, tolerance=tolerance,
+                              command=command_line())  # fmt: skip
+    keys = ("acc_correlated", "acc_decorrelated", "mark_energy")
+    console.print(_table("shortcut-digits: shortcut benchmark", {k: {c: m[c] for c in keys} for k, m in doc["methods"].items()},
+                         first="run/method"))  # fmt: skip
+    console.print(f"wall time {doc['wall_seconds']:.0f} s; wrote {out}")
 
 
 @experiment_app.command("results")

@@ -23,19 +23,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from . import metrics as M
 from .data import load_dataset
 from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate_runs
+from .explainers import explain
 from .model import SelfExplainer, create_model
 from .checkpoint import load_checkpoint
 from .recipes import Recipe
 from .tasks import get_task
 from .train import TrainConfig, fit, seed_all
 
-__all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "grid_results", "shortcut_experiment",
-           "stability_experiment", "recipe_for", "write_grid_results", "write_results_markdown"]  # fmt: skip
+__all__ = ["Recipe", "Setting", "RECIPES", "SETTINGS", "accuracy_experiment", "grid_results", "named_recipe",
+           "shortcut_experiment", "stability_experiment", "recipe_for", "write_grid_results", "write_results_markdown"]  # fmt: skip
 
 Log = Callable[[str], None]
 
@@ -58,7 +61,17 @@ RECIPES: dict[str, Recipe] = {
                                val_size=500, test_size=1000, image_size=64),
     "mnist": Recipe(data="mnist", epochs=2, train_size=4000, val_size=1000, test_size=2000),
     "fashion-mnist": Recipe(data="fashion-mnist", epochs=2, train_size=4000, val_size=1000, test_size=2000),
+    # converged recipes (issue 15): the whole training split (54,000 images; the other 6,000 of the official
+    # training set are the validation split) and the whole test set; Fashion-MNIST with its random crop
+    "mnist-full": Recipe(data="mnist", epochs=5, train_size=54000, val_size=6000, test_size=10000),
+    "fashion-mnist-full": Recipe(data="fashion-mnist", epochs=12, train_size=54000, val_size=6000, test_size=10000,
+                                 augment=True),
 }  # fmt: skip
+
+# The stability experiment stores, per run, the maps of the first STABILITY_MAP_IMAGES test images as uint8
+# (results/<name>.maps/*.npz, small enough to commit), so that it resumes on another machine.
+STABILITY_MAP_IMAGES = 1000
+STABILITY_LEVEL = 100  # uint8 maps: 100/255, evaluate's stability threshold
 
 # Five settings: the base recipe, then lower lr, bigger batch, more weight decay, higher lr with a
 # smaller batch; every setting has its own seed, so initialisation and data order differ too.
@@ -76,7 +89,15 @@ def recipe_for(data: str, **overrides: Any) -> Recipe:
     return RECIPES.get(data, Recipe(data=data)).with_overrides(**overrides)
 
 
-def _command() -> str:
+def named_recipe(name: str, **overrides: Any) -> Recipe:
+    """``RECIPES[name]`` (e.g. ``mnist-full``) with ``overrides`` applied; ConfigError for an unknown name."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name].with_overrides(**overrides)
+
+
+def command_line() -> str:
+    """The ``selfcam ...`` command line of this process; empty when it is not the CLI (a Python call)."""
     return shlex.join(["selfcam", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("selfcam", "__main__.py") else ""
 
 
@@ -98,11 +119,13 @@ def _resume(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} exists but is not valid JSON ({e}); move it away to start afresh") from e
-    mismatch = [k for k in ("experiment", "dataset", "recipe", "seeds", "settings") if doc.get(k) != header.get(k)]
+    # runs are stored per seed, so an accuracy experiment may grow (or shrink) its seeds; not so settings
+    mismatch = [k for k in ("experiment", "dataset", "recipe", "settings") if doc.get(k) != header.get(k)]
     if mismatch:
         raise ConfigError(f"{path} holds an experiment with a different {', '.join(mismatch)}; "
                           "use another --out or delete it to start afresh")  # fmt: skip
     doc.setdefault("runs", {})
+    doc.update({k: header[k] for k in ("seeds", "command") if header.get(k)})
     doc["methods_requested"] = list(dict.fromkeys([*doc.get("methods_requested", []), *header["methods_requested"]]))
     return doc
 
@@ -111,21 +134,25 @@ class _Runner:
     """Trains (or reloads) one model per (method, training config); the splits are loaded once.
 
     Checkpoints live in ``work_dir/<method>-<key>/`` where ``key`` hashes the dataset, the recipe and
-    the training config, so the two experiments share the runs they have in common (the accuracy
-    experiment's seed 0 is the stability experiment's setting 1).
+    the training config's fields that differ from their defaults (so a field added to TrainConfig later
+    keeps the key), so the two experiments share the runs they have in common (the accuracy
+    experiment's seed 0 is the stability experiment's setting 1). A training that was stopped resumes
+    from its last finished epoch (``fit(..., resume=True)``).
     """
 
     def __init__(self, data: str, recipe: Recipe, work_dir: Path, progress: bool, log: Log) -> None:
         self.data, self.recipe, self.work_dir, self.progress, self.log = data, recipe, work_dir, progress, log
         r = recipe
-        self.train = load_dataset(data, "train", r.train_size, size=r.image_size)
+        self.train = load_dataset(data, "train", r.train_size, size=r.image_size, augment=r.augment)
         # the experiments compare the heads of the image task (the other tasks have one head each)
         get_task("image").check_dataset(self.train, "experiment data")
         self.val = load_dataset(data, "val", r.val_size, size=r.image_size)
         self.test = load_dataset(data, "test", r.test_size, size=r.image_size)
 
     def model(self, method: str, cfg: TrainConfig) -> SelfExplainer:
-        key = json.dumps([self.data, method, self.recipe.training(), asdict(cfg)], sort_keys=True)
+        defaults = asdict(TrainConfig())
+        changed = {k: v for k, v in asdict(cfg).items() if k not in defaults or v != defaults[k]}
+        key = json.dumps([self.data, method, self.recipe.training(), changed], sort_keys=True)
         run_dir = self.work_dir / f"{method}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         if (run_dir / "model.safetensors").exists() and (run_dir / "config.json").exists():
             model, _ = load_checkpoint(run_dir)
@@ -134,8 +161,12 @@ class _Runner:
         r = self.recipe
         model = create_model(method, r.backbone, self.test.num_classes, self.test.in_chans, r.backbone_kwargs,
                              **r.head_kwargs.get(method, {}))  # fmt: skip
-        fit(model, self.train, self.val, cfg, run_dir, self.progress,
+        t0 = time.perf_counter()
+        resume = (run_dir / "checkpoints").is_dir()  # an interrupted training continues from its last epoch
+        fit(model, self.train, self.val, cfg, run_dir, self.progress, resume=resume,
             extra_config={"data": {"name": self.data, "size": self.test.size, "seed": 0}})  # fmt: skip
+        seconds = time.perf_counter() - t0
+        self.log(f"trained {method} in {seconds:.0f} s: {len(self.train) * cfg.epochs / seconds:.0f} training images/s")
         return model.cpu().eval()
 
     def train_config(self, setting: Setting) -> TrainConfig:
@@ -167,7 +198,7 @@ def accuracy_experiment(data: str, methods: Sequence[str], seeds: int, out: str 
     recipe = recipe or recipe_for(data)
     out = Path(out)
     header = {"experiment": "accuracy", "dataset": data, "recipe": recipe.training(), "seeds": seeds,
-              "methods_requested": list(methods), "command": _command()}  # fmt: skip
+              "methods_requested": list(methods), "command": command_line()}  # fmt: skip
     doc = _resume(out, header)
     runner = _Runner(data, recipe, _work_dir(out, data), progress, log)
     base = SETTINGS[0]
@@ -201,41 +232,76 @@ def _accuracy_summary(runs: dict[str, Any], methods: Sequence[str], seeds: int) 
 
 
 def stability_experiment(data: str, methods: Sequence[str], settings: int, out: str | Path,
-                         recipe: Recipe | None = None, progress: bool = True, log: Log = print) -> dict[str, Any]:  # fmt: skip
+                         recipe: Recipe | None = None, progress: bool = True, log: Log = print,
+                         map_images: int = STABILITY_MAP_IMAGES) -> dict[str, Any]:  # fmt: skip
     """Train every method under the first ``settings`` of ``SETTINGS``; compare maps across them.
 
-    Maps of the models of one method are compared on the same test images: mean over images
-    of the mean pairwise IoU / Dice of the maps binarized at 100/255 (see ``metrics.stability``).
-    Writes ``{"dataset", "recipe", "settings": [...], "methods": {NAME: {"iou", "dice",
-    "accuracy": [per setting]}}, "wall_seconds", "command"}``; resumable like the accuracy experiment.
+    Per run (``METHOD/settingJ``): test accuracy, and the own maps of the first ``map_images`` test
+    images, stored as uint8 ``(N, H, W)`` (``floor(255 * map)``) in ``<out without .json>.maps/METHOD-settingJ.npz``.
+    When every setting of a method has its maps: mean over images of the mean pairwise IoU / Dice of the
+    maps binarized at 100/255 (``metrics.stability``). Writes ``{"dataset", "recipe", "settings": [...],
+    "map_images", "runs": {RUN: {"accuracy", "maps", "seconds"}}, "methods": {NAME: {"iou", "dice",
+    "accuracy": [per setting]}}, "wall_seconds", "command"}`` after every run; started again, it skips
+    the runs whose result and maps file exist (the JSON and the .npz files are what another machine
+    needs to resume), and the methods of documents written before runs were stored.
     """
     if not 2 <= settings <= len(SETTINGS) or not methods:
         raise ConfigError(f"settings must be 2..{len(SETTINGS)} and methods non-empty, got {settings}, {list(methods)}")
+    if map_images < 1:
+        raise ConfigError(f"map_images must be >= 1, got {map_images}")
     recipe = recipe or recipe_for(data)
     out = Path(out)
     chosen = SETTINGS[:settings]
     header = {"experiment": "stability", "dataset": data, "recipe": recipe.training(),
-              "settings": [asdict(s) for s in chosen], "methods_requested": list(methods), "command": _command()}  # fmt: skip
+              "settings": [asdict(s) for s in chosen], "methods_requested": list(methods), "command": command_line()}  # fmt: skip
     doc = _resume(out, header)
+    if doc.get("map_images", map_images) != map_images:
+        raise ConfigError(f"{out} stores the maps of {doc['map_images']} test images, not {map_images}; "
+                          "use another --out or delete it to start afresh")  # fmt: skip
     doc.setdefault("methods", {})
+    maps_dir = out.with_suffix(".maps")
     runner = _Runner(data, recipe, _work_dir(out, data), progress, log)
+    subset = torch.utils.data.Subset(runner.test, range(min(map_images, len(runner.test))))
+    doc["map_images"] = map_images
     for i, method in enumerate(methods, 1):
         if method in doc["methods"]:
             continue
-        t0 = time.perf_counter()
-        models = {}
-        for j, setting in enumerate(chosen):
-            log(f"[{i}/{len(methods)}] {method}, setting {j + 1}/{len(chosen)} {asdict(setting)}: training on {data}")
-            models[f"setting{j + 1}"] = runner.model(method, runner.train_config(setting))
-        result = evaluate_runs(models, runner.test, EvalConfig(metrics=("accuracy",)))
-        seconds = time.perf_counter() - t0
-        stability = result.get("stability", {}).get("self", {"iou": 0.0, "dice": 0.0})
-        doc["methods"][method] = {**stability,
-                                  "accuracy": [r["results"]["self"]["accuracy"] for r in result["runs"].values()],
-                                  "seconds": round(seconds, 1)}  # fmt: skip
-        doc["wall_seconds"] = round(doc.get("wall_seconds", 0.0) + seconds, 1)
+        for j, setting in enumerate(chosen, 1):
+            key = f"{method}/setting{j}"
+            if key in doc["runs"] and (out.parent / doc["runs"][key]["maps"]).exists():
+                continue
+            log(f"[{i}/{len(methods)}] {method}, setting {j}/{len(chosen)} {asdict(setting)}: training on {data}")
+            t0 = time.perf_counter()
+            model = runner.model(method, runner.train_config(setting))
+            result = evaluate_runs({key: model}, runner.test, EvalConfig(metrics=("accuracy",)))
+            path = maps_dir / f"{method}-setting{j}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, maps=quantized_maps(model, subset))
+            seconds = time.perf_counter() - t0
+            doc["runs"][key] = {"accuracy": result["runs"][key]["results"]["self"]["accuracy"],
+                                "maps": path.relative_to(out.parent).as_posix(), "seconds": round(seconds, 1)}  # fmt: skip
+            doc["wall_seconds"] = round(doc.get("wall_seconds", 0.0) + seconds, 1)
+            _write_json(out, doc)
+        runs = [doc["runs"][f"{method}/setting{j}"] for j in range(1, len(chosen) + 1)]
+        maps = torch.stack([torch.from_numpy(np.load(out.parent / r["maps"])["maps"]) for r in runs])
+        stability = M.stability((maps >= STABILITY_LEVEL).float(), 0.5)  # 1 where the map is >= 100/255
+        doc["methods"][method] = {"iou": stability["iou"], "dice": stability["dice"],
+                                  "accuracy": [r["accuracy"] for r in runs],
+                                  "seconds": round(sum(r["seconds"] for r in runs), 1)}  # fmt: skip
         _write_json(out, doc)
     return doc
+
+
+def quantized_maps(model: SelfExplainer, data: Any, batch_size: int = 100) -> np.ndarray:
+    """The model's own maps of every item of ``data``, ``uint8 (N, H, W)``: ``floor(255 * map)``, so that
+    ``q >= 100`` wherever ``map >= 100/255`` (the stability threshold), up to rounding of ``255 * map``."""
+    chunks = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(data, batch_size=batch_size):
+            maps = explain(model, batch[0].to(device), method="self").maps
+            chunks.append((maps.clamp(0, 1) * 255).floor().to(torch.uint8).cpu())
+    return torch.cat(chunks).numpy()
 
 
 def grid_results(evaluation: dict[str, Any], command: str = "") -> dict[str, Any]:
@@ -424,7 +490,7 @@ def _accuracy_section(doc: dict[str, Any]) -> list[str]:
     methods = doc.get("methods", {})
     plain = methods.get("plain", {}).get("mean")
     seeds = doc["seeds"]
-    lines = [f"### {doc['dataset']}", "", f"Recipe: {_recipe_line(doc)}. Seeds 0..{seeds - 1}. "
+    lines = [f"### {_label(doc)}", "", f"Recipe: {_recipe_line(doc)}. Seeds 0..{seeds - 1}. "
              f"Wall time {doc['wall_seconds'] / 60:.1f} min (`results/{doc['file']}`).", "",
              "| method | accuracy per seed (%) | mean (%) | std (points) | vs plain (points) |",
              "|---|---|---|---|---|"]  # fmt: skip
@@ -444,7 +510,7 @@ def _accuracy_section(doc: dict[str, Any]) -> list[str]:
 
 def _stability_section(doc: dict[str, Any]) -> list[str]:
     methods = doc.get("methods", {})
-    lines = [f"### {doc['dataset']}", "", f"Recipe: {_recipe_line(doc)}. Wall time {doc['wall_seconds'] / 60:.1f} min "
+    lines = [f"### {_label(doc)}", "", f"Recipe: {_recipe_line(doc)}. Wall time {doc['wall_seconds'] / 60:.1f} min "
              f"(`results/{doc['file']}`).", "", "| method | IoU | Dice | accuracy per setting (%) |", "|---|---|---|---|"]  # fmt: skip
     for name, m in methods.items():
         lines.append(f"| {name} | {m['iou']:.3f} | {m['dice']:.3f} | {', '.join(_pct(a) for a in m['accuracy'])} |")
@@ -463,13 +529,14 @@ def _settings_table(doc: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _bar_plot(path: Path, groups: dict[str, dict[str, tuple[float, float]]], ylabel: str, title: str) -> None:
+def _bar_plot(path: Path, groups: dict[str, dict[str, tuple[float, float]]], ylabel: str, title: str,
+              size: tuple[float, float] = (8, 3.6)) -> None:
     """Grouped bars: ``groups[dataset][method] = (value, error)``; written as PNG without metadata."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     methods = list(dict.fromkeys(m for g in groups.values() for m in g))
-    fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.8 / max(len(methods), 1)
@@ -480,9 +547,133 @@ def _bar_plot(path: Path, groups: dict[str, dict[str, tuple[float, float]]], yla
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set(ylabel=ylabel, title=title, ylim=(0.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncols=len(methods))
+    ax.legend(fontsize="small", ncols=min(len(methods), 5))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", metadata={"Software": None})
+
+
+# ---------------------------------------------------------------- the leaderboard (issue 15 item 6)
+
+# column: (header, how it is read, the reason of a '-' when the column's source exists but has no value)
+_BOARD_COLUMNS: dict[str, tuple[str, str]] = {
+    "accuracy": ("accuracy (%)", "no accuracy for this model"),
+    "pointing_game": ("pointing game", "not in the evaluation (the data has no boxes)"),
+    "grid_pointing_game": ("grid PG 2x2", "class-agnostic map (1/4 by construction), or not evaluated on grids"),
+    "deletion_auc": ("deletion (lower better)", "not in the evaluation"),
+    "insertion_auc": ("insertion", "not in the evaluation"),
+    "road_morf": ("ROAD MoRF (lower better)", "not in the evaluation"),
+    "road_lerf": ("ROAD LeRF", "not in the evaluation"),
+    "stability": ("stability IoU", "not in the stability experiment (the heads' own maps only)"),
+    "mark_energy": ("shortcut mark energy", "measured on shortcut-digits only"),
+    "map_ms": ("ms / map", "timed by `selfcam evaluate` only"),
+}
+
+
+def _label(doc: dict[str, Any]) -> str:
+    """The leaderboard a results document belongs to: its file name less ``-accuracy`` / ``-stability`` /
+    ``evaluation-`` (``mnist-full-accuracy.json`` -> ``mnist-full``), else its dataset."""
+    stem = Path(doc["file"]).stem
+    for suffix in ("-accuracy", "-stability"):
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem[len("evaluation-"):] if stem.startswith("evaluation-") else str(doc.get("dataset"))
+
+
+def _load_evaluations(results_dir: Path) -> list[dict[str, Any]]:
+    """``results_dir/evaluation-*.json``: ``selfcam evaluate``'s ``evaluation.json`` documents, copied as they are."""
+    docs = []
+    for path in sorted(results_dir.glob("evaluation-*.json")):
+        doc = json.loads(path.read_text())
+        if not isinstance(doc.get("runs"), dict):
+            raise ConfigError(f"{path}: no 'runs' object; copy the evaluation.json of `selfcam evaluate` here")
+        docs.append({**doc, "file": path.name})
+    return docs
+
+
+def leaderboards(results_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Per dataset (recipe), ``{"rows": {HEAD/METHOD: {column: value}}, "sources": {column: ["`FILE` (what)"]}}``
+    from the accuracy, stability, grid, shortcut and ``evaluation-*.json`` documents in ``results_dir``; a
+    model's accuracy is the accuracy experiment's mean over seeds where there is one, on every row of the head."""
+    results_dir = Path(results_dir)
+    acc, stab = _load_results(results_dir)
+    boards: dict[str, dict[str, Any]] = {}
+
+    def put(board: str, row: str, column: str, value: float, doc: dict[str, Any], what: str) -> None:
+        b = boards.setdefault(board, {"rows": {}, "sources": {}})
+        source = f"`results/{doc['file']}` ({what})"
+        b["rows"].setdefault(row, {})[column] = value
+        if source not in b["sources"].setdefault(column, []):
+            b["sources"][column].append(source)
+
+    for doc in _load_evaluations(results_dir):
+        for run, entry in doc["runs"].items():
+            for method, r in entry["results"].items():
+                for column in ("accuracy", "pointing_game", "grid_pointing_game", "deletion_auc", "insertion_auc",
+                               "road_morf", "road_lerf"):  # fmt: skip
+                    if column in r:
+                        put(_label(doc), f"{run}/{method}", column, r[column], doc, f"{doc['n_items']} {doc['split']} images")
+                if "map_ms_per_image" in r:
+                    put(_label(doc), f"{run}/{method}", "map_ms", r["map_ms_per_image"], doc,
+                        f"`map_ms_per_image`, batches of {doc['config']['batch_size']}, on the machine that evaluated")
+    for doc in stab:
+        for head, m in doc.get("methods", {}).items():
+            put(_label(doc), f"{head}/self", "stability", m["iou"], doc, f"{len(doc['settings'])} settings")
+    for doc in _load_kind(results_dir, "grid-pointing-game"):
+        if doc["grid"] == "2x2":
+            for name, m in doc["methods"].items():
+                put(str(doc["dataset"]), name, "grid_pointing_game", m["score"], doc, f"{doc['count']} grids")
+    for doc in _load_kind(results_dir, "shortcut"):
+        for name, m in doc["methods"].items():
+            board = doc.get("dataset", "shortcut-digits")
+            put(board, name, "accuracy", m["acc_correlated"], doc, "the correlated test set")
+            put(board, name, "mark_energy", m["mark_energy"], doc, "the correlated test set")
+    for doc in acc:  # last, so that it reaches every row of the head; the mean over seeds replaces one evaluation's
+        rows = boards.get(_label(doc), {}).get("rows", {})
+        for head, m in doc.get("methods", {}).items():
+            for row in [r for r in rows if r.split("/")[0] == head] or [f"{head}/self"]:
+                put(_label(doc), row, "accuracy", m["mean"], doc, f"mean over {len(m['accuracy'])} seeds")
+    return boards
+
+
+def _board_section(name: str, board: dict[str, Any]) -> list[str]:
+    columns = [c for c in _BOARD_COLUMNS if c in board["sources"]]
+    lines = [f"### {name}", "", "| model/map | " + " | ".join(_BOARD_COLUMNS[c][0] for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]  # fmt: skip
+    missing: set[str] = set()
+    for row in sorted(board["rows"], key=lambda r: (r.split("/")[0], r.split("/", 1)[1] != "self", r)):
+        values = board["rows"][row]
+        cells = []
+        for c in columns:
+            v = values.get(c)
+            if v is None:
+                missing.add(c)
+                cells.append("-")
+            else:
+                cells.append(_pct(v) if c == "accuracy" else f"{v:.2f}" if c == "map_ms" else f"{v:.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    absent = [c for c in _BOARD_COLUMNS if c not in board["sources"]]
+    lines.append("")
+    notes = [f"{_BOARD_COLUMNS[c][0]}: {', '.join(board['sources'][c])}"
+             + (f"; '-': {_BOARD_COLUMNS[c][1]}" if c in missing else "") for c in columns]
+    lines += [f"- {n}." for n in notes]
+    if absent:
+        lines.append(f"- Not measured on {name} (no results file): {', '.join(_BOARD_COLUMNS[c][0] for c in absent)}.")
+    return lines + [""]
+
+
+def _board_plot(path: Path, boards: dict[str, dict[str, Any]]) -> None:
+    """Per leaderboard with an evaluation: pointing game, grid PG, insertion and deletion of every head's own
+    map and of Grad-CAM on every head."""
+    metrics = ("pointing_game", "grid_pointing_game", "insertion_auc", "deletion_auc")
+    groups = {}
+    for name, board in boards.items():
+        for metric in metrics:
+            bars = {row: (v[metric], 0.0) for row, v in board["rows"].items()
+                    if metric in v and row.split("/", 1)[1] in ("self", "gradcam")}  # fmt: skip
+            if bars:
+                groups[f"{name}\n{_BOARD_COLUMNS[metric][0].split(' (')[0]}"] = bars
+    if groups:
+        _bar_plot(path, groups, "score", "leaderboard: own maps and Grad-CAM per head", size=(12, 4.2))
 
 
 def write_results_markdown(results_dir: str | Path = "results", out: str | Path = "docs/RESULTS.md",
@@ -499,6 +690,15 @@ def write_results_markdown(results_dir: str | Path = "results", out: str | Path 
              "Generated by `selfcam experiment results` from the JSON files in `results/`; do not edit by hand "
              "(the discussion comes from `results/notes.md`). Every figure was measured on the project's "
              "development machine: 2 CPU cores, no GPU.", "", f"Goals (issue 5): {_GOALS}", ""]  # fmt: skip
+    boards = leaderboards(results_dir)
+    if boards:
+        lines += ["## Leaderboard", "",
+                  "Per dataset (and recipe), every model (head) and map method measured on it, from the results files "
+                  "named under each table (metrics: docs/metrics.md). A row is `HEAD/MAP`: `self` is the head's own "
+                  "map, `self-class` its class-specific map, the others post-hoc maps of the same model.", ""]  # fmt: skip
+        lines += ["![leaderboard](results/leaderboard.png)", ""] if plots else []
+        for name, board in boards.items():
+            lines += _board_section(name, board)
     if acc:
         lines += ["## Accuracy (same backbone and recipe for every method)", ""]
         lines += ["![accuracy per method](results/accuracy.png)", ""] if plots else []
@@ -538,9 +738,10 @@ def write_results_markdown(results_dir: str | Path = "results", out: str | Path 
     out.write_text(text)
     if plots:
         if acc:
-            groups = {d["dataset"]: {m: (v["mean"], v["std"]) for m, v in d["methods"].items()} for d in acc}
+            groups = {_label(d): {m: (v["mean"], v["std"]) for m, v in d["methods"].items()} for d in acc}
             _bar_plot(out.parent / "results" / "accuracy.png", groups, "test accuracy", "accuracy per method (mean, std over seeds)")
         if stab:
-            groups = {d["dataset"]: {m: (v["iou"], 0.0) for m, v in d["methods"].items()} for d in stab}
+            groups = {_label(d): {m: (v["iou"], 0.0) for m, v in d["methods"].items()} for d in stab}
             _bar_plot(out.parent / "results" / "stability.png", groups, "mean pairwise IoU", "map stability across settings")
+        _board_plot(out.parent / "results" / "leaderboard.png", boards)
     return text

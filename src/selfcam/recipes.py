@@ -24,7 +24,8 @@ class Recipe:
     ``methods``: the heads, one run each (tasks with one head: that head); ``head_kwargs``: options per
     head (for ``asd``, the model's options, :class:`selfcam.asd.ASDConfig`); ``data_options`` go to the
     generator (``frames=8`` for clips); ``posthoc``: post-hoc methods scored on the runs they apply to.
-    ``train_size`` ... ``image_size`` of ``None``: the dataset's defaults.
+    ``train_size`` ... ``image_size`` of ``None``: the dataset's defaults. ``augment``: the data format's
+    random training augmentation (crop, flip; docs/data.md) on the training split of the experiments.
     """
 
     task: str = "image"
@@ -41,16 +42,18 @@ class Recipe:
     val_size: int | None = None
     test_size: int | None = None
     image_size: int | None = None
+    augment: bool = False
     seed: int = 0
     data_options: dict[str, Any] = field(default_factory=dict)
     posthoc: tuple[str, ...] = ()
     title: str = ""
 
     def training(self) -> dict[str, Any]:
-        """The backbone and training fields (what :mod:`selfcam.experiment` records and compares to resume)."""
+        """The backbone and training fields (what :mod:`selfcam.experiment` records and compares to resume);
+        ``augment`` only when set, so documents written before it existed still resume."""
         keep = ("backbone", "backbone_kwargs", "head_kwargs", "epochs", "batch_size", "lr", "weight_decay",
-                "train_size", "val_size", "test_size", "image_size")  # fmt: skip
-        return {k: v for k, v in asdict(self).items() if k in keep}
+                "train_size", "val_size", "test_size", "image_size", "augment")  # fmt: skip
+        return {k: v for k, v in asdict(self).items() if k in keep and (k != "augment" or v)}
 
     def with_overrides(self, **overrides: Any) -> "Recipe":
         """This recipe with the given fields replaced (``None`` values are ignored)."""
