@@ -38,7 +38,7 @@ def test_models_and_info_import_no_heavy_module(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     run = save_checkpoint(create_model("lfi", "resnet8", 10, 1), tmp_path / "run")
-    assert heavy_modules_of(["info", str(run)]) == []
+    assert heavy_modules_of(["info", str(run)], heavy=(*HEAVY_MODULES, "PIL")) == []  # PIL: the data modules (ASD task)
     heavy_modules_of(["models"])  # the first call lists torchvision's models and caches the names
     assert list((tmp_path / "cache" / "selfcam").glob("torchvision-*-models.json"))
     assert heavy_modules_of(["models"]) == []
@@ -62,3 +62,43 @@ def test_lazy_package_keeps_the_public_api() -> None:
     assert selfcam.fit.__module__ == "selfcam.train" and selfcam.ConfigError.__module__ == "selfcam.errors"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         selfcam.nope  # noqa: B018
+
+
+def test_info_counts_parameters_from_the_header_without_reading_the_tensors(tmp_path: Path) -> None:
+    """info takes the shapes from the weights file's header: with every data byte turned into NaN (a file
+    load_checkpoint refuses) it still prints the model's parameter count (buffers not counted); a header
+    whose shapes do not fit the config, and a truncated file, are refused as load_checkpoint refuses them."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from selfcam import CheckpointError, create_model, load_checkpoint, save_checkpoint
+    from selfcam.cli import app
+
+    model = create_model("se", "resnet8", 10, 1)
+    expected = sum(p.numel() for p in model.parameters())
+    assert expected < sum(v.numel() for v in model.state_dict().values())  # BatchNorm buffers are not parameters
+    runner = CliRunner()
+
+    def info(run: Path) -> tuple[int, str]:
+        result = runner.invoke(app, ["info", str(run)])
+        return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+    run = save_checkpoint(model, tmp_path / "nan")
+    weights = run / "model.safetensors"
+    blob = weights.read_bytes()
+    start = 8 + int.from_bytes(blob[:8], "little")
+    weights.write_bytes(blob[:start] + b"\xff" * (len(blob) - start))  # 0xffffffff is a NaN in float32
+    with pytest.raises(CheckpointError, match="NaN or infinite weights"):
+        load_checkpoint(run)
+    code, out = info(run)
+    assert code == 0 and json.loads(out)["params"] == expected and json.loads(out)["model"]["method"] == "se", out
+
+    state = load_file(weights)
+    state["head.fc.weight"] = state["head.fc.weight"][:7].contiguous()
+    save_file(state, str(weights))
+    code, out = info(run)
+    assert code == 2 and "weights do not match config" in out and "head.fc.weight (7, " in out, out
+
+    weights.write_bytes(blob[: len(blob) // 2])
+    code, out = info(run)
+    assert code == 2 and "not a readable safetensors file" in out, out

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load, load_file, save_file
 from torch import Tensor, nn
 
@@ -39,7 +40,7 @@ from .errors import CheckpointError, ConfigError, OutputError, SelfcamError, che
 from .safeio import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_IN_CHANS, check_model_limits, check_regular, read_json
 
 __all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "WEIGHTS", "atomic_write", "check_own_output", "refuse_run_file", "dataclass_from_json", "load_checkpoint",
-           "read_config", "read_safetensors", "save_checkpoint", "user_model", "write_json"]  # fmt: skip
+           "read_config", "read_safetensors", "run_info", "save_checkpoint", "user_model", "write_json"]  # fmt: skip
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT, FORMAT_VERSION = "selfcam-run", 2
@@ -265,11 +266,7 @@ def _format_hint(path: Path) -> str:
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
     """Every tensor of the safetensors file ``path``; :class:`CheckpointError` naming it when it is not one."""
-    path = Path(path)
-    try:
-        check_regular(path, CheckpointError)  # a FIFO or a device is never opened
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: weights file not found") from None
+    path = _weights_file(path)
     try:
         try:
             os.fsencode(path).decode("utf-8")
@@ -277,7 +274,36 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]
             return {k: v.to(device) for k, v in load(path.read_bytes()).items()}
         return load_file(str(path), device=device)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}){_format_hint(path)}") from e
+        raise _unreadable(path, e) from e
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the safetensors file ``path``, from its header only (no tensor data is read;
+    safetensors checks that the header covers the file exactly, so a truncated file is refused)."""
+    path = _weights_file(path)
+    try:
+        name = os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:  # safe_open takes UTF-8 paths only: read the tensors
+        return {k: tuple(v.shape) for k, v in read_safetensors(path).items()}
+    try:
+        with safe_open(name, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError: header too small, incomplete, not JSON...
+        raise _unreadable(path, e) from e
+
+
+def _weights_file(path: str | Path) -> Path:
+    """``path`` when it is a regular file; CheckpointError when it is missing or a FIFO, a device..."""
+    path = Path(path)
+    try:
+        check_regular(path, CheckpointError)  # a FIFO or a device is never opened
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weights file not found") from None
+    return path
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable safetensors file ({e}){_format_hint(path)}")
 
 
 def check_finite(state: dict[str, Tensor], path: str | Path) -> None:
@@ -292,13 +318,19 @@ def check_finite(state: dict[str, Tensor], path: str | Path) -> None:
 def load_state(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
     """Load ``state`` into ``model`` strictly; :class:`CheckpointError` counting missing, unexpected and
     wrongly shaped tensors otherwise."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    check_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, where)
+    model.load_state_dict(state, strict=True)
+
+
+def check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """:class:`CheckpointError` counting missing, unexpected and wrongly shaped tensors unless ``shapes``
+    (name -> shape) are those of ``model``'s state dict."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
+    wrong = [f"{k} {shapes[k]} vs {v}" for k, v in expected.items() if k in shapes and shapes[k] != v]
     if missing or unexpected or wrong:
         raise CheckpointError(f"{where}: {len(missing)} missing {missing[:2]}, {len(unexpected)} unexpected "
                               f"{unexpected[:2]}, {len(wrong)} of another shape {wrong[:2]}")  # fmt: skip
-    model.load_state_dict(state, strict=True)
 
 
 _USER_MODEL: ContextVar[Callable[[], nn.Module] | None] = ContextVar("selfcam_user_model", default=None)
@@ -323,28 +355,63 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
     model (or the module itself); the run's config names the class but selfcam never imports it
     (default: the factory of an enclosing :func:`user_model` block).
     """
-    from .tasks import get_task
-    from .wrap import user_class
-
     doc = read_config(run_dir)
     weights = Path(run_dir) / WEIGHTS
     state = read_safetensors(weights, str(map_location))
     check_finite(state, weights)
+    built = _build(doc, run_dir, model)
+    load_state(built, state, _mismatch(doc, weights))
+    return built.to(map_location).eval(), doc
+
+
+def run_info(run_dir: str | Path, *, model: nn.Module | Callable[[], nn.Module] | None = None) -> dict[str, Any]:
+    """``run_dir``'s config document as JSON (``"model"`` as a dict) and ``"params"``, the model's parameter count.
+
+    Checked as :func:`load_checkpoint` checks a run (config, model options, tensor names and shapes; ``model``
+    as there) except the tensors' values: the weights file's header gives the shapes, no tensor is read, and
+    the model is built on the meta device (no memory, no initialisation).
+    """
+    doc = read_config(run_dir)
+    weights = Path(run_dir) / WEIGHTS
+    shapes = read_shapes(weights)
+    built = _build(doc, run_dir, model, meta=True)
+    check_shapes(built, shapes, _mismatch(doc, weights))
+    return {**doc, "model": asdict(doc["model"]), "params": sum(p.numel() for p in built.parameters())}
+
+
+def _mismatch(doc: dict[str, Any], weights: Path) -> str:
+    from .tasks import get_task
+
+    return f"{weights}: weights do not match config ({get_task(doc['task']).describe(doc['model'])})"
+
+
+def _build(doc: dict[str, Any], run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] | None,
+           meta: bool = False) -> nn.Module:  # fmt: skip
+    """The model of the config ``doc`` with fresh weights (``model``: as in :func:`load_checkpoint`); ``meta``: on
+    the meta device, or on the CPU when a builder needs real values (a ``.item()`` while it initialises)."""
+    from .tasks import get_task
+    from .wrap import rebuild, user_class
+
     backbone = getattr(doc["model"], "backbone", None)
     wrapped = isinstance(backbone, str) and backbone.startswith("wrap:")
     if model is None and user_class(doc["model"]) is not None:
         model = _USER_MODEL.get()
+
+    def build() -> nn.Module:
+        return rebuild(doc["model"], model=model) if wrapped else get_task(doc["task"]).build(doc["model"])
+
     try:
         if model is not None and not wrapped:
             raise ConfigError(f"model= (--model-factory) is for runs of selfcam.wrap on your own model; this run rebuilds "
                               f"itself ({get_task(doc['task']).describe(doc['model'])})")  # fmt: skip
-        if wrapped:
-            from .wrap import rebuild
-
-            built = rebuild(doc["model"], model=model)
-        else:
-            built = get_task(doc["task"]).build(doc["model"])
+        if meta:
+            try:
+                with torch.device("meta"):
+                    return build()
+            except SelfcamError:
+                raise
+            except Exception:  # noqa: BLE001  (built again on the CPU below, where a real error shows itself)
+                pass
+        return build()
     except ConfigError as e:
         raise CheckpointError(f"{Path(run_dir) / CONFIG}: {e}") from e
-    load_state(built, state, f"{weights}: weights do not match config ({get_task(doc['task']).describe(doc['model'])})")
-    return built.to(map_location).eval(), doc

@@ -65,9 +65,9 @@ def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
 
 def get_task(name: str) -> "Task":
     """The registered task ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    from . import _load_all
+    from . import _load
 
-    _load_all()
+    _load(name)
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
