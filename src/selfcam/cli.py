@@ -571,15 +571,10 @@ def info(
     checkpoint: Path = typer.Argument(..., help="A run directory written by `selfcam train`."),
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help=_FACTORY_HELP),
 ) -> None:
-    """Load a checkpoint and print its config."""
-    from dataclasses import asdict
+    """Check a run (config, tensor names and shapes) and print its config and parameter count; no tensor is read."""
+    from .checkpoint import run_info
 
-    from .checkpoint import load_checkpoint
-
-    model, doc = load_checkpoint(checkpoint, model=_user_factory(model_factory))
-    doc["model"] = asdict(doc["model"])
-    doc["params"] = sum(p.numel() for p in model.parameters())  # not evaluate.count_params: evaluate imports grad-cam
-    console.print_json(json.dumps(doc))
+    console.print_json(json.dumps(run_info(checkpoint, model=_user_factory(model_factory))))
 
 
 experiment_app = typer.Typer(cls=_FriendlyGroup, no_args_is_help=True,
