@@ -186,6 +186,37 @@ def test_cli_distill_end_to_end_and_every_command_loads_the_run(teacher_run: Pat
     assert 0 <= scores["pointing_game"] <= 1
 
 
+def test_an_interrupted_distillation_resumes_bit_identically(teacher_run: Path, data: tuple[Any, Any, Any], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from safetensors.torch import load_file
+    from test_finetune import _crash_at
+
+    cfg = TrainConfig(epochs=2, batch_size=32)  # 96 images: 3 steps per epoch
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    distill(teacher_run, "se", data[0], data[1], data[2], cfg, run_dir=reference, progress=False)
+    with monkeypatch.context() as m:
+        _crash_at(m, 4)  # the second step of epoch 1
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            distill(teacher_run, "se", data[0], data[1], data[2], cfg, run_dir=crashed, progress=False)
+    assert not (crashed / "distill.json").exists()
+    with pytest.raises(ConfigError):  # another recipe than the run's
+        distill(teacher_run, "se", data[0], data[1], data[2], cfg, temperature=3.0, run_dir=crashed, progress=False, resume=True)
+    with pytest.raises(ConfigError, match="run_dir"):
+        distill(teacher_run, "se", data[0], cfg=cfg, progress=False, resume=True)
+    result = distill(teacher_run, "se", data[0], data[1], data[2], cfg, run_dir=crashed, progress=False, resume=True)
+    final = load_file(str(crashed / "model.safetensors"))
+    assert _identical(final, load_file(str(reference / "model.safetensors")))
+    done = json.loads((crashed / "distill.json").read_text())["held_out"]
+    assert done == json.loads((reference / "distill.json").read_text())["held_out"] == result.metrics
+    # a finished run: loaded, not trained again, its distill.json kept byte for byte; the CLI says the same
+    before = (crashed / "distill.json").read_bytes()
+    again = distill(teacher_run, "se", data[0], data[1], data[2], cfg, run_dir=crashed, progress=False, resume=True)
+    assert again.metrics["agreement"] == done["agreement"] and (crashed / "distill.json").read_bytes() == before
+    code, text = _run("distill", "--teacher", str(teacher_run), "--method", "se", "--out", str(crashed), "--resume",
+                      *[a if a != "1" else "2" for a in TINY])  # fmt: skip
+    assert code == 0 and f"agreement {done['agreement']:.4f}" in text, text
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -729,6 +729,8 @@ def distill(
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help="module:function returning the bare model "
                                                 "of a teacher run of your own class (typed here only, never read from a file)."),
     accelerator: str = typer.Option("auto", help="cpu, gpu or auto."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last saved "
+                                "state: give the same options again (the teacher is checked by its weights' hash)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Explain a model without changing it: train a self-explaining head on the teacher's frozen backbone
@@ -740,7 +742,8 @@ def distill(
     from .tasks import get_task
     from .train import TrainConfig
 
-    check_own_output(out)
+    if not resume:
+        check_own_output(out)
     check_accelerator(accelerator)
     if image_size is not None:
         from .safeio import MAX_IMAGE_SIZE
@@ -765,7 +768,7 @@ def distill(
         sets = [load_dataset(data or recorded, split, n, seed=seed, size=image_size) for split, n in sizes.items()]
     result = run_distill(given, method, *sets, cfg, temperature=temperature, run_dir=out, progress=not quiet, head_kwargs=head_kw,
                          source=source, pretrained=pretrained if named else None,
-                         model_kwargs=(model_kw or None) if named else None)  # fmt: skip
+                         model_kwargs=(model_kw or None) if named else None, resume=resume)  # fmt: skip
     m = result.metrics
     console.print(f"{method} distilled from {teacher}: top-1 agreement {m['agreement']:.4f} on {m['n']} held-out images "
                   f"({m['data']}, {m['split']}; {m['agreement_at_start']:.4f} before training); wrote {out} and "

@@ -273,6 +273,7 @@ def distill(
     model: Any = None,
     pretrained: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    resume: bool = False,
     **wrap_kwargs: Any,
 ) -> DistillResult:
     """Train a ``method`` head on ``teacher``'s frozen backbone to reproduce ``teacher``'s outputs.
@@ -288,6 +289,9 @@ def distill(
     ``run_dir``: where the run is written (``config.json`` records ``"distill"``: the teacher's source,
     its weights' SHA-256, the temperature), with ``distill.json`` (the held-out metrics).
     ``source``: how to name the teacher in the record (default: its path, or ``user:ClassName``).
+    ``resume=True`` continues an interrupted run in ``run_dir`` from its newest state (:func:`selfcam.fit`'s
+    resume): the same teacher (checked by its weights' SHA-256), method, data sizes and ``cfg`` as the run's, else
+    :class:`ConfigError`; a finished run is loaded, not trained again, and its ``distill.json`` is kept as it is.
 
     The teacher's weights, BatchNorm statistics, train/eval mode and device are as before.
     """
@@ -295,7 +299,9 @@ def distill(
 
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ConfigError(f"temperature must be a number > 0, got {temperature!r}")
-    if run_dir is not None:
+    if resume and run_dir is None:
+        raise ConfigError("resume=True needs the run_dir to resume from")
+    if run_dir is not None and not resume:
         check_own_output(run_dir, "run_dir")  # before any work: selfcam writes only into what it created
     name = None  # a teacher given by name: the student is wrapped from the name, so its run rebuilds itself
     if isinstance(teacher, (str, Path)):
@@ -324,13 +330,14 @@ def distill(
                   "objective": OBJECTIVE, "frozen_backbone": True}  # fmt: skip
         held_out = test_set if test_set is not None else val_set
         start = compare(student, teacher, held_out)["agreement"] if held_out is not None else None  # the head as it starts
+        finished = resume and (Path(run_dir) / DISTILL_JSON).is_file()  # type: ignore[arg-type]
         history = fit(student, train_set, val_set, cfg, run_dir, progress=progress, extra_config={"distill": record},
-                      objective=_objective(teacher, float(temperature)))  # fmt: skip
+                      resume=resume, objective=_objective(teacher, float(temperature)))  # fmt: skip
         metrics: dict[str, Any] = {}
         if held_out is not None:
             metrics = {"split": "test" if test_set is not None else "val", **compare(student, teacher, held_out)}
             metrics.update(agreement_at_start=start, data=getattr(held_out, "spec", None))
-        if run_dir is not None and metrics:
+        if run_dir is not None and metrics and not finished:
             write_json(Path(run_dir) / DISTILL_JSON, {"distill": record, "held_out": metrics, "history": history})
     finally:
         teacher.to(device).train(mode)
