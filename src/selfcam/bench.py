@@ -775,13 +775,14 @@ _MODULES_PROBE = (  # run one CLI command in-process, then write which heavy mod
     "from selfcam.cli import main\n"
     "try:\n    main()\nexcept SystemExit:\n    pass\n"
     "heavy = json.loads(os.environ['SELFCAM_HEAVY'])\n"
-    "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+    "loaded = sorted(h for h in heavy if any(m == h or m.startswith(h + '.') for m in sys.modules))\n"
     "open(os.environ['SELFCAM_MODULES_OUT'], 'w').write(json.dumps(loaded))\n"
 )
 
 
 def heavy_modules_of(args: Sequence[str], heavy: Sequence[str] = HEAVY_MODULES) -> list[str]:
-    """The ``heavy`` top-level modules that ``selfcam ARGS`` has imported when it ends (a fresh process)."""
+    """The ``heavy`` modules (a package counts when it or a submodule is loaded: ``torch._dynamo``) that
+    ``selfcam ARGS`` has imported when it ends (a fresh process)."""
     import os
     import subprocess
     import sys
