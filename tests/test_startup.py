@@ -47,6 +47,7 @@ def test_models_and_info_import_no_heavy_module(tmp_path: Path, monkeypatch: pyt
 def test_the_probe_sees_heavy_modules() -> None:
     """The guard can fail: modules the command did import are reported."""
     assert heavy_modules_of(["--help"], heavy=("typer", "rich", "no_such_module")) == ["rich", "typer"]
+    assert heavy_modules_of(["--help"], heavy=("rich.console", "rich.no_such_module", "ric")) == ["rich.console"]  # submodules
 
 
 def test_lazy_package_keeps_the_public_api() -> None:

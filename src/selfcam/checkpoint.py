@@ -368,13 +368,14 @@ def run_info(run_dir: str | Path, *, model: nn.Module | Callable[[], nn.Module] 
     """``run_dir``'s config document as JSON (``"model"`` as a dict) and ``"params"``, the model's parameter count.
 
     Checked as :func:`load_checkpoint` checks a run (config, model options, tensor names and shapes; ``model``
-    as there) except the tensors' values: the weights file's header gives the shapes, no tensor is read, and
-    the model is built on the meta device (no memory, no initialisation).
+    as there) except the tensors' values: the weights file's header gives the shapes and no tensor is read
+    (the model is built with fresh weights to compare them with; on the meta device, its random
+    initialisation would import torch._dynamo, seconds).
     """
     doc = read_config(run_dir)
     weights = Path(run_dir) / WEIGHTS
     shapes = read_shapes(weights)
-    built = _build(doc, run_dir, model, meta=True)
+    built = _build(doc, run_dir, model)
     check_shapes(built, shapes, _mismatch(doc, weights))
     return {**doc, "model": asdict(doc["model"]), "params": sum(p.numel() for p in built.parameters())}
 
@@ -385,10 +386,8 @@ def _mismatch(doc: dict[str, Any], weights: Path) -> str:
     return f"{weights}: weights do not match config ({get_task(doc['task']).describe(doc['model'])})"
 
 
-def _build(doc: dict[str, Any], run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] | None,
-           meta: bool = False) -> nn.Module:  # fmt: skip
-    """The model of the config ``doc`` with fresh weights (``model``: as in :func:`load_checkpoint`); ``meta``: on
-    the meta device, or on the CPU when a builder needs real values (a ``.item()`` while it initialises)."""
+def _build(doc: dict[str, Any], run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
+    """The model of the config ``doc`` with fresh weights (``model``: as in :func:`load_checkpoint`)."""
     from .tasks import get_task
     from .wrap import rebuild, user_class
 
@@ -397,21 +396,10 @@ def _build(doc: dict[str, Any], run_dir: str | Path, model: nn.Module | Callable
     if model is None and user_class(doc["model"]) is not None:
         model = _USER_MODEL.get()
 
-    def build() -> nn.Module:
-        return rebuild(doc["model"], model=model) if wrapped else get_task(doc["task"]).build(doc["model"])
-
     try:
         if model is not None and not wrapped:
             raise ConfigError(f"model= (--model-factory) is for runs of selfcam.wrap on your own model; this run rebuilds "
                               f"itself ({get_task(doc['task']).describe(doc['model'])})")  # fmt: skip
-        if meta:
-            try:
-                with torch.device("meta"):
-                    return build()
-            except SelfcamError:
-                raise
-            except Exception:  # noqa: BLE001  (built again on the CPU below, where a real error shows itself)
-                pass
-        return build()
+        return rebuild(doc["model"], model=model) if wrapped else get_task(doc["task"]).build(doc["model"])
     except ConfigError as e:
         raise CheckpointError(f"{Path(run_dir) / CONFIG}: {e}") from e
