@@ -130,6 +130,13 @@ def test_metric_agreement_structure_and_values(agreement: dict[str, Any]) -> Non
             assert passes is None or r["floor_forwards"].startswith(f"{passes} x 4 images")
             assert agreement["goals"][f"{name} <= 1.2x its forward floor"] == (r["x_floor"] <= 1.2)
     assert rows["cascading_randomization"]["floor_forwards"].endswith("one batch of the images per pass")
+    for name, r in rows.items():  # ROAD and cascading randomization also carry their work floor
+        assert ("work_floor_s" in r) == (name in ("road_morf", "road_lerf", "cascading_randomization")), name
+        if "work_floor_s" in r:
+            assert r["work_floor_s"] > 0 and r["x_work_floor"] == pytest.approx(r["selfcam_s"] / r["work_floor_s"])
+    assert rows["road_morf"]["work_floor"].endswith("solve of the 36 systems")  # 9 percentiles x 4 images x 1 channel
+    layers = len(rows["cascading_randomization"]["per_layer_max_abs_diff"])
+    assert rows["cascading_randomization"]["work_floor"].startswith(f"{layers + 1} explain calls")
     assert rows["pointing_game"]["max_abs_diff"] == 0.0
     for name in AGREEING:  # same definitions: same numbers
         assert rows[name]["max_abs_diff"] <= 1e-4, (name, rows[name])
