@@ -20,9 +20,11 @@ NICE=${NICE:-15}
 DATASETS=${DATASETS:-"mnist fashion-mnist"}
 export OMP_NUM_THREADS=$THREADS
 
-run_dataset() {  # accuracy first: its seed-0 runs are the stability experiment's setting 1 (trained once)
-  local d=$1
-  nice -n "$NICE" selfcam experiment accuracy --recipe "$d-full" --seeds 3 --out "results/$d-full-accuracy.json" --quiet
+run_dataset() {  # seed 0 of every head first (the earliest comparison), then seeds 1-2, then stability,
+  local d=$1 s  # whose setting 1 is the accuracy run of seed 0 (reused where its checkpoint is on this machine)
+  for s in 1 3; do
+    nice -n "$NICE" selfcam experiment accuracy --recipe "$d-full" --seeds $s --out "results/$d-full-accuracy.json" --quiet
+  done
   nice -n "$NICE" selfcam experiment stability --recipe "$d-full" --settings 5 --out "results/$d-full-stability.json" --quiet
 }
 

@@ -215,6 +215,18 @@ def test_leaderboard_per_dataset_with_reasons_for_missing_cells(tmp_path: Path) 
     assert (tmp_path / "docs" / "results" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_converged_goal_check(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    for label, plain in (("mnist-full", 0.9931), ("fashion-mnist-full", 0.9195)):
+        doc = {"experiment": "accuracy", "dataset": label.removesuffix("-full"), "recipe": vars(TINY), "seeds": 1,
+               "command": "", "wall_seconds": 60.0, "methods": {"plain": {"accuracy": [plain], "mean": plain, "std": 0.0}}}  # fmt: skip
+        (results / f"{label}-accuracy.json").write_text(json.dumps(doc))
+    text = E.write_results_markdown(results, tmp_path / "RESULTS.md", plots=False)
+    assert "### mnist-full" in text and "plain >= 99.30 %): plain 99.31 %: met." in text
+    assert "plain >= 92.00 %): plain 91.95 %: NOT met." in text and "Goal check (mean vs plain)" not in text
+
+
 def test_cli_experiment_grid_and_shortcut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
