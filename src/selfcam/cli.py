@@ -160,6 +160,13 @@ def train(
                                          "(no gradient, BatchNorm statistics and dropout as they are) for the whole run."),
     head_epochs: int = typer.Option(0, "--head-epochs", help="Train the head alone for the first N epochs, then everything."),
     backbone_lr_scale: float = typer.Option(1.0, "--backbone-lr-scale", help="The backbone's learning rate is --lr times this."),
+    map_loss_weight: float = typer.Option(0.0, "--map-loss-weight", help="Explanation-supervised training: add this times the "
+                                          "share of the map's mass outside the ground-truth box (data with boxes: "
+                                          "cluttered-digits, shortcut-digits; 0: off)."),
+    mask_fraction: float = typer.Option(1.0, "--mask-fraction", help="The share of training images whose box the map loss "
+                                        "sees (seeded by --seed, recorded)."),
+    map_loss_map: str = typer.Option("self", "--map-loss-map", help="The map the map loss supervises: self (the head's own; "
+                                     "plain: the CAM of the label) or class (the class map of the label)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Start from these weights: a file (torchvision "
                                              ".pth, read only with weights_only; safetensors; a timm or Lightning checkpoint) "
                                              "or a known name (efficientnet-lite0, with --backbone timm:efficientnet_lite0)."),
@@ -211,7 +218,8 @@ def train(
 
         require_int("--image-size", o["image_size"], 1, MAX_IMAGE_SIZE)
     check_accelerator(accelerator)
-    numbers = (("--lr", "lr", "> 0"), ("--weight-decay", "weight_decay", ">= 0"), ("--backbone-lr-scale", "backbone_lr_scale", "> 0"))
+    numbers = (("--lr", "lr", "> 0"), ("--weight-decay", "weight_decay", ">= 0"), ("--backbone-lr-scale", "backbone_lr_scale", "> 0"),
+               ("--map-loss-weight", "map_loss_weight", ">= 0"))
     for option, key, low in numbers:  # named as typed, not as fields
         value = o[key]
         if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
@@ -224,7 +232,8 @@ def train(
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
                       seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"],
                       freeze_backbone=o["freeze_backbone"], head_epochs=o["head_epochs"], backbone_lr_scale=o["backbone_lr_scale"],
-                      precision=o["precision"], num_workers=o["num_workers"])  # fmt: skip
+                      precision=o["precision"], num_workers=o["num_workers"], map_loss_weight=o["map_loss_weight"],
+                      mask_fraction=o["mask_fraction"], map_loss_map=o["map_loss_map"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
     factory = _user_factory(o["model_factory"])
     train_set = load_dataset(o["data"], "train", o["train_size"], seed=cfg.seed, size=o["image_size"])
@@ -248,7 +257,7 @@ def train(
 
 
 _RECIPE = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes", "freeze_backbone",
-           "head_epochs", "backbone_lr_scale", "precision")  # the train options stored in TrainConfig under the same names
+           "head_epochs", "backbone_lr_scale", "precision", "map_loss_weight", "mask_fraction", "map_loss_map")  # the train options stored in TrainConfig under the same names
 
 
 def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
@@ -668,6 +677,8 @@ def experiment_shortcut(
     batch_size: int = typer.Option(50, "--batch-size", help="Images per batch."),
     tolerance: Optional[int] = typer.Option(None, "--tolerance", help="Pixels a map's maximum may lie off the "
                                             "mark or the digit (default: one feature cell of the first run)."),
+    merge: bool = typer.Option(False, "--merge", help="Add these runs to the document already in --out (same --n, "
+                               "--seed, --tolerance) instead of replacing it."),
 ) -> None:
     """The shortcut benchmark on trained runs: accuracy with the mark correlated / decorrelated, map energy on the mark."""
     from .errors import require_int
@@ -686,7 +697,7 @@ def experiment_shortcut(
             raise ConfigError(f"--run: the name {name!r} is given twice")
         named[name] = Path(path)
     doc = shortcut_experiment(named, _names(methods), out, n=n, seed=seed, batch_size=batch_size, tolerance=tolerance,
-                              command=command_line())  # fmt: skip
+                              command=command_line(), merge=merge)  # fmt: skip
     keys = ("acc_correlated", "acc_decorrelated", "mark_energy")
     console.print(_table("shortcut-digits: shortcut benchmark", {k: {c: m[c] for c in keys} for k, m in doc["methods"].items()},
                          first="run/method"))  # fmt: skip

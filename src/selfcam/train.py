@@ -4,7 +4,8 @@
 (:mod:`selfcam.tasks`: image, attributes, video, asd) with a Rich progress bar, writes
 ``history.json`` (per-epoch metrics) and the checkpoint (``model.safetensors`` + ``config.json``,
 with what it trained on) into ``run_dir``. The model's task says how a batch unpacks into inputs
-and targets; other items of a batch (boxes) are ignored here.
+and targets; the boxes of a batch are used only by the optional map loss (``map_loss_weight``:
+explanation-supervised training, docs/training.md), else ignored.
 
 Crash safety: after every epoch (and at the end of a batch when asked with
 :func:`request_checkpoint` or ``SIGUSR1``) the whole training state goes into
@@ -45,8 +46,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .cells import CellGrid
 from .checkpoint import CONFIG, check_own_output, load_checkpoint, read_config, read_safetensors, save_checkpoint, write_json
 from .errors import CheckpointError, ConfigError, DivergenceError, OutputError, SelfcamError, check_accelerator, require_int
+from .heads import upsample
+from .metrics import energy_pointing_game
 from .safeio import read_json
 from .tasks import Task, get_task, task_of
 
@@ -61,6 +65,8 @@ __all__ = [
     "fit",
     "is_global_zero",
     "latest_state",
+    "map_outside_share",
+    "mask_flags",
     "request_checkpoint",
     "seed_all",
     "steps_per_epoch",
@@ -89,6 +95,13 @@ class TrainConfig:
 
     ``precision``: Lightning's ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast; float16 also scales
     the loss; the weights stay float32). ``num_workers``: DataLoader worker processes (a runtime field).
+
+    Explanation-supervised training (image task, data with boxes): ``map_loss_weight > 0`` adds
+    ``map_loss_weight`` times the mean, over the batch's items that carry a mask, of the share of the
+    supervised map's mass outside the item's box (:func:`map_outside_share`). ``mask_fraction``: the share
+    of training items that carry one (:func:`mask_flags`, seeded by ``seed``); ``map_loss_map``: ``"self"``
+    (the head's own map; plain: the CAM of the label) or ``"class"`` (the class map of the label), see
+    :meth:`selfcam.tasks.ImageTask.supervised_map`.
     """
 
     epochs: int = 10
@@ -106,6 +119,9 @@ class TrainConfig:
     head_epochs: int = 0
     backbone_lr_scale: float = 1.0
     precision: str = "32"
+    map_loss_weight: float = 0.0
+    mask_fraction: float = 1.0
+    map_loss_map: str = "self"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -129,6 +145,14 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} (Lightning's names), got {self.precision!r}")
         if not (self.backbone_lr_scale > 0 and math.isfinite(self.backbone_lr_scale)):
             raise ConfigError(f"backbone_lr_scale must be > 0 (freeze_backbone gives no backbone updates), got {self.backbone_lr_scale}")
+        if not (self.map_loss_weight >= 0 and math.isfinite(self.map_loss_weight)):
+            raise ConfigError(f"map_loss_weight must be a finite number >= 0 (0: no map loss), got {self.map_loss_weight}")
+        if not 0 < self.mask_fraction <= 1:
+            raise ConfigError(f"mask_fraction must lie in (0, 1], got {self.mask_fraction}")
+        if self.mask_fraction != 1 and self.map_loss_weight == 0:
+            raise ConfigError(f"mask_fraction ({self.mask_fraction}) says which items the map loss sees: set map_loss_weight > 0")
+        if self.map_loss_map not in ("self", "class"):
+            raise ConfigError(f"map_loss_map must be 'self' or 'class', got {self.map_loss_map!r}")
 
     def frozen_at(self, epoch: int) -> bool:
         """Whether the backbone is frozen during epoch ``epoch`` (0-based)."""
@@ -254,6 +278,47 @@ class _RunData(L.LightningDataModule):
         return DataLoader(val, 256, sampler=sampler, num_workers=self.cfg.num_workers)
 
 
+# ----------------------------------------------------------------------------- explanation supervision
+
+
+def mask_flags(n: int, fraction: float, seed: int) -> Tensor:
+    """``(n,)`` bool: which of ``n`` training items carry their mask for the map loss.
+
+    The first ``round(fraction * n)`` items of a permutation of ``range(n)`` drawn from
+    ``torch.Generator().manual_seed(epoch_seed(seed, 0, "masks"))``: a pure function of the arguments, so a
+    resumed run sees the same items. :class:`ConfigError` when that count is 0.
+    """
+    k = round(fraction * n)
+    if k < 1:
+        raise ConfigError(f"mask_fraction {fraction} of {n} training items gives no item with a mask")
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, 0, "masks")))[:k]] = True
+    return flags
+
+
+class _MaskFlags(Dataset):
+    """``dataset``'s items with one more entry at the end: ``flags[i]``, whether the map loss sees its mask."""
+
+    def __init__(self, dataset: Dataset, flags: Tensor) -> None:
+        self.dataset, self.flags = dataset, flags
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        return (*self.dataset[i], self.flags[i])
+
+
+def map_outside_share(maps: Tensor, masks: Tensor, cells: CellGrid | None = None) -> Tensor:
+    """``(N,)`` the share of each map's mass outside its mask, in ``[0, 1]``, differentiable in ``maps``.
+
+    ``maps (N, h, w)`` in ``[0, 1]`` at feature resolution go to the masks' size ``(N, H, W)`` through
+    :func:`selfcam.heads.upsample` (with the backbone's ``cells``, as the metrics see them), then
+    ``1 - energy_pointing_game(map, mask)`` (:func:`selfcam.metrics.energy_pointing_game`; an all-zero map gives 1).
+    """
+    return 1 - energy_pointing_game(upsample(maps, tuple(masks.shape[-2:]), "bilinear", cells), masks)
+
+
 # ----------------------------------------------------------------------------- the module
 
 Objective = Callable[[Any, tuple[Tensor, ...]], tuple[Tensor, Tensor]]  # (model output, batch) -> (loss, accuracy target)
@@ -277,13 +342,19 @@ class SelfcamModule(L.LightningModule):
     the optimizer and scheduler state of a resumed run (see :func:`fit`); ``objective``: the loss
     instead of the model's own (see :func:`fit`). The recipe's ``freeze_backbone`` / ``head_epochs``
     freeze ``model.backbone`` at the start of the epochs they name.
+
+    With ``cfg.map_loss_weight > 0`` the loss adds the map loss (:class:`TrainConfig`); a training batch then
+    ends with the items' mask flags (:func:`fit` appends them), validation batches score every item's mask.
+    ``map_cells``: the backbone's cell grid at the training size, for :func:`map_outside_share`.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int | None = None,
-                 restore: tuple[TrainState, dict[str, Tensor]] | None = None, objective: Objective | None = None) -> None:  # fmt: skip
+                 restore: tuple[TrainState, dict[str, Tensor]] | None = None, objective: Objective | None = None,
+                 map_cells: CellGrid | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.map_cells = map_cells
         self.total_steps, self.restore = total_steps, restore
         self.step_offset, self.epoch_offset = (restore[0].global_step, restore[0].epoch) if restore is not None else (0, 0)
         self.task: Task = task_of(model)
@@ -315,13 +386,33 @@ class SelfcamModule(L.LightningModule):
                 self.backbone.eval()  # also when the model arrived in train mode
 
     def forward_loss(self, batch: tuple[Tensor, ...], stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits, loss, targets)`` of one batch, unpacked by the model's task (or by ``objective``)."""
+        """``(logits, loss, targets)`` of one batch, unpacked by the model's task (or by ``objective``),
+        plus the map loss when the recipe asks for it."""
+        flags = None
+        if self.cfg.map_loss_weight > 0 and stage == "train":
+            *rest, flags = batch  # appended by _MaskFlags
+            batch = tuple(rest)
         inputs, targets = self.task.split_batch(batch)
         out = self.model(*inputs)
         if self.objective is not None:
             loss, target = self.objective(out, batch)
-            return out.logits, loss, target
-        return out.logits, self.model.loss(out, *targets), targets[0]
+        else:
+            loss, target = self.model.loss(out, *targets), targets[0]
+        if self.cfg.map_loss_weight > 0 and len(batch) > 2:  # a validation set without boxes: no map loss to log
+            loss = loss + self.cfg.map_loss_weight * self._map_loss(out, batch, targets[0], flags, stage)
+        return out.logits, loss, target
+
+    def _map_loss(self, out: Any, batch: tuple[Tensor, ...], target: Tensor, flags: Tensor | None, stage: str) -> Tensor:
+        """The mean :func:`map_outside_share` over the batch's items with ``flags`` (all when None); 0 when none."""
+        maps = self.task.supervised_map(self.model, out, target, self.cfg.map_loss_map)  # type: ignore[attr-defined]
+        masks = self.task.map_masks(batch)  # type: ignore[attr-defined]
+        if flags is not None:
+            maps, masks = maps[flags], masks[flags]
+        if len(maps) == 0:
+            return maps.sum()  # 0, in the graph
+        share = map_outside_share(maps, masks, self.map_cells).mean()
+        self.log(f"{stage}_map_loss", share, on_step=False, on_epoch=True, batch_size=len(maps))
+        return share
 
     def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         logits, loss, y = self.forward_loss(batch, stage)
@@ -429,7 +520,8 @@ def _expect(doc: Any, spec: dict[str, Any], where: str) -> dict[str, Any]:
     return doc
 
 
-_ADDED_FIELDS = {"freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0, "precision": "32"}  # states written before them lack them
+_ADDED_FIELDS = {"freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0, "precision": "32",
+                 "map_loss_weight": 0.0, "mask_fraction": 1.0, "map_loss_map": "self"}  # states written before them lack them
 
 
 def _train_config(d: Any, where: str) -> TrainConfig:
@@ -874,6 +966,11 @@ def fit(
     output on the batch's inputs, ``target`` what the logged accuracy compares the logits with
     (:func:`selfcam.distill.distill` trains on another model's logits this way). It is not recorded:
     say what it was in ``extra_config``, and give the same one when resuming.
+
+    With ``cfg.map_loss_weight > 0`` (the image task, training items ``(image, label, box)``; else
+    :class:`ConfigError`) the items that carry a mask are :func:`mask_flags` and their count is recorded as
+    ``"data"["masked_items"]``; the backbone's cell grid for the map loss is measured on ``model`` as given,
+    before a resumed run's weights are loaded, so that a resumed run uses the same one.
     """
     _quiet_lightning()
     run = Path(run_dir) if run_dir is not None else None
@@ -885,6 +982,10 @@ def fit(
     task = task_of(model)
     task.check_dataset(train_set, "training data")
     record = {**task.data_record(train_set), "train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0}  # type: ignore[arg-type]
+    cells = None
+    if cfg.map_loss_weight > 0:
+        cells = _map_supervision(task, model, train_set)
+        record["masked_items"] = int(mask_flags(len(train_set), cfg.mask_fraction, cfg.seed).sum())  # type: ignore[arg-type]
     given = dict(extra_config or {})
     extra = _as_json({**given, "data": {**record, **given.get("data", {})}})
     seed_all(cfg.seed)
@@ -905,7 +1006,7 @@ def fit(
     history = _History(start, state.history if state else None)
     writer = is_global_zero()
     if state is None or not state.finished:
-        writer = _train(model, train_set, val_set, cfg, run, progress, extra, start, history, state, tensors, objective)
+        writer = _train(model, train_set, val_set, cfg, run, progress, extra, start, history, state, tensors, objective, cells)
     model.eval()
     if run is not None and writer:
         from .safeio import held_signals
@@ -917,14 +1018,30 @@ def fit(
     return history.rows
 
 
+def _map_supervision(task: Task, model: torch.nn.Module, train_set: Dataset) -> CellGrid | None:
+    """:class:`ConfigError` unless the map loss applies to ``task`` and ``train_set`` has boxes; the backbone's
+    cell grid at the training images' size (None: the maps are upsampled as ``F.interpolate`` does)."""
+    if not getattr(task, "supervises_maps", False):
+        raise ConfigError(f"map_loss_weight supervises one-label image maps; the {task.name} task has none to supervise")
+    if not task.has_masks(train_set):  # type: ignore[attr-defined]
+        source = getattr(train_set, "spec", None) or type(train_set).__name__
+        raise ConfigError(f"map_loss_weight needs training data with ground-truth boxes (cluttered-digits, shortcut-digits); "
+                          f"{source} has none")  # fmt: skip
+    backbone = getattr(model, "backbone", None)
+    size = tuple(train_set[0][0].shape[-2:])
+    return backbone.cell_grid(size) if hasattr(backbone, "cell_grid") else None
+
+
 def _train(model: torch.nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, run: Path | None,
            progress: bool, extra: dict[str, Any], start: _Start, history: _History, state: TrainState | None,
-           tensors: dict[str, Tensor], objective: Objective | None = None) -> bool:  # fmt: skip
-    """Run Lightning from ``start`` to the last epoch; ``state``/``tensors``: what a resumed run restores.
-    Returns whether this process is rank 0."""
+           tensors: dict[str, Tensor], objective: Objective | None = None, cells: CellGrid | None = None) -> bool:  # fmt: skip
+    """Run Lightning from ``start`` to the last epoch; ``state``/``tensors``: what a resumed run restores;
+    ``cells``: the cell grid of the map loss. Returns whether this process is rank 0."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     n_train = len(train_set)  # type: ignore[arg-type]
+    if cfg.map_loss_weight > 0:
+        train_set = _MaskFlags(train_set, mask_flags(n_train, cfg.mask_fraction, cfg.seed))
     total = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.world_size)
     callbacks: list[L.Callback] = [history]
     if run is not None:
@@ -947,7 +1064,7 @@ def _train(model: torch.nn.Module, train_set: Dataset, val_set: Dataset | None, 
         _rng_restore(tensors, state.rng)
     _REQUESTED.clear()
     restore = (state, tensors) if state is not None else None
-    module = SelfcamModule(model, cfg, total, restore, objective)
+    module = SelfcamModule(model, cfg, total, restore, objective, cells)
     try:
         with _checkpoint_signal():
             trainer.fit(module, datamodule=_RunData(train_set, val_set, cfg, start))

@@ -8,17 +8,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..heads import HEADS
+from ..heads import HEADS, ExplainedOutput, PlainHead
 from ..model import ModelConfig, create_model
 from .base import MAPS_NOTE, Task, TaskGraph, register_task
 
-__all__ = ["ATTRIBUTE_METRICS", "AttributesTask", "GRID", "IMAGE_METRICS", "ImageTask"]
+__all__ = ["ATTRIBUTE_METRICS", "AttributesTask", "GRID", "IMAGE_METRICS", "ImageTask", "SUPERVISED_MAPS"]
 
 LOCALIZATION = ("pointing_game", "energy_pointing_game", "iou", "dice")
 FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road_morf", "road_lerf")
 GRID = ("grid_pointing_game",)  # on grids of test images, for the class-specific maps (selfcam.evaluate.grid_scores)
 IMAGE_METRICS = ("accuracy", *LOCALIZATION, *FAITHFULNESS, *GRID)
 ATTRIBUTE_METRICS = ("accuracy", "pointing_game", "pointing_game_15px", "iou")
+SUPERVISED_MAPS = ("self", "class")  # which in-forward map the map loss (TrainConfig.map_loss_weight) supervises
 
 
 @register_task("image")
@@ -33,6 +34,7 @@ class ImageTask(Task):
     metrics: ClassVar[tuple[str, ...]] = IMAGE_METRICS
     default_metrics: ClassVar[tuple[str, ...] | None] = ("accuracy", "pointing_game", "iou")  # the cheap ones
     shards: ClassVar[bool] = True
+    supervises_maps: ClassVar[bool] = True  # the map loss of selfcam.train (TrainConfig.map_loss_weight) applies
 
     @property
     def methods(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -62,6 +64,34 @@ class ImageTask(Task):
     def example_inputs(self, model: nn.Module, batch: int = 2, size: int | None = None) -> tuple[Tensor, ...]:
         return (torch.randn(batch, model.config.in_chans, size or 32, size or 32),)
 
+    def has_masks(self, dataset: Any) -> bool:
+        """Whether the items of ``dataset`` carry a ground-truth box: ``(image, label, box (4,))``."""
+        item = dataset[0]
+        return isinstance(item, (tuple, list)) and len(item) > 2
+
+    def map_masks(self, batch: Any) -> Tensor:
+        """``(N, H, W)`` bool ground-truth masks of a batch ``(images (N, C, H, W), labels, boxes (N, 4))``:
+        True inside each box (:func:`selfcam.data.box_mask`)."""
+        from ..data import box_mask
+
+        return box_mask(batch[2], tuple(batch[0].shape[-2:]))
+
+    def supervised_map(self, model: nn.Module, out: ExplainedOutput, target: Tensor, which: str = "self") -> Tensor:
+        """``(N, h, w)`` the differentiable in-forward map the map loss supervises, at feature resolution.
+
+        ``"self"``: the head's own map (LFI's and ABN's attention, SE-CAM's map); for ``plain``, whose own map is
+        the CAM of the *predicted* class, the CAM of the label ``target (N,)``. ``"class"``: the class-specific map
+        of the label (:meth:`selfcam.heads.Head.class_map`, the CAM of the features the classifier pools).
+        """
+        if which not in SUPERVISED_MAPS:
+            raise ConfigError(f"the supervised map must be one of {', '.join(SUPERVISED_MAPS)}, got {which!r}")
+        head = model.head  # type: ignore[union-attr]
+        if which == "self" and not isinstance(head, PlainHead):
+            return out.heatmap
+        if out.features is None:
+            raise ConfigError(f"the {model.config.method} head has no class-specific map to supervise (no features)")  # type: ignore[union-attr]
+        return head.class_map(out.features, target)
+
     def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
                  devices: int = 1) -> dict[str, Any]:  # fmt: skip
         from ..evaluate import evaluate_runs
@@ -80,6 +110,7 @@ class AttributesTask(ImageTask):
     metrics: ClassVar[tuple[str, ...]] = ATTRIBUTE_METRICS
     default_metrics: ClassVar[tuple[str, ...] | None] = None
     shards: ClassVar[bool] = False
+    supervises_maps: ClassVar[bool] = False  # one map per attribute; the map loss is for one-label images
 
     def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
                  devices: int = 1) -> dict[str, Any]:  # fmt: skip
