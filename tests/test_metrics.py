@@ -484,6 +484,12 @@ def test_spearman_matches_scipy_with_ties() -> None:
     assert spearman(a, a).tolist() == pytest.approx([1.0] * 4)
     assert spearman(a, -a).tolist() == pytest.approx([-1.0] * 4)
     assert torch.isnan(spearman(torch.ones(1, 5), torch.arange(5.0)[None])).all()  # undefined, as scipy
+    # float32 / float64 on the CPU are sorted by numpy, other dtypes (and devices) by torch: the same ranks
+    from selfcam.metrics import _average_ranks
+
+    assert torch.equal(_average_ranks(a.flatten(1)), _average_ranks(a.flatten(1).to(torch.int32)))  # a: integers
+    half = spearman(a.half(), b.half()).numpy()
+    assert np.allclose(half, [stats.spearmanr(a[i].flatten().numpy(), b[i].half().flatten().numpy())[0] for i in range(4)], atol=1e-6)
 
 
 def test_cascading_randomization_hand_oracle() -> None:

