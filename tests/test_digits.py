@@ -194,3 +194,17 @@ def test_shortcut_digits_load_by_name() -> None:
     x, y, box = ds[0]
     assert x.shape == (1, 32, 32) and ds.spec == "shortcut-digits" and ds.mark == 2 and ds.num_classes == 10
     assert torch.equal(load_dataset("shortcut-digits", "val", 20, seed=1, size=32).images, ds.images)
+
+
+def test_canvases_built_in_chunks_are_those_built_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generator builds _CHUNK pixels of canvases at a time (memory: the images plus a chunk); the draws are
+    those of one go, so chunks of 3 canvases (a last partial one) and a single chunk give the same tensors."""
+    import selfcam.data.digits as D
+
+    kwargs = dict(size=16, seed=4, clutter=3, noise=0.1)
+    whole = D.ClutteredDigits("val", 11, **kwargs)
+    monkeypatch.setattr(D, "_CHUNK", 3 * 16 * 16)
+    chunked = D.ClutteredDigits("val", 11, **kwargs)
+    for name in ("images", "boxes", "labels", "sources"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    assert whole.images.shape == (11, 1, 16, 16) and whole.images.is_contiguous()

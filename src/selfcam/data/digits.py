@@ -35,6 +35,7 @@ SIZES: dict[str, int] = {"train": 6000, "val": 1000, "test": 1000}  # default ca
 _POOL_SEED = 12345
 _MAX_OVERLAP = 0.2  # a fragment may cover at most this share of its area inside the target box
 _TRIES = 8  # candidate positions drawn per fragment
+_CHUNK = 2**20  # pixels of the canvases built at a time (1024 canvases at 32 px)
 
 
 @lru_cache(maxsize=1)
@@ -150,8 +151,14 @@ class ClutteredDigits(DigitCanvases):
         start = rng.integers(0, (size - side + 1)[:, None], (n, 2))
         t = torch.from_numpy
         sides = t(np.stack([side, side], 1))
-        target = _paste(t(digits[pool[pick]]), t(side), t(start), sides, torch.zeros_like(sides), size)
-        self.boxes: Tensor = _tight_boxes(target > 0.1)  # (n, 4) int64
+        # Built CHUNK images at a time into the one (n, size, size) array (the draws stay those of one go): memory
+        # is the images plus a chunk's temporaries, not several float copies of all of them.
+        chunks = [slice(i, i + max(1, _CHUNK // size**2)) for i in range(0, n, max(1, _CHUNK // size**2))]
+        canvas = torch.empty(n, size, size)
+        self.boxes: Tensor = torch.empty(n, 4, dtype=torch.int64)  # (n, 4) int64
+        for c in chunks:
+            canvas[c] = _paste(t(digits[pool[pick[c]]]), t(side[c]), t(start[c]), sides[c], torch.zeros_like(sides[c]), size)
+            self.boxes[c] = _tight_boxes(canvas[c] > 0.1)
         self.labels: Tensor = t(labels[pool[pick]])  # (n,) int64
         self.sources: Tensor = t(pool[pick])  # (n,) int64 index of each target into load_digits()
 
@@ -162,14 +169,16 @@ class ClutteredDigits(DigitCanvases):
         ok = ov <= _MAX_OVERLAP * f_ext.prod(-1)
         choice = np.where(ok.any(0), ok.argmax(0), ov.argmin(0))  # first acceptable try, else least overlap
         f_start = np.take_along_axis(cand, choice[None, ..., None], 0)[0]
-        canvas = target
-        for k in range(clutter):
-            frag = _paste(t(digits[pool[other[:, k]]]), t(f_side[:, k]), t(f_start[:, k]), t(f_ext[:, k]),
-                          t(f_off[:, k]), size)
-            canvas = torch.maximum(canvas, frag)
-        if noise > 0:
-            canvas = canvas + float(noise) * t(rng.standard_normal((n, size, size), dtype=np.float32))
-        self.images: Tensor = canvas.clamp_(0, 1).unsqueeze(1).contiguous()  # (n, 1, size, size) float32
+        for c in chunks:
+            for k in range(clutter):
+                frag = _paste(t(digits[pool[other[c, k]]]), t(f_side[c, k]), t(f_start[c, k]), t(f_ext[c, k]),
+                              t(f_off[c, k]), size)
+                torch.maximum(canvas[c], frag, out=canvas[c])
+        for c in chunks:  # the noise drawn chunk by chunk is the same stream as in one call
+            if noise > 0:
+                canvas[c] += float(noise) * t(rng.standard_normal((len(canvas[c]), size, size), dtype=np.float32))
+            canvas[c].clamp_(0, 1)
+        self.images: Tensor = canvas.unsqueeze(1)  # (n, 1, size, size) float32
 
     def normalize(self, images: Tensor) -> Tensor:
         """(x - MEAN) / STD, any shape."""
