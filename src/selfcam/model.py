@@ -75,9 +75,9 @@ class SelfExplainer(nn.Module):
             raise InputError(f"expected a floating-point image tensor, got {x.dtype}")
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return  # the value check below would be data-dependent control flow in an exported graph
-        # a NaN or infinity anywhere makes the sum non-finite: one reduction instead of a mask of the whole input;
-        # the exact check runs only when the sum is not finite (it can also overflow on huge finite values)
-        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        from .metrics import all_finite
+
+        if not all_finite(x):
             bad = int((~torch.isfinite(x)).sum())
             raise InputError(f"input has {bad} NaN or infinite value(s) of {x.numel()} (shape {tuple(x.shape)})")
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError, require_int
 from .cells import CellGrid, measure_cells
 from .heads import PlainHead, minmax, upsample
-from .metrics import check_class_indices, logits_of
+from .metrics import all_finite, check_class_indices, logits_of
 from .model import SelfExplainer
 from .video import VideoSelfExplainer, check_clip, upsample_clip
 
@@ -62,7 +62,8 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
         for m, training in modes:
             m.training = training
         for p, flag in flags:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 # --- the methods: each is (model, x, target (N,), *, options) -> (N, H, W) ------------
@@ -304,7 +305,7 @@ def _options(method: str) -> list[str]:
 
 def _check_input(model: nn.Module, x: Tensor) -> None:
     if isinstance(model, SelfExplainer):
-        model.check_input(x)
+        model.check_input(x)  # finite values included
     elif isinstance(model, VideoSelfExplainer):
         check_clip(x, model.config.in_chans, model.config.frames)
     elif not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -312,7 +313,7 @@ def _check_input(model: nn.Module, x: Tensor) -> None:
         raise InputError(f"expected a floating-point image tensor of shape (N, C, H, W), got {shape}")
     if len(x) == 0:
         raise InputError("the input batch is empty (N = 0)")
-    if not torch.isfinite(x).all():
+    if not isinstance(model, SelfExplainer) and not all_finite(x):
         raise InputError("the input holds NaN or infinite values")
 
 
@@ -359,6 +360,6 @@ def posthoc_map(model: nn.Module, x: Tensor, method: str = "gradcam", target: Te
         model.eval()
         maps = _METHODS[method](model, x, _target(model, x, target), **options)
     maps = maps.to(device=x.device, dtype=x.dtype)
-    if not torch.isfinite(maps).all():
+    if not all_finite(maps):
         raise InputError(f"{method} map holds NaN or infinite values: the model's outputs are not finite for this input")
     return maps
