@@ -154,6 +154,7 @@ def train(
     accelerator: str = typer.Option("auto", help="cpu, gpu or auto."),
     precision: str = typer.Option("32", "--precision", help="32, bf16-mixed or 16-mixed (Lightning's autocast; 16-mixed needs a GPU)."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (may differ on --resume)."),
+    compile: bool = typer.Option(False, "--compile", help="Train torch.compile(model) (recorded; the first steps compile)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last saved state, with its stored recipe."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head alone, the backbone frozen "
@@ -232,7 +233,7 @@ def train(
     cfg = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=o["weight_decay"],
                       seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"],
                       freeze_backbone=o["freeze_backbone"], head_epochs=o["head_epochs"], backbone_lr_scale=o["backbone_lr_scale"],
-                      precision=o["precision"], num_workers=o["num_workers"], map_loss_weight=o["map_loss_weight"],
+                      precision=o["precision"], num_workers=o["num_workers"], compile=o["compile"], map_loss_weight=o["map_loss_weight"],
                       mask_fraction=o["mask_fraction"], map_loss_map=o["map_loss_map"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
     factory = _user_factory(o["model_factory"])
@@ -257,7 +258,8 @@ def train(
 
 
 _RECIPE = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes", "freeze_backbone",
-           "head_epochs", "backbone_lr_scale", "precision", "map_loss_weight", "mask_fraction", "map_loss_map")  # the train options stored in TrainConfig under the same names
+           "head_epochs", "backbone_lr_scale", "precision", "compile", "map_loss_weight", "mask_fraction",
+           "map_loss_map")  # the train options stored in TrainConfig under the same names
 
 
 def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:
