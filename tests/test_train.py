@@ -495,3 +495,60 @@ def test_precision_is_lightnings_recorded_and_kept_on_resume(tmp_path: Path) -> 
     assert stored.precision == "32"  # states written before the option read as full precision
     result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--precision", "bf16"])
     assert result.exit_code == 2 and "--precision must be one of" in result.output, result.output
+
+
+def test_epoch_metrics_are_the_means_over_every_item_and_fit_restores_the_kernel_flags() -> None:
+    """The history's loss and accuracy (logged once per epoch from running sums) are means over items: validation
+    after the only epoch is the trained model on the 300 validation images in batches of 256 and 44, by hand;
+    fit leaves torch's deterministic-algorithm settings as it found them (Lightning switches them on)."""
+    from selfcam.train import TrainConfig, fit
+
+    train, val = load_dataset("cluttered-digits", "train", 96, size=16), load_dataset("cluttered-digits", "val", 300, size=16)
+    torch.manual_seed(0)
+    model = create_model("se", "resnet8", 10, 1, {"stem_stride": 2})
+    assert not torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    rows = fit(model, train, val, TrainConfig(epochs=1, batch_size=32, accelerator="cpu"), progress=False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory == fill
+    loss = correct = 0.0
+    with torch.no_grad():
+        for start in (0, 256):
+            x, y = val.normalize(val.images[start : start + 256]), val.labels[start : start + 256]
+            out = model(x)
+            loss += float(model.loss(out, y)) * len(y)
+            correct += float((out.logits.argmax(1) == y).sum())
+    assert rows[0]["val_loss"] == pytest.approx(loss / 300, abs=2e-6) and rows[0]["val_acc"] == pytest.approx(correct / 300, abs=2e-6)
+    assert math.isfinite(rows[0]["train_loss"]) and 0 <= rows[0]["train_acc"] <= 1
+
+
+def test_compile_trains_the_compiled_model_records_it_and_a_compiler_failure_is_one_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """TrainConfig.compile: the module calls torch.compile(model) (the same parameters: the model given is trained),
+    config.json records it; a failure of the compiler on the first step is a ConfigError naming --compile."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from selfcam.train import TrainConfig, fit
+
+    train = load_dataset("cluttered-digits", "train", 64, size=16)
+    compiled: list[torch.nn.Module] = []
+
+    def spy(model: torch.nn.Module) -> Any:
+        compiled.append(model)
+        return lambda *x: model(*x)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    model = create_model("se", "resnet8", 10, 1, {"stem_stride": 2})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, train, None, TrainConfig(epochs=1, batch_size=32, accelerator="cpu", compile=True), tmp_path / "run", progress=False)
+    assert compiled == [model] and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["compile"] is True
+
+    def failing(model: torch.nn.Module) -> Any:
+        def call(*x: torch.Tensor) -> Any:
+            raise BackendCompilerFailed(lambda: None, RuntimeError("no C compiler"), None)
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing)
+    with pytest.raises(ConfigError, match=r"compile: torch.compile could not compile the model here \(BackendCompilerFailed.*--compile"):
+        fit(create_model("se", "resnet8", 10, 1), train, None, TrainConfig(epochs=1, batch_size=32, accelerator="cpu", compile=True),
+            progress=False)
