@@ -217,8 +217,12 @@ def test_metrics_command_writes_json(tmp_path: Path) -> None:
 
 def test_train_throughput_document_on_a_tiny_run() -> None:
     doc = bench.train_throughput("plain", n=64, size=16, batch_size=32, epochs=2, repeats=1,
-                                 datasets="cluttered-digits,idx,imagefolder", threads=1)  # fmt: skip
+                                 datasets="cluttered-digits,idx,imagefolder", threads=1, options="bf16")  # fmt: skip
     json.dumps(doc)
+    o = doc["options"]["bf16"]  # fit plain with precision="bf16-mixed", against fit plain as it is
+    assert set(doc["options"]) == {"bf16"} and o["config"] == {"precision": "bf16-mixed"}
+    assert o["vs_default"] == pytest.approx(o["fit_img_s"] / doc["methods"]["plain"]["fit_img_s"])
+    assert o["fit_img_s"] == doc["samples"]["fit plain bf16"][0]
     r = doc["methods"]["plain"]
     assert set(doc["methods"]) == {"plain"} and r["fit_img_s"] > 0 and r["raw_img_s"] > 0
     assert r["ratio"] == pytest.approx(r["fit_img_s"] / r["raw_img_s"])
@@ -230,6 +234,25 @@ def test_train_throughput_document_on_a_tiny_run() -> None:
         assert v["consume_img_s"] == doc["samples"]["raw plain, 3 channels" if v["in_chans"] == 3 else "raw plain"][0]
     with pytest.raises(ConfigError, match="epochs"):
         bench.train_throughput("plain", epochs=1)
+    with pytest.raises(ConfigError, match="--options: unknown name"):
+        bench.train_throughput("plain", options="fp8")
+    with pytest.raises(ConfigError, match="clock must be"):
+        bench.train_throughput("plain", clock="sundial")
+
+
+def test_train_throughput_on_the_cpu_clock() -> None:
+    """clock="cpu": images/s over the CPU seconds of the epochs after the first (a call of E epochs less one of 1)."""
+    doc = bench.train_throughput("plain", n=64, size=16, batch_size=32, epochs=3, repeats=1, datasets="", options="",
+                                 threads=1, clock="cpu")  # fmt: skip
+    r = doc["methods"]["plain"]
+    assert doc["clock"] == "cpu" and doc["options"] == {} and doc["data"] == {}
+    assert 0 < r["fit_img_s"] < 1e6 and 0 < r["raw_img_s"] < 1e6 and r["ratio"] == pytest.approx(r["fit_img_s"] / r["raw_img_s"])
+    assert "over their CPU seconds" in bench._md_train(doc)[0]
+
+
+def test_cpu_seconds_count_the_work_of_the_call() -> None:
+    spin = lambda e: sum(i * i for i in range(200_000 * e))  # noqa: E731
+    assert bench._cpu_seconds(spin, 4) > 2 * bench._cpu_seconds(spin, 1) > 0
 
 
 def test_raw_loop_trains_the_model() -> None:

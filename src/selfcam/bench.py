@@ -919,6 +919,7 @@ def startup_cmd(
 # --- training throughput -----------------------------------------------------------
 
 TRAIN_GOAL = 0.9  # fit's images/s at least this share of the raw loop's
+TRAIN_OPTIONS = {"bf16": {"precision": "bf16-mixed"}, "compile": {"compile": True}, "workers2": {"num_workers": 2}}  # fit plain with these
 DATA_SPECS = ("cluttered-digits", "idx", "cifar10", "imagefolder")
 
 
@@ -982,12 +983,24 @@ def _raw_epochs(model: torch.nn.Module, x: Tensor, y: Tensor, batch_size: int, e
     return seconds
 
 
+def _cpu_seconds(run: Callable[[int], Any], epochs: int) -> float:
+    """CPU seconds (user + system, this process and its reaped children) of ``run(epochs)``."""
+    import os
+
+    before = os.times()
+    run(epochs)
+    after = os.times()
+    return sum(after[:4]) - sum(before[:4])
+
+
 def _fit_epochs(model: torch.nn.Module, data: Any, batch_size: int, epochs: int, lr: float, weight_decay: float,
-                seed: int, accelerator: str) -> list[float]:  # fmt: skip
-    """``selfcam.fit`` on ``data``: seconds per epoch from its history (epoch 0 includes Lightning's set-up)."""
+                seed: int, accelerator: str, **options: Any) -> list[float]:  # fmt: skip
+    """``selfcam.fit`` on ``data``: seconds per epoch from its history (epoch 0 includes Lightning's set-up);
+    ``options``: more :class:`~selfcam.train.TrainConfig` fields (precision, compile, num_workers)."""
     from .train import TrainConfig, fit
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, accelerator=accelerator)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, accelerator=accelerator,
+                      **options)  # fmt: skip
     rows = fit(model, data, None, cfg, progress=False)
     ends = [r["seconds"] for r in rows]
     return [b - a for a, b in zip([0.0, *ends[:-1]], ends)]
@@ -1018,6 +1031,8 @@ def train_throughput(
     seed: int = 0,
     device: str | torch.device | None = None,
     threads: int | None = None,
+    options: Sequence[str] | str | None = None,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Training images/s of :func:`selfcam.fit` against a raw PyTorch loop, per head, in one run; and the data path.
 
@@ -1033,8 +1048,18 @@ def train_throughput(
     as fit builds it, without a model, after one untimed epoch; ``feed_img_s`` is compared with
     what the plain model consumes (the raw loop's images/s on that many channels).
 
+    Training options (``options``, names of :data:`TRAIN_OPTIONS`: ``bf16`` = ``precision="bf16-mixed"``,
+    ``compile``, ``workers2`` = ``num_workers=2``): ``fit`` of the plain model with the option, in the
+    same rounds; ``vs_default`` = its images/s over plain ``fit``'s (compile's first epoch, which
+    compiles, is the warm-up).
+
+    ``clock="cpu"`` (a machine shared with other jobs): a call's images/s are its epochs 2..E over the CPU
+    seconds (user + system, this process and its reaped children, data-loader workers included) of a call
+    of E epochs less those of a call of one, instead of wall seconds: the work, not the share of the cores
+    the other jobs left it. The data path stays in wall seconds.
+
     Returns ``{"methods": {NAME: {"fit_img_s", "raw_img_s", "ratio"}}, "data": {SPEC: {"feed_img_s",
-    "consume_img_s", "ratio"}}, "goals", ...}``.
+    "consume_img_s", "ratio"}}, "options": {NAME: {"fit_img_s", "vs_default", "config"}}, "goals", ...}``.
     """
     import copy
     import tempfile
@@ -1048,6 +1073,7 @@ def train_throughput(
         _positive(threads=threads)
     chosen = _methods(methods, HEAD_METHODS, "--methods")
     kinds = _methods(datasets, DATA_SPECS, "--datasets") if datasets != "" else []
+    extras = _methods(options, list(TRAIN_OPTIONS), "--options") if options != "" else []
     dev = _device(device)
     accelerator = "cpu" if dev.type == "cpu" else "gpu"
     data = load_dataset("cluttered-digits", "train", n, seed=seed, size=size)
@@ -1060,15 +1086,21 @@ def train_throughput(
             initial["plain"] = create_model("plain", backbone, data.num_classes, 1, {"stem_stride": 2})
         plain3 = create_model("plain", backbone, data.num_classes, 3, {"stem_stride": 2})
     x3 = x.repeat(1, 3, 1, 1)
-    recipe = (batch_size, epochs, lr, weight_decay, seed)
-    runs: dict[str, Callable[[], list[float]]] = {}
+    recipe = (lr, weight_decay, seed)
+    if clock not in ("wall", "cpu"):
+        raise ConfigError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    runs: dict[str, Callable[[int], list[float]]] = {}  # epochs -> wall seconds per epoch
     for m in chosen:
-        runs[f"fit {m}"] = lambda m=m: _fit_epochs(copy.deepcopy(initial[m]).to(dev), data, batch_size, epochs, lr,
-                                                   weight_decay, seed, accelerator)  # fmt: skip
-        runs[f"raw {m}"] = lambda m=m: _raw_epochs(copy.deepcopy(initial[m]).to(dev), x, y, *recipe)
+        runs[f"fit {m}"] = lambda e, m=m: _fit_epochs(copy.deepcopy(initial[m]).to(dev), data, batch_size, e, lr,
+                                                      weight_decay, seed, accelerator)  # fmt: skip
+        runs[f"raw {m}"] = lambda e, m=m: _raw_epochs(copy.deepcopy(initial[m]).to(dev), x, y, batch_size, e, *recipe)
+    for opt in extras + (["default"] if extras and "plain" not in chosen else []):
+        runs[f"fit plain {opt}" if opt != "default" else "fit plain"] = lambda e, opt=opt: _fit_epochs(
+            copy.deepcopy(initial["plain"]).to(dev), data, batch_size, e, lr, weight_decay, seed, accelerator,
+            **TRAIN_OPTIONS.get(opt, {}))  # fmt: skip
     if kinds:
-        runs["raw plain"] = lambda: _raw_epochs(copy.deepcopy(initial["plain"]).to(dev), x, y, *recipe)
-        runs["raw plain, 3 channels"] = lambda: _raw_epochs(copy.deepcopy(plain3).to(dev), x3, y, *recipe)
+        runs["raw plain"] = lambda e: _raw_epochs(copy.deepcopy(initial["plain"]).to(dev), x, y, batch_size, e, *recipe)
+        runs["raw plain, 3 channels"] = lambda e: _raw_epochs(copy.deepcopy(plain3).to(dev), x3, y, batch_size, e, *recipe)
     with tempfile.TemporaryDirectory() as tmp, _threads(threads):
         described = _describe(dev)
         feeds: dict[str, Any] = {}
@@ -1088,8 +1120,10 @@ def train_throughput(
             for name in names[k:] + names[:k]:
                 if name.startswith("feed "):
                     samples[name].append(n / _feed_seconds(feeds[name[5:]], batch_size))
+                elif clock == "cpu":  # CPU seconds of epochs 2..E: a call of E epochs less a call of one
+                    samples[name].append(images * (epochs - 1) / (_cpu_seconds(runs[name], epochs) - _cpu_seconds(runs[name], 1)))
                 else:
-                    later = runs[name]()[1:]
+                    later = runs[name](epochs)[1:]
                     samples[name].append(images * len(later) / sum(later))
     rate = {name: statistics.median(v) for name, v in samples.items()}
     rows = {m: {"fit_img_s": rate[f"fit {m}"], "raw_img_s": rate[f"raw {m}"],
@@ -1100,11 +1134,13 @@ def train_throughput(
         feed_rows[kind] = {"feed_img_s": rate[f"feed {kind}"], "consume_img_s": consume,
                            "ratio": rate[f"feed {kind}"] / consume, "in_chans": feeds[kind].in_chans,
                            "storage": type(feeds[kind]).__name__}  # fmt: skip
+    option_rows = {o: {"fit_img_s": rate[f"fit plain {o}"], "vs_default": rate[f"fit plain {o}"] / rate["fit plain"],
+                       "config": TRAIN_OPTIONS[o]} for o in extras}  # fmt: skip
     goals = {f"fit {m} >= {TRAIN_GOAL:g}x raw": r["ratio"] >= TRAIN_GOAL for m, r in rows.items()}
     goals.update({f"{k} feeds >= what the model consumes": r["ratio"] >= 1.0 for k, r in feed_rows.items()})
     return {"backbone": backbone, "size": size, "n": n, "batch_size": batch_size, "epochs": epochs, "repeats": repeats,
-            "device": described, "torch": torch.__version__, "methods": rows, "data": feed_rows, "samples": samples,
-            "goals": goals}  # fmt: skip
+            "clock": clock, "device": described, "torch": torch.__version__, "methods": rows, "data": feed_rows, "options": option_rows,
+            "samples": samples, "goals": goals}  # fmt: skip
 
 
 def train_table(doc: dict[str, Any]) -> Table:
@@ -1116,6 +1152,8 @@ def train_table(doc: dict[str, Any]) -> Table:
         table.add_row(m, f"{r['fit_img_s']:.0f}", f"{r['raw_img_s']:.0f}", f"{r['ratio']:.2f}")
     for k, r in doc["data"].items():
         table.add_row(f"data {k}", f"feeds {r['feed_img_s']:.0f}", f"consumes {r['consume_img_s']:.0f}", f"{r['ratio']:.2f}")
+    for k, r in doc.get("options", {}).items():
+        table.add_row(f"plain, {k}", f"{r['fit_img_s']:.0f}", "", f"{r['vs_default']:.2f} x fit")
     return table
 
 
@@ -1132,10 +1170,14 @@ def train_cmd(
     datasets: Optional[str] = typer.Option(None, "--datasets", help=f"Data paths to time: subset of {','.join(DATA_SPECS)} ('' for none)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda... (default: cuda if available)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    options: Optional[str] = typer.Option(None, "--options", help=f"fit plain also with: subset of {','.join(TRAIN_OPTIONS)} "
+                                          "('' for none)."),
+    clock: str = typer.Option("wall", "--clock", help="wall, or cpu: CPU seconds of the epochs (a machine shared with other jobs)."),
 ) -> None:
-    """Training throughput of selfcam.fit against a raw PyTorch loop per head, and of the data path."""
+    """Training throughput of selfcam.fit against a raw PyTorch loop per head, of the data path, and of fit's options."""
     _json_target(json_path)
-    doc = train_throughput(methods, backbone, n, size, batch_size, epochs, repeats, datasets, device=device, threads=threads)
+    doc = train_throughput(methods, backbone, n, size, batch_size, epochs, repeats, datasets, device=device, threads=threads,
+                           options=options, clock=clock)  # fmt: skip
     _write_json(json_path, doc)
     _show(train_table(doc))
     _print_goals(doc, json_path)
@@ -1243,8 +1285,8 @@ def memory_cmd(
 
 RESULTS_DIR = Path("results/bench")
 BENCH_COMMANDS = {  # what made each results/bench/*.json (printed above its table)
-    "startup": "selfcam bench startup --json results/bench/startup.json",
-    "train": "selfcam bench train --threads 1 --json results/bench/train.json",
+    "startup": "selfcam bench startup --repeats 7 --json results/bench/startup.json",
+    "train": "selfcam bench train --threads 1 --clock cpu --json results/bench/train.json",
     "metrics": "selfcam bench metrics --threads 1 --repeats 15 --json results/bench/metrics.json",
     "memory": "selfcam bench memory --json results/bench/memory.json",
 }
@@ -1265,7 +1307,8 @@ def _md_startup(doc: dict[str, Any]) -> list[str]:
 
 def _md_train(doc: dict[str, Any]) -> list[str]:
     lines = [f"{doc['backbone']}, {doc['n']} cluttered digits at {doc['size']} px, batch {doc['batch_size']}, AdamW + "
-             f"one-cycle, {doc['device']}; images/s of the epochs after the first of each call, median of "
+             f"one-cycle, {doc['device']}; images/s of the epochs after the first of each call"
+             f"{' over their CPU seconds (`--clock cpu`)' if doc.get('clock') == 'cpu' else ''}, median of "
              f"{doc['repeats']} interleaved rounds.", "", "| method | `fit` img/s | raw loop img/s | fit / raw |",
              "|---|---:|---:|---:|"]  # fmt: skip
     for m, r in doc["methods"].items():
@@ -1276,6 +1319,13 @@ def _md_train(doc: dict[str, Any]) -> list[str]:
                   "| dataset | storage | feeds img/s | model consumes img/s | ratio |", "|---|---|---:|---:|---:|"]  # fmt: skip
         for k, r in doc["data"].items():
             lines.append(f"| {k} | {r['storage']} | {r['feed_img_s']:.0f} | {r['consume_img_s']:.0f} | {r['ratio']:.1f} |")
+    if doc.get("options"):
+        lines += ["", "Training options: `fit` of the plain model with each option, in the same rounds, against plain "
+                  "`fit` as it is (the first epoch of each call, where `--compile` compiles, is the warm-up):", "",
+                  "| option | TrainConfig | `fit` img/s | x default `fit` |", "|---|---|---:|---:|"]  # fmt: skip
+        for k, r in doc["options"].items():
+            config = ", ".join(f"{f}={v!r}" for f, v in r["config"].items())
+            lines.append(f"| {k} | `{config}` | {r['fit_img_s']:.0f} | {r['vs_default']:.2f} |")
     return lines
 
 
