@@ -208,3 +208,16 @@ def test_canvases_built_in_chunks_are_those_built_in_one_go(monkeypatch: pytest.
     for name in ("images", "boxes", "labels", "sources"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
     assert whole.images.shape == (11, 1, 16, 16) and whole.images.is_contiguous()
+
+
+def test_a_batch_of_items_is_the_items() -> None:
+    """__getitems__ (what a DataLoader asks for a batch) gives [ds[i] for i], normalized in one operation."""
+    ds = ClutteredDigits("test", 9, size=16)
+    batch = ds.__getitems__([4, 0, 8, 4])
+    assert len(batch) == 4
+    for got, i in zip(batch, [4, 0, 8, 4]):
+        for a, b in zip(got, ds[i]):
+            assert torch.equal(a, b) and a.dtype == b.dtype
+    loader = torch.utils.data.DataLoader(ds, batch_size=5)
+    x, y, box = next(iter(loader))
+    assert torch.equal(x, ds.normalize(ds.images[:5])) and torch.equal(y, ds.labels[:5]) and torch.equal(box, ds.boxes[:5])

@@ -199,6 +199,11 @@ class ClutteredDigits(DigitCanvases):
         """(normalized image (1, S, S) float32, label () int64, box (4,) int64)."""
         return self.normalize(self.images[i]), self.labels[i], self.boxes[i]
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``[self[i] for i in indices]``, normalized in one operation (a DataLoader's batches ask for this)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return list(zip(self.normalize(self.images[idx]).unbind(0), self.labels[idx].unbind(0), self.boxes[idx].unbind(0)))
+
 
 def mark_places(size: int, mark: int, classes: int = 10) -> Tensor:
     """``(classes, 2)`` int64 ``(x, y)`` top-left corners of each class's mark in :class:`ShortcutDigits`:
