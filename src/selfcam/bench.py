@@ -1006,14 +1006,21 @@ def _fit_epochs(model: torch.nn.Module, data: Any, batch_size: int, epochs: int,
     return [b - a for a, b in zip([0.0, *ends[:-1]], ends)]
 
 
-def _feed_seconds(dataset: Any, batch_size: int, num_workers: int = 0) -> float:
-    """One epoch of a DataLoader over ``dataset`` as fit builds it (shuffled, ``batch_size``), no model."""
+def _feed_seconds(dataset: Any, batch_size: int, num_workers: int = 0, clock: str = "wall") -> float:
+    """One epoch of a DataLoader over ``dataset`` as fit builds it (shuffled, ``batch_size``), no model; wall
+    seconds, or with ``clock="cpu"`` CPU seconds (:func:`_cpu_seconds`)."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size, shuffle=True, num_workers=num_workers, drop_last=len(dataset) > batch_size)
+
+    def epoch(_: int = 1) -> None:
+        for _ in loader:
+            pass
+
+    if clock == "cpu":
+        return _cpu_seconds(epoch, 1)
     t0 = time.perf_counter()
-    for _ in loader:
-        pass
+    epoch()
     return time.perf_counter() - t0
 
 
@@ -1056,7 +1063,7 @@ def train_throughput(
     ``clock="cpu"`` (a machine shared with other jobs): a call's images/s are its epochs 2..E over the CPU
     seconds (user + system, this process and its reaped children, data-loader workers included) of a call
     of E epochs less those of a call of one, instead of wall seconds: the work, not the share of the cores
-    the other jobs left it. The data path stays in wall seconds.
+    the other jobs left it. The data path is then timed in CPU seconds too.
 
     Returns ``{"methods": {NAME: {"fit_img_s", "raw_img_s", "ratio"}}, "data": {SPEC: {"feed_img_s",
     "consume_img_s", "ratio"}}, "options": {NAME: {"fit_img_s", "vs_default", "config"}}, "goals", ...}``.
@@ -1119,7 +1126,7 @@ def train_throughput(
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 if name.startswith("feed "):
-                    samples[name].append(n / _feed_seconds(feeds[name[5:]], batch_size))
+                    samples[name].append(n / _feed_seconds(feeds[name[5:]], batch_size, clock=clock))
                 elif clock == "cpu":  # CPU seconds of epochs 2..E: a call of E epochs less a call of one
                     samples[name].append(images * (epochs - 1) / (_cpu_seconds(runs[name], epochs) - _cpu_seconds(runs[name], 1)))
                 else:
