@@ -168,6 +168,8 @@ def train(
                                         "sees (seeded by --seed, recorded)."),
     map_loss_map: str = typer.Option("self", "--map-loss-map", help="The map the map loss supervises: self (the head's own; "
                                      "plain: the CAM of the label) or class (the class map of the label)."),
+    map_loss: str = typer.Option("outside", "--map-loss", help="outside (the share of the map's mass outside the box) "
+                                 "or dice (one minus the soft Dice of map and box: also covers the box)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Start from these weights: a file (torchvision "
                                              ".pth, read only with weights_only; safetensors; a timm or Lightning checkpoint) "
                                              "or a known name (efficientnet-lite0, with --backbone timm:efficientnet_lite0)."),
@@ -234,7 +236,7 @@ def train(
                       seed=o["seed"], accelerator=accelerator, devices=o["devices"], num_nodes=o["num_nodes"],
                       freeze_backbone=o["freeze_backbone"], head_epochs=o["head_epochs"], backbone_lr_scale=o["backbone_lr_scale"],
                       precision=o["precision"], num_workers=o["num_workers"], compile=o["compile"], map_loss_weight=o["map_loss_weight"],
-                      mask_fraction=o["mask_fraction"], map_loss_map=o["map_loss_map"])  # fmt: skip
+                      mask_fraction=o["mask_fraction"], map_loss_map=o["map_loss_map"], map_loss=o["map_loss"])  # fmt: skip
     bb_kw, head_kw = _json_object(o["backbone_kwargs"], "--backbone-kwargs"), _json_object(o["head_kwargs"], "--head-kwargs")
     factory = _user_factory(o["model_factory"])
     train_set = load_dataset(o["data"], "train", o["train_size"], seed=cfg.seed, size=o["image_size"])
@@ -258,8 +260,8 @@ def train(
 
 
 _RECIPE = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed", "devices", "num_nodes", "freeze_backbone",
-           "head_epochs", "backbone_lr_scale", "precision", "compile", "map_loss_weight", "mask_fraction",
-           "map_loss_map")  # the train options stored in TrainConfig under the same names
+           "head_epochs", "backbone_lr_scale", "precision", "compile", "map_loss_weight", "mask_fraction", "map_loss_map",
+           "map_loss")  # the train options stored in TrainConfig under the same names
 
 
 def _resumed_options(ctx: typer.Context, state: Any) -> dict[str, Any]:

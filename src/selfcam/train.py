@@ -65,6 +65,7 @@ __all__ = [
     "fit",
     "is_global_zero",
     "latest_state",
+    "map_dice_loss",
     "map_outside_share",
     "mask_flags",
     "request_checkpoint",
@@ -79,6 +80,7 @@ STATE_FORMAT, STATE_VERSION = "selfcam-train-state", 2  # version 1: image runs,
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's: full float32, or mixed with bfloat16 / float16 autocast
 RUNTIME_FIELDS = ("accelerator", "num_workers")  # may differ when a run is resumed; every other field must not
 _REQUESTED = threading.Event()
+MAP_LOSSES = ("outside", "dice")  # TrainConfig.map_loss: map_outside_share, map_dice_loss
 
 
 @dataclass
@@ -102,7 +104,8 @@ class TrainConfig:
     supervised map's mass outside the item's box (:func:`map_outside_share`). ``mask_fraction``: the share
     of training items that carry one (:func:`mask_flags`, seeded by ``seed``); ``map_loss_map``: ``"self"``
     (the head's own map; plain: the CAM of the label) or ``"class"`` (the class map of the label), see
-    :meth:`selfcam.tasks.ImageTask.supervised_map`.
+    :meth:`selfcam.tasks.ImageTask.supervised_map`. ``map_loss``: ``"outside"`` (that share) or ``"dice"``
+    (one minus the soft Dice of map and mask, :func:`map_dice_loss`: it also asks the map to cover the box).
     """
 
     epochs: int = 10
@@ -124,6 +127,7 @@ class TrainConfig:
     map_loss_weight: float = 0.0
     mask_fraction: float = 1.0
     map_loss_map: str = "self"
+    map_loss: str = "outside"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -155,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"mask_fraction ({self.mask_fraction}) says which items the map loss sees: set map_loss_weight > 0")
         if self.map_loss_map not in ("self", "class"):
             raise ConfigError(f"map_loss_map must be 'self' or 'class', got {self.map_loss_map!r}")
+        if self.map_loss not in MAP_LOSSES:
+            raise ConfigError(f"map_loss must be one of {', '.join(MAP_LOSSES)}, got {self.map_loss!r}")
 
     def frozen_at(self, epoch: int) -> bool:
         """Whether the backbone is frozen during epoch ``epoch`` (0-based)."""
@@ -321,6 +327,14 @@ def map_outside_share(maps: Tensor, masks: Tensor, cells: CellGrid | None = None
     return 1 - energy_pointing_game(upsample(maps, tuple(masks.shape[-2:]), "bilinear", cells), masks)
 
 
+def map_dice_loss(maps: Tensor, masks: Tensor, cells: CellGrid | None = None) -> Tensor:
+    """``(N,)`` one minus the soft Dice ``2 sum(M m) / (sum(M) + sum(m))`` of each upsampled map ``M`` (as in
+    :func:`map_outside_share`) and its mask ``m``, in ``[0, 1]``: 0 only for a map that is 1 on the mask and 0 off it."""
+    up = upsample(maps, tuple(masks.shape[-2:]), "bilinear", cells).flatten(1)
+    m = masks.flatten(1).to(up.dtype)
+    return 1 - 2 * (up * m).sum(1) / (up.sum(1) + m.sum(1)).clamp(min=torch.finfo(up.dtype).tiny)
+
+
 # ----------------------------------------------------------------------------- the module
 
 Objective = Callable[[Any, tuple[Tensor, ...]], tuple[Tensor, Tensor]]  # (model output, batch) -> (loss, accuracy target)
@@ -422,14 +436,16 @@ class SelfcamModule(L.LightningModule):
         return out
 
     def _map_loss(self, out: Any, batch: tuple[Tensor, ...], target: Tensor, flags: Tensor | None, stage: str) -> Tensor:
-        """The mean :func:`map_outside_share` over the batch's items with ``flags`` (all when None); 0 when none."""
+        """The mean map loss (:func:`map_outside_share` or :func:`map_dice_loss`) over the batch's items with ``flags``
+        (all when None); 0 when none."""
         maps = self.task.supervised_map(self.model, out, target, self.cfg.map_loss_map)  # type: ignore[attr-defined]
         masks = self.task.map_masks(batch)  # type: ignore[attr-defined]
         if flags is not None:
             maps, masks = maps[flags], masks[flags]
         if len(maps) == 0:
             return maps.sum()  # 0, in the graph
-        share = map_outside_share(maps, masks, self.map_cells).mean()
+        loss = map_dice_loss if self.cfg.map_loss == "dice" else map_outside_share
+        share = loss(maps, masks, self.map_cells).mean()
         self.log(f"{stage}_map_loss", share, on_step=False, on_epoch=True, batch_size=len(maps))
         return share
 
@@ -553,7 +569,7 @@ def _expect(doc: Any, spec: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 _ADDED_FIELDS = {"freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0, "precision": "32", "compile": False,
-                 "map_loss_weight": 0.0, "mask_fraction": 1.0, "map_loss_map": "self"}  # states written before them lack them
+                 "map_loss_weight": 0.0, "mask_fraction": 1.0, "map_loss_map": "self", "map_loss": "outside"}  # states written before them lack them
 
 
 def _train_config(d: Any, where: str) -> TrainConfig:
