@@ -637,17 +637,19 @@ _BOARD_COLUMNS: dict[str, tuple[str, str]] = {
 
 
 def _label(doc: dict[str, Any]) -> str:
-    """The leaderboard a results document belongs to: its file name less ``-accuracy`` / ``-stability`` /
-    ``evaluation-`` (``mnist-full-accuracy.json`` -> ``mnist-full``), else its dataset."""
+    """The leaderboard a results document belongs to: its file name less ``-accuracy`` / ``-stability``
+    (``mnist-full-accuracy.json`` -> ``mnist-full``) or ``evaluation-`` and any ``.PART``
+    (``evaluation-cluttered-digits.road.json`` -> ``cluttered-digits``), else its dataset."""
     stem = Path(doc["file"]).stem
     for suffix in ("-accuracy", "-stability"):
         if stem.endswith(suffix):
             return stem[: -len(suffix)]
-    return stem[len("evaluation-"):] if stem.startswith("evaluation-") else str(doc.get("dataset"))
+    return stem[len("evaluation-"):].split(".")[0] if stem.startswith("evaluation-") else str(doc.get("dataset"))
 
 
 def _load_evaluations(results_dir: Path) -> list[dict[str, Any]]:
-    """``results_dir/evaluation-*.json``: ``selfcam evaluate``'s ``evaluation.json`` documents, copied as they are."""
+    """``results_dir/evaluation-*.json``: ``selfcam evaluate``'s ``evaluation.json`` documents, copied as they are
+    (``evaluation-DATASET.PART.json``: several evaluations of the same runs, e.g. a slow metric on fewer images)."""
     docs = []
     for path in sorted(results_dir.glob("evaluation-*.json")):
         doc = json.loads(path.read_text())
@@ -659,18 +661,18 @@ def _load_evaluations(results_dir: Path) -> list[dict[str, Any]]:
 
 def leaderboards(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Per dataset (recipe), ``{"rows": {HEAD/METHOD: {column: value}}, "sources": {column: ["`FILE` (what)"]}}``
-    from the accuracy, stability, grid, shortcut and ``evaluation-*.json`` documents in ``results_dir``; a
-    model's accuracy is the accuracy experiment's mean over seeds where there is one, on every row of the head."""
+    from the accuracy, stability, grid, shortcut and ``evaluation-*.json`` documents in ``results_dir``
+    (``sources``: the files of the values shown). Where two give the same cell, the dedicated experiment wins:
+    a model's accuracy is the accuracy experiment's mean over seeds where there is one (on every row of the
+    head), the grid pointing game that of ``results/grid-*.json``, over one evaluation's."""
     results_dir = Path(results_dir)
     acc, stab = _load_results(results_dir)
     boards: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str, str], str] = {}  # (board, row, column) -> source
 
     def put(board: str, row: str, column: str, value: float, doc: dict[str, Any], what: str) -> None:
-        b = boards.setdefault(board, {"rows": {}, "sources": {}})
-        source = f"`results/{doc['file']}` ({what})"
-        b["rows"].setdefault(row, {})[column] = value
-        if source not in b["sources"].setdefault(column, []):
-            b["sources"][column].append(source)
+        boards.setdefault(board, {"rows": {}})["rows"].setdefault(row, {})[column] = value
+        origin[board, row, column] = f"`results/{doc['file']}` ({what})"
 
     for doc in _load_evaluations(results_dir):
         for run, entry in doc["runs"].items():
@@ -694,11 +696,16 @@ def leaderboards(results_dir: str | Path) -> dict[str, dict[str, Any]]:
             board = doc.get("dataset", "shortcut-digits")
             put(board, name, "accuracy", m["acc_correlated"], doc, "the correlated test set")
             put(board, name, "mark_energy", m["mark_energy"], doc, "the correlated test set")
-    for doc in acc:  # last, so that it reaches every row of the head; the mean over seeds replaces one evaluation's
+    for doc in acc:  # last, so that it reaches every row of the head
         rows = boards.get(_label(doc), {}).get("rows", {})
         for head, m in doc.get("methods", {}).items():
             for row in [r for r in rows if r.split("/")[0] == head] or [f"{head}/self"]:
                 put(_label(doc), row, "accuracy", m["mean"], doc, f"mean over {len(m['accuracy'])} seeds")
+    for name, board in boards.items():
+        board["sources"] = {}
+        for (b, _, column), source in origin.items():
+            if b == name and source not in board["sources"].setdefault(column, []):
+                board["sources"][column].append(source)
     return boards
 
 
