@@ -1293,7 +1293,7 @@ def memory_cmd(
 RESULTS_DIR = Path("results/bench")
 BENCH_COMMANDS = {  # what made each results/bench/*.json (printed above its table)
     "startup": "selfcam bench startup --repeats 7 --json results/bench/startup.json",
-    "train": "selfcam bench train --threads 1 --clock cpu --json results/bench/train.json",
+    "train": "selfcam bench train --threads 1 --clock cpu --repeats 5 --json results/bench/train.json",
     "metrics": "selfcam bench metrics --threads 1 --repeats 15 --json results/bench/metrics.json",
     "memory": "selfcam bench memory --json results/bench/memory.json",
 }
