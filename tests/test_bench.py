@@ -301,5 +301,5 @@ def test_render_writes_between_the_markers_only(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("<!-- bench:train -->\nkept\n<!-- /bench:train -->\nend\n")
     assert "old" not in text and "| `selfcam --help` | 2.20 | 1.10 | - |" in text
-    assert "- met: selfcam --help <= 1.2x import torch" in text and "selfcam bench startup --json" in text
+    assert "- met: selfcam --help <= 1.2x import torch" in text and bench.BENCH_COMMANDS["startup"] in text
     assert bench.render_docs(results, doc) == ["startup"] and doc.read_text() == text  # idempotent
