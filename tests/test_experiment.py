@@ -196,7 +196,7 @@ def _fake_board(results: Path) -> None:
                   "command": "selfcam evaluate ..."}  # fmt: skip
     (results / "evaluation-toy.json").write_text(json.dumps(evaluation))
     road = {"dataset": "toy", "split": "test", "n_items": 2, "config": {"batch_size": 2}, "task": "image",
-            "runs": {"plain": {"results": {"self": {"road_morf": 0.125}}}}}  # fmt: skip
+            "runs": {"plain": {"results": {"self": {"road_morf": 0.125, "map_ms_per_image": 9.0}}}}}  # fmt: skip
     (results / "evaluation-toy.road.json").write_text(json.dumps(road))  # a part of the same leaderboard
     grid = E.grid_results(_grid_evaluation({"lfi": {"results": {"gradcam": {"accuracy": 1.0, "grid_pointing_game": 0.6}}}}))
     (results / "grid.json").write_text(json.dumps(grid))
@@ -209,12 +209,12 @@ def test_leaderboard_per_dataset_with_reasons_for_missing_cells(tmp_path: Path) 
     toy = boards["toy"]["rows"]
     assert toy["lfi/gradcam"] == {"accuracy": 0.92, "pointing_game": 0.875, "grid_pointing_game": 0.6}  # mean of seeds
     assert toy["lfi/self"]["stability"] == 0.71 and toy["abn/self"] == {"stability": 0.75}
-    assert toy["plain/self"]["map_ms"] == 1.25 and toy["plain/self"]["road_morf"] == 0.125
+    assert toy["plain/self"]["map_ms"] == 1.25 and toy["plain/self"]["road_morf"] == 0.125  # the first file's timing
     assert toy["se/self"] == {"accuracy": 0.905} and set(boards) == {"toy"}
     text = E.write_results_markdown(results, tmp_path / "docs" / "RESULTS.md")
     assert "| lfi/self | 92.00 | 0.500 | - | - | - | 0.710 | - |" in text
     assert "| plain/self | 91.00 | 0.750 | - | 0.200 | 0.125 | - | 1.25 |" in text
-    assert "ROAD MoRF (lower better): `results/evaluation-toy.road.json` (2 test images); '-': not in the evaluation." in text
+    assert "ROAD MoRF (lower better): `results/evaluation-toy.road.json` (2 test images); '-': not evaluated for this map." in text
     assert "grid PG 2x2: `results/grid.json` (10 grids); '-': class-agnostic map" in text
     # the evaluation's accuracy is replaced by the mean over seeds, so only that file is named
     assert "accuracy (%): `results/toy-accuracy.json` (mean over 2 seeds); '-': no accuracy for this model." in text

@@ -624,12 +624,12 @@ def _bar_plot(path: Path, groups: dict[str, dict[str, tuple[float, float]]], yla
 # column: (header, how it is read, the reason of a '-' when the column's source exists but has no value)
 _BOARD_COLUMNS: dict[str, tuple[str, str]] = {
     "accuracy": ("accuracy (%)", "no accuracy for this model"),
-    "pointing_game": ("pointing game", "not in the evaluation (the data has no boxes)"),
+    "pointing_game": ("pointing game", "not evaluated for this map (or the data has no boxes)"),
     "grid_pointing_game": ("grid PG 2x2", "class-agnostic map (1/4 by construction), or not evaluated on grids"),
-    "deletion_auc": ("deletion (lower better)", "not in the evaluation"),
-    "insertion_auc": ("insertion", "not in the evaluation"),
-    "road_morf": ("ROAD MoRF (lower better)", "not in the evaluation"),
-    "road_lerf": ("ROAD LeRF", "not in the evaluation"),
+    "deletion_auc": ("deletion (lower better)", "not evaluated for this map"),
+    "insertion_auc": ("insertion", "not evaluated for this map"),
+    "road_morf": ("ROAD MoRF (lower better)", "not evaluated for this map"),
+    "road_lerf": ("ROAD LeRF", "not evaluated for this map"),
     "stability": ("stability IoU", "not in the stability experiment (the heads' own maps only)"),
     "mark_energy": ("shortcut mark energy", "measured on shortcut-digits only"),
     "map_ms": ("ms / map", "timed by `selfcam evaluate` only"),
@@ -670,9 +670,11 @@ def leaderboards(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     boards: dict[str, dict[str, Any]] = {}
     origin: dict[tuple[str, str, str], str] = {}  # (board, row, column) -> source
 
-    def put(board: str, row: str, column: str, value: float, doc: dict[str, Any], what: str) -> None:
-        boards.setdefault(board, {"rows": {}})["rows"].setdefault(row, {})[column] = value
-        origin[board, row, column] = f"`results/{doc['file']}` ({what})"
+    def put(board: str, row: str, column: str, value: float, doc: dict[str, Any], what: str, keep: bool = False) -> None:
+        cells = boards.setdefault(board, {"rows": {}})["rows"].setdefault(row, {})
+        if not (keep and column in cells):  # keep: the first evaluation's value (in file order) stays
+            cells[column] = value
+            origin[board, row, column] = f"`results/{doc['file']}` ({what})"
 
     for doc in _load_evaluations(results_dir):
         for run, entry in doc["runs"].items():
@@ -680,10 +682,11 @@ def leaderboards(results_dir: str | Path) -> dict[str, dict[str, Any]]:
                 for column in ("accuracy", "pointing_game", "grid_pointing_game", "deletion_auc", "insertion_auc",
                                "road_morf", "road_lerf"):  # fmt: skip
                     if column in r:
-                        put(_label(doc), f"{run}/{method}", column, r[column], doc, f"{doc['n_items']} {doc['split']} images")
+                        put(_label(doc), f"{run}/{method}", column, r[column], doc, f"{doc['n_items']} {doc['split']} images",
+                            keep=True)  # fmt: skip
                 if "map_ms_per_image" in r:
                     put(_label(doc), f"{run}/{method}", "map_ms", r["map_ms_per_image"], doc,
-                        f"`map_ms_per_image`, batches of {doc['config']['batch_size']}, on the machine that evaluated")
+                        f"`map_ms_per_image`, batches of {doc['config']['batch_size']}, on the machine that evaluated", keep=True)
     for doc in stab:
         for head, m in doc.get("methods", {}).items():
             put(_label(doc), f"{head}/self", "stability", m["iou"], doc, f"{len(doc['settings'])} settings")
@@ -700,7 +703,7 @@ def leaderboards(results_dir: str | Path) -> dict[str, dict[str, Any]]:
         rows = boards.get(_label(doc), {}).get("rows", {})
         for head, m in doc.get("methods", {}).items():
             for row in [r for r in rows if r.split("/")[0] == head] or [f"{head}/self"]:
-                put(_label(doc), row, "accuracy", m["mean"], doc, f"mean over {len(m['accuracy'])} seeds")
+                put(_label(doc), row, "accuracy", m["mean"], doc, f"mean over {len(m['accuracy'])} seed{'s' * (len(m['accuracy']) != 1)}")
     for name, board in boards.items():
         board["sources"] = {}
         for (b, _, column), source in origin.items():
