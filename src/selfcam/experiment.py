@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shlex
 import sys
@@ -33,7 +32,7 @@ from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate_runs
 from .explainers import explain
 from .model import SelfExplainer, create_model
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, write_json
 from .recipes import Recipe
 from .tasks import get_task
 from .train import TrainConfig, fit, seed_all
@@ -104,12 +103,7 @@ def command_line() -> str:
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(path, doc)
 
 
 def _resume(path: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -294,14 +288,12 @@ def stability_experiment(data: str, methods: Sequence[str], settings: int, out: 
 
 def _write_npz(path: Path, maps: np.ndarray) -> None:
     """``maps`` as ``path`` (``np.load(path)["maps"]``), written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
             np.savez_compressed(f, maps=maps)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
 
 
 def quantized_maps(model: SelfExplainer, data: Any, batch_size: int = 100) -> np.ndarray:
