@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import sys
 import tempfile
 import types
 from collections.abc import Iterator
@@ -45,6 +47,12 @@ __all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "WEIGHTS", "atomic_write", "che
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT, FORMAT_VERSION = "selfcam-run", 2
 C = TypeVar("C")
+
+
+def command_line() -> str:
+    """The ``selfcam ...`` command line of this process, for the documents that record how they were made;
+    empty when it is not the CLI (a Python call)."""
+    return shlex.join(["selfcam", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("selfcam", "__main__.py") else ""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:

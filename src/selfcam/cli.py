@@ -416,7 +416,7 @@ def evaluate(
                      grid_count=grid_count, grid_confidence=grid_confidence, grid_seed=grid_seed)  # fmt: skip
     _, dataset = task.run_data(first, split, n, spec=data, seed=seed)  # at the first run's size, with its data's options
     result = evaluate_task(runs, dataset, cfg, progress=lambda it, total: track(it, total=total, description="evaluating"), devices=devices)
-    from .experiment import command_line
+    from .checkpoint import command_line
 
     doc = {"dataset": data, "split": split, "config": asdict(cfg), **result, "command": command_line()}
     out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,6 @@ import hashlib
 import json
 import math
 import re
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +30,7 @@ from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate_runs
 from .explainers import explain
 from .model import SelfExplainer, create_model
-from .checkpoint import atomic_write, load_checkpoint, write_json
+from .checkpoint import atomic_write, command_line, load_checkpoint, write_json
 from .recipes import Recipe
 from .tasks import get_task
 from .train import TrainConfig, fit, seed_all
@@ -94,11 +92,6 @@ def named_recipe(name: str, **overrides: Any) -> Recipe:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     return RECIPES[name].with_overrides(**overrides)
-
-
-def command_line() -> str:
-    """The ``selfcam ...`` command line of this process; empty when it is not the CLI (a Python call)."""
-    return shlex.join(["selfcam", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("selfcam", "__main__.py") else ""
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
