@@ -521,6 +521,26 @@ def test_epoch_metrics_are_the_means_over_every_item_and_fit_restores_the_kernel
     assert math.isfinite(rows[0]["train_loss"]) and 0 <= rows[0]["train_acc"] <= 1
 
 
+def test_correct_count_by_hand() -> None:
+    """The history's accuracy: argmax against the label (multiclass), each logit > 0 against its {0, 1} target,
+    every label of every item scored (multilabel); torchmetrics' Accuracy, which fit used before, agrees."""
+    import torchmetrics
+
+    from selfcam.train import correct_count
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.5, 0.2, 0.9], [1.0, 0.0, -1.0]])
+    labels = torch.tensor([0, 2, 2, 0])
+    correct, scored = correct_count(logits, labels)
+    assert (float(correct), scored) == (3.0, 4)
+    attrs = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    correct, scored = correct_count(logits - 0.6, attrs, "multilabel")  # logits > 0.6 predict 1
+    assert (float(correct), scored) == (6.0, 12)  # predictions 110, 011, 001, 100: 1 + 3 + 0 + 2 right
+    for kind, target, x, n in (("multiclass", labels, logits, {"num_classes": 3}), ("multilabel", attrs, logits - 0.6, {"num_labels": 3})):
+        ours = correct_count(x, target, kind)
+        theirs = torchmetrics.Accuracy(task=kind, **n)(x, target.long())  # type: ignore[arg-type]
+        assert float(ours[0]) / ours[1] == pytest.approx(float(theirs))
+
+
 def test_compile_trains_the_compiled_model_records_it_and_a_compiler_failure_is_one_config_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """TrainConfig.compile: the module calls torch.compile(model) (the same parameters: the model given is trained),

@@ -84,8 +84,8 @@ def task_of(model: nn.Module) -> "Task":
 class Task:
     """One kind of run. Subclasses set the class attributes and :meth:`build`; the rest has defaults.
 
-    ``dataset_kind``: the ``task`` attribute of the datasets it trains on; ``accuracy``: torchmetrics'
-    task for the training accuracy; ``default_data``: the built-in source used when no data is given;
+    ``dataset_kind``: the ``task`` attribute of the datasets it trains on; ``accuracy``: the kind of the
+    training accuracy (``"multiclass"`` or ``"multilabel"``, :func:`selfcam.train.correct_count`); ``default_data``: the built-in source used when no data is given;
     ``graph``: its models' ONNX inputs and outputs (``None``: not exportable); ``metrics``: what
     :meth:`evaluate` scores.
     """
