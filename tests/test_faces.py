@@ -370,3 +370,75 @@ def test_training_smoke_through_fit(tmp_path: Path) -> None:
     assert 0 <= history[-1]["val_acc"] <= 1 and history[-1]["train_loss"] < 0.8  # BCE starts near log 2 = 0.69 + noise
     loaded, _ = load_checkpoint(tmp_path / "run")
     assert loaded.task == "attributes"
+
+
+# --- explanation supervision: each present attribute's map against its own mask -------------
+
+
+def _module(num_classes: int = 2, **cfg: object) -> "SelfcamModule":
+    from selfcam.train import SelfcamModule
+
+    torch.manual_seed(0)
+    model = create_model("se-multilabel", "resnet8", num_classes=num_classes, in_chans=3, backbone_kwargs={"stem_stride": 2})
+    return SelfcamModule(model, TrainConfig(epochs=1, map_loss_weight=1.0, **cfg), total_steps=1)  # type: ignore[arg-type]
+
+
+def test_attribute_map_loss_by_hand() -> None:
+    import warnings
+
+    maps, masks = torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4, 4, dtype=torch.bool)
+    maps[0, 0, 0, :2] = 1.0  # half its mass on its mask: share 1/2
+    masks[0, 0, 0, 0] = True
+    maps[0, 1, 3, 3] = 1.0  # absent attribute, empty mask: would count 1
+    maps[1, 0, 1, 1], maps[1, 0, 3, 3] = 1.0, 0.5  # 0.5 of 1.5 outside: share 1/3
+    masks[1, 0, 1, 1] = True
+    maps[1, 1, 0, 0] = 1.0  # all on its mask: share 0
+    masks[1, 1, 0, 0] = True
+    attrs = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    module = _module()
+    out = ExplainedOutput(logits=torch.zeros(2, 2), heatmap=maps)
+    batch = (torch.zeros(2, 3, 4, 4), attrs, masks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = lambda flags: module._map_loss(out, batch, attrs, flags, "train").item()  # noqa: E731
+        assert loss(None) == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)
+        assert loss(torch.tensor([False, True])) == pytest.approx(1 / 6)
+        assert loss(torch.tensor([True, False])) == pytest.approx(1 / 2)
+        assert loss(torch.tensor([False, False])) == 0
+        module.cfg = TrainConfig(epochs=1, map_loss_weight=1.0, map_loss="dice")  # 1 - 2*1/(2+1), 1 - 2*1/(1.5+1), 0
+        assert loss(None) == pytest.approx((1 / 3 + (1 - 2 / 2.5) + 0) / 3)
+
+
+def test_attribute_map_loss_reaches_the_head_and_skips_absent_attributes(faces: SyntheticFaces) -> None:
+    import warnings
+
+    module = _module(num_classes=5)
+    x, attrs, masks = (torch.stack([faces[i][k] for i in range(8)]) for k in range(3))
+    attrs[:, 3] = 0.0  # attribute 3 absent everywhere: its SE block gets no gradient from the map loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module._map_loss(module.model(x), (x, attrs, masks), attrs, None, "train").backward()
+    grads = {n: p.grad for n, p in module.model.head.named_parameters() if p.grad is not None and p.dim() == 3}
+    assert grads, "no gradient on the per-attribute SE weights"
+    for name, g in grads.items():  # (A, ., .) batched per-attribute weights
+        assert g[3].abs().sum() == 0, name
+        assert all(g[a].abs().sum() > 0 for a in (0, 1, 2, 4)), name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.backbone.parameters())
+
+
+def test_fit_with_the_attribute_map_loss_and_its_errors(tmp_path: Path) -> None:
+    import json
+
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = create_model("se-multilabel", "resnet8", num_classes=5, in_chans=3, backbone_kwargs={"stem_stride": 2})
+    cfg = TrainConfig(epochs=1, batch_size=32, map_loss_weight=1.0, mask_fraction=0.25)
+    history = fit(model, SyntheticFaces("train", 64, seed=0), SyntheticFaces("val", 32, seed=0), cfg, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["masked_items"] == 16
+    assert 0 <= history[-1]["train_map_loss"] <= 1 and 0 <= history[-1]["val_map_loss"] <= 1
+    with pytest.raises(ConfigError, match="map_loss_map 'class': the attributes task supervises self only"):
+        fit(model, SyntheticFaces("train", 8, seed=0), None, replace(cfg, map_loss_map="class"), tmp_path / "r2", progress=False)
+    no_masks = TensorDataset(torch.randn(8, 3, 64, 64), torch.zeros(8, 5))
+    with pytest.raises(ConfigError, match="ground-truth boxes .* or attribute masks"):
+        fit(model, no_masks, None, cfg, tmp_path / "r3", progress=False)

@@ -98,7 +98,8 @@ class TrainConfig:
     the loss; the weights stay float32). ``num_workers``: DataLoader worker processes (a runtime field).
     ``compile``: the module trains ``torch.compile(model)`` (the same parameters; the first steps compile).
 
-    Explanation-supervised training (image task, data with boxes): ``map_loss_weight > 0`` adds
+    Explanation-supervised training (image task, data with boxes; attributes task, data with attribute masks:
+    each present attribute's map against its own mask): ``map_loss_weight > 0`` adds
     ``map_loss_weight`` times the mean, over the batch's items that carry a mask, of the share of the
     supervised map's mass outside the item's box (:func:`map_outside_share`). ``mask_fraction``: the share
     of training items that carry one (:func:`mask_flags`, seeded by ``seed``); ``map_loss_map``: ``"self"``
@@ -441,11 +442,14 @@ class SelfcamModule(L.LightningModule):
 
     def _map_loss(self, out: Any, batch: tuple[Tensor, ...], target: Tensor, flags: Tensor | None, stage: str) -> Tensor:
         """The mean map loss (:func:`map_outside_share` or :func:`map_dice_loss`) over the batch's items with ``flags``
-        (all when None); 0 when none."""
+        (all when None); for attributes (maps ``(N, A, h, w)``) over those items' present attributes; 0 when none."""
         maps = self.task.supervised_map(self.model, out, target, self.cfg.map_loss_map)  # type: ignore[attr-defined]
         masks = self.task.map_masks(batch)  # type: ignore[attr-defined]
         if flags is not None:
-            maps, masks = maps[flags], masks[flags]
+            maps, masks, target = maps[flags], masks[flags], target[flags]
+        if maps.dim() == 4:  # one map per attribute (N, A, h, w): each present attribute's map against its own mask
+            present = target > 0.5
+            maps, masks = maps[present], masks[present]
         if len(maps) == 0:
             return maps.sum()  # 0, in the graph
         loss = map_dice_loss if self.cfg.map_loss == "dice" else map_outside_share
@@ -1039,7 +1043,7 @@ def fit(
     record = {**task.data_record(train_set), "train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0}  # type: ignore[arg-type]
     cells = None
     if cfg.map_loss_weight > 0:
-        cells = _map_supervision(task, model, train_set)
+        cells = _map_supervision(task, model, train_set, cfg.map_loss_map)
         record["masked_items"] = int(mask_flags(len(train_set), cfg.mask_fraction, cfg.seed).sum())  # type: ignore[arg-type]
     given = dict(extra_config or {})
     extra = _as_json({**given, "data": {**record, **given.get("data", {})}})
@@ -1099,14 +1103,18 @@ def _kernel_flags() -> Iterator[None]:
         torch.backends.cudnn.benchmark = saved[3]
 
 
-def _map_supervision(task: Task, model: torch.nn.Module, train_set: Dataset) -> CellGrid | None:
-    """:class:`ConfigError` unless the map loss applies to ``task`` and ``train_set`` has boxes; the backbone's
-    cell grid at the training images' size (None: the maps are upsampled as ``F.interpolate`` does)."""
+def _map_supervision(task: Task, model: torch.nn.Module, train_set: Dataset, which: str = "self") -> CellGrid | None:
+    """:class:`ConfigError` unless the map loss applies to ``task``, its map ``which`` and ``train_set`` has boxes
+    (or masks); the backbone's cell grid at the training images' size (None: the maps are upsampled as ``F.interpolate`` does)."""
     if not getattr(task, "supervises_maps", False):
-        raise ConfigError(f"map_loss_weight supervises one-label image maps; the {task.name} task has none to supervise")
+        raise ConfigError(f"map_loss_weight supervises image and attribute maps; the {task.name} task has none to supervise")
+    kinds = getattr(task, "supervised_maps", ("self",))
+    if which not in kinds:
+        raise ConfigError(f"map_loss_map {which!r}: the {task.name} task supervises {', '.join(kinds)} only")
     if not task.has_masks(train_set):  # type: ignore[attr-defined]
         source = getattr(train_set, "spec", None) or type(train_set).__name__
-        raise ConfigError(f"map_loss_weight needs training data with ground-truth boxes (cluttered-digits, shortcut-digits); "
+        raise ConfigError(f"map_loss_weight needs training data with ground-truth boxes (cluttered-digits, shortcut-digits) "
+                          f"or attribute masks (synthetic-faces); "
                           f"{source} has none")  # fmt: skip
     backbone = getattr(model, "backbone", None)
     size = tuple(train_set[0][0].shape[-2:])

@@ -35,6 +35,7 @@ class ImageTask(Task):
     default_metrics: ClassVar[tuple[str, ...] | None] = ("accuracy", "pointing_game", "iou")  # the cheap ones
     shards: ClassVar[bool] = True
     supervises_maps: ClassVar[bool] = True  # the map loss of selfcam.train (TrainConfig.map_loss_weight) applies
+    supervised_maps: ClassVar[tuple[str, ...]] = SUPERVISED_MAPS  # the maps it may supervise (TrainConfig.map_loss_map)
 
     @property
     def methods(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -110,7 +111,22 @@ class AttributesTask(ImageTask):
     metrics: ClassVar[tuple[str, ...]] = ATTRIBUTE_METRICS
     default_metrics: ClassVar[tuple[str, ...] | None] = None
     shards: ClassVar[bool] = False
-    supervises_maps: ClassVar[bool] = False  # one map per attribute; the map loss is for one-label images
+    supervises_maps: ClassVar[bool] = True  # each present attribute's map against its own mask (selfcam.train._map_loss)
+    supervised_maps: ClassVar[tuple[str, ...]] = ("self",)  # an attribute head has no class map
+
+    def map_masks(self, batch: Any) -> Tensor:
+        """``(N, A, H, W)`` bool: the attribute masks of a batch ``(images, attrs (N, A), masks (N, A, H, W))``."""
+        masks = batch[2]
+        if masks.dim() != 4 or masks.shape[:2] != batch[1].shape:
+            raise ConfigError(f"the map loss needs attribute masks (N, A, H, W) matching the labels {tuple(batch[1].shape)}, "
+                              f"got {tuple(masks.shape)}")  # fmt: skip
+        return masks.bool()
+
+    def supervised_map(self, model: nn.Module, out: ExplainedOutput, target: Tensor, which: str = "self") -> Tensor:
+        """``(N, A, h, w)`` the head's own map per attribute (``"self"`` only: an attribute head has no class map)."""
+        if which not in self.supervised_maps:
+            raise ConfigError(f"the attributes task supervises the head's own maps (map_loss_map 'self'), got {which!r}")
+        return out.heatmap
 
     def evaluate(self, models: dict[str, nn.Module], dataset: Any, cfg: Any, progress: Any = None,
                  devices: int = 1) -> dict[str, Any]:  # fmt: skip
