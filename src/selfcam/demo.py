@@ -39,8 +39,10 @@ def run_demo(out_dir: str | Path, recipe: Recipe, progress: bool = True, log: Ca
     task.check_dataset(data["train"], f"recipe data {recipe.data}")
     log(f"[{recipe.data}] {' / '.join(str(len(d)) for d in data.values())} train / val / test items "  # type: ignore[arg-type]
         f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    supervision = {"map_loss_weight": recipe.map_loss_weight, "mask_fraction": recipe.mask_fraction,
+                   "map_loss": recipe.map_loss} if recipe.map_loss_weight > 0 else {}  # fmt: skip
     cfg = TrainConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                      seed=recipe.seed)  # fmt: skip
+                      seed=recipe.seed, **supervision)  # fmt: skip
     models, wall = {}, {}
     for method in recipe.methods:
         log(f"[{method}] training {task.name} model on {recipe.backbone} for {recipe.epochs} epochs")

@@ -26,6 +26,8 @@ class Recipe:
     generator (``frames=8`` for clips); ``posthoc``: post-hoc methods scored on the runs they apply to.
     ``train_size`` ... ``image_size`` of ``None``: the dataset's defaults. ``augment``: the data format's
     random training augmentation (crop, flip; docs/data.md) on the training split of the experiments.
+    ``map_loss_weight``, ``mask_fraction``, ``map_loss``: the demo's explanation supervision, the
+    :class:`selfcam.train.TrainConfig` fields of the same names (``map_loss_weight=0``: none).
     """
 
     task: str = "image"
@@ -43,6 +45,9 @@ class Recipe:
     test_size: int | None = None
     image_size: int | None = None
     augment: bool = False
+    map_loss_weight: float = 0.0
+    mask_fraction: float = 1.0
+    map_loss: str = "outside"
     seed: int = 0
     data_options: dict[str, Any] = field(default_factory=dict)
     posthoc: tuple[str, ...] = ()
