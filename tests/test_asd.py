@@ -414,3 +414,55 @@ def test_asd_runs_of_the_format_before_tasks_still_load(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"selfcam_version": "0.1.0", "kind": "asd", "asd": raw["model"]}))
     loaded, doc = load_checkpoint(tmp_path)
     assert doc["task"] == "asd" and isinstance(loaded, ASDModel) and loaded.config == model.config
+
+
+# --- the map loss on the mouth boxes ----------------------------------------------------------
+
+
+def test_map_loss_is_the_outside_share_of_each_speaking_frame(clips: SpeakerClips) -> None:
+    """The asd map loss by hand: over the speaking frames of speaking clips (of the flagged clips), one minus
+    the share of the frame's upsampled map inside its mouth box; silent frames and clips do not count."""
+    from selfcam.heads import upsample
+    from selfcam.tasks import get_task
+    from selfcam.train import SelfcamModule
+
+    torch.manual_seed(0)
+    model = ASDModel(ASDConfig(frames=8, backbone_kwargs={"stem_stride": 2})).eval()
+    batch = tuple(torch.stack([clips[i][k] for i in range(16)]) for k in range(5))
+    cells = get_task("asd").map_cells(model, (48, 48))
+    assert cells == model.face.cell_grid((48, 48))
+    module = SelfcamModule(model, TrainConfig(map_loss_weight=1.0), map_cells=cells)
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer to log to
+    with torch.no_grad():
+        out = model(batch[0], batch[1])
+    speaking = (batch[3] == 1) & (batch[2] == 1)[:, None]
+    assert 0 < speaking.sum() < speaking.numel() and (batch[3][batch[2] == 0] == 0).all()
+
+    def by_hand(rows: Tensor) -> Tensor:
+        shares = []
+        for n, t in rows.nonzero().tolist():
+            up = upsample(out.heatmap[n, t][None], (48, 48), "bilinear", cells)[0]
+            inside = box_mask(batch[4][n, t][None], (48, 48))[0]
+            shares.append(1 - up[inside].sum() / up.sum())
+        return torch.stack(shares).mean()
+
+    torch.testing.assert_close(module._map_loss(out, batch, batch[2], None, "val"), by_hand(speaking))
+    flags = torch.arange(16) % 3 == 0
+    torch.testing.assert_close(module._map_loss(out, batch, batch[2], flags, "train"), by_hand(speaking & flags[:, None]))
+    quiet = tuple(b[batch[2] == 0] for b in batch)  # clips nobody speaks in: nothing to supervise, a 0 in the graph
+    assert module._map_loss(model(quiet[0], quiet[1]), quiet, quiet[2], None, "val").item() == 0
+
+
+def test_fit_with_the_mouth_map_loss_and_its_errors(tmp_path: Path) -> None:
+    from torch.utils.data import TensorDataset
+
+    data = SpeakerClips("train", 16, frames=4, size=32, seed=1)
+    cfg = TrainConfig(epochs=1, batch_size=8, seed=0, map_loss_weight=0.3, mask_fraction=0.5)
+    history = fit(ASDModel(ASDConfig(**SMALL)), data, data, cfg, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["masked_items"] == 8
+    assert 0 <= history[-1]["train_map_loss"] <= 1 and 0 <= history[-1]["val_map_loss"] <= 1
+    without = TensorDataset(*(torch.stack([data[i][k] for i in range(8)]) for k in range(4)))  # no mouth boxes
+    with pytest.raises(ConfigError, match=r"or mouth boxes \(speaker-clips\); TensorDataset has none"):
+        fit(ASDModel(ASDConfig(**SMALL)), without, None, cfg, tmp_path / "r2", progress=False)
+    with pytest.raises(ConfigError, match="the asd task supervises self only"):
+        fit(ASDModel(ASDConfig(**SMALL)), data, None, TrainConfig(epochs=1, map_loss_weight=0.3, map_loss_map="class"), tmp_path / "r3", progress=False)

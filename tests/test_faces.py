@@ -440,5 +440,5 @@ def test_fit_with_the_attribute_map_loss_and_its_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="map_loss_map 'class': the attributes task supervises self only"):
         fit(model, SyntheticFaces("train", 8, seed=0), None, replace(cfg, map_loss_map="class"), tmp_path / "r2", progress=False)
     no_masks = TensorDataset(torch.randn(8, 3, 64, 64), torch.zeros(8, 5))
-    with pytest.raises(ConfigError, match="ground-truth boxes .* or attribute masks"):
+    with pytest.raises(ConfigError, match="ground-truth boxes .*, attribute masks .* or mouth boxes"):
         fit(model, no_masks, None, cfg, tmp_path / "r3", progress=False)

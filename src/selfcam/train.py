@@ -99,7 +99,8 @@ class TrainConfig:
     ``compile``: the module trains ``torch.compile(model)`` (the same parameters; the first steps compile).
 
     Explanation-supervised training (image task, data with boxes; attributes task, data with attribute masks:
-    each present attribute's map against its own mask): ``map_loss_weight > 0`` adds
+    each present attribute's map against its own mask; asd task, data with mouth boxes: each speaking frame's
+    map against its mouth box): ``map_loss_weight > 0`` adds
     ``map_loss_weight`` times the mean, over the batch's items that carry a mask, of the share of the
     supervised map's mass outside the item's box (:func:`map_outside_share`). ``mask_fraction``: the share
     of training items that carry one (:func:`mask_flags`, seeded by ``seed``); ``map_loss_map``: ``"self"``
@@ -422,7 +423,7 @@ class SelfcamModule(L.LightningModule):
             loss, target = self.objective(out, batch)
         else:
             loss, target = self.model.loss(out, *targets), targets[0]
-        if self.cfg.map_loss_weight > 0 and len(batch) > 2:  # a validation set without boxes: no map loss to log
+        if self.cfg.map_loss_weight > 0 and len(batch) > self.task.mask_item:  # validation without boxes: no map loss to log
             loss = loss + self.cfg.map_loss_weight * self._map_loss(out, batch, targets[0], flags, stage)
         return out.logits, loss, target
 
@@ -442,13 +443,15 @@ class SelfcamModule(L.LightningModule):
 
     def _map_loss(self, out: Any, batch: tuple[Tensor, ...], target: Tensor, flags: Tensor | None, stage: str) -> Tensor:
         """The mean map loss (:func:`map_outside_share` or :func:`map_dice_loss`) over the batch's items with ``flags``
-        (all when None); for attributes (maps ``(N, A, h, w)``) over those items' present attributes; 0 when none."""
+        (all when None) and, where the task says which (:meth:`selfcam.tasks.Task.map_present`), over those items'
+        present attributes (maps ``(N, A, h, w)``) or speaking frames (``(N, T, h, w)``); 0 when none."""
         maps = self.task.supervised_map(self.model, out, target, self.cfg.map_loss_map)  # type: ignore[attr-defined]
         masks = self.task.map_masks(batch)  # type: ignore[attr-defined]
+        present = self.task.map_present(batch)  # None: every map; else which (attributes present, frames speaking)
         if flags is not None:
-            maps, masks, target = maps[flags], masks[flags], target[flags]
-        if maps.dim() == 4:  # one map per attribute (N, A, h, w): each present attribute's map against its own mask
-            present = target > 0.5
+            maps, masks = maps[flags], masks[flags]
+            present = present[flags] if present is not None else None
+        if present is not None:
             maps, masks = maps[present], masks[present]
         if len(maps) == 0:
             return maps.sum()  # 0, in the graph
@@ -1026,9 +1029,9 @@ def fit(
     (:func:`selfcam.distill.distill` trains on another model's logits this way). It is not recorded:
     say what it was in ``extra_config``, and give the same one when resuming.
 
-    With ``cfg.map_loss_weight > 0`` (the image task, training items ``(image, label, box)``; else
+    With ``cfg.map_loss_weight > 0`` (a task whose training items carry boxes or masks, ``Task.has_masks``; else
     :class:`ConfigError`) the items that carry a mask are :func:`mask_flags` and their count is recorded as
-    ``"data"["masked_items"]``; the backbone's cell grid for the map loss is measured on ``model`` as given,
+    ``"data"["masked_items"]``; the task's cell grid for the map loss (``Task.map_cells``) is measured on ``model`` as given,
     before a resumed run's weights are loaded, so that a resumed run uses the same one.
     """
     _quiet_lightning()
@@ -1106,19 +1109,17 @@ def _kernel_flags() -> Iterator[None]:
 def _map_supervision(task: Task, model: torch.nn.Module, train_set: Dataset, which: str = "self") -> CellGrid | None:
     """:class:`ConfigError` unless the map loss applies to ``task``, its map ``which`` and ``train_set`` has boxes
     (or masks); the backbone's cell grid at the training images' size (None: the maps are upsampled as ``F.interpolate`` does)."""
-    if not getattr(task, "supervises_maps", False):
-        raise ConfigError(f"map_loss_weight supervises image and attribute maps; the {task.name} task has none to supervise")
-    kinds = getattr(task, "supervised_maps", ("self",))
+    if not task.supervises_maps:
+        raise ConfigError(f"map_loss_weight supervises image, attribute and active-speaker maps; the {task.name} task has none to supervise")
+    kinds = task.supervised_maps
     if which not in kinds:
         raise ConfigError(f"map_loss_map {which!r}: the {task.name} task supervises {', '.join(kinds)} only")
-    if not task.has_masks(train_set):  # type: ignore[attr-defined]
+    if not task.has_masks(train_set):
         source = getattr(train_set, "spec", None) or type(train_set).__name__
-        raise ConfigError(f"map_loss_weight needs training data with ground-truth boxes (cluttered-digits, shortcut-digits) "
-                          f"or attribute masks (synthetic-faces); "
+        raise ConfigError(f"map_loss_weight needs training data with ground-truth boxes (cluttered-digits, shortcut-digits), "
+                          f"attribute masks (synthetic-faces) or mouth boxes (speaker-clips); "
                           f"{source} has none")  # fmt: skip
-    backbone = getattr(model, "backbone", None)
-    size = tuple(train_set[0][0].shape[-2:])
-    return backbone.cell_grid(size) if hasattr(backbone, "cell_grid") else None
+    return task.map_cells(model, tuple(train_set[0][0].shape[-2:]))
 
 
 def _train(model: torch.nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig, run: Path | None,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..asd import MODALITIES, ASDConfig, ASDModel
+from ..errors import ConfigError
 from .base import MAPS_NOTE, Task, TaskGraph, clip_options, register_task
 
 __all__ = ["ASDTask", "ASD_METRICS"]
@@ -37,6 +38,30 @@ class ASDTask(Task):
         {"modalities": list(MODALITIES)},
     )
     metrics: ClassVar[tuple[str, ...]] = ASD_METRICS
+    supervises_maps: ClassVar[bool] = True  # each speaking frame's map against its mouth box
+    mask_item: ClassVar[int] = 4
+
+    def map_present(self, batch: Any) -> Tensor:
+        """``(N, T)``: the speaking frames of speaking clips (those the mouth pointing game scores)."""
+        return (batch[3] == 1) & (batch[2] == 1)[:, None]
+
+    def map_masks(self, batch: Any) -> Tensor:
+        """``(N, T, H, W)`` bool: True inside each frame's mouth box, batch ``(frames, wave, label, frame_labels, boxes (N, T, 4))``."""
+        from ..data import box_mask
+
+        boxes, (n, t) = batch[4], batch[0].shape[:2]
+        if boxes.shape != (n, t, 4):
+            raise ConfigError(f"the map loss needs one mouth box per frame (N, T, 4) = {(n, t, 4)}, got {tuple(boxes.shape)}")
+        return box_mask(boxes.flatten(0, 1), tuple(batch[0].shape[-2:])).view(n, t, *batch[0].shape[-2:])
+
+    def supervised_map(self, model: nn.Module, out: Any, target: Tensor, which: str = "self") -> Tensor:
+        """``(N, T, h, w)`` the face SE-CAM map of every frame (``"self"`` only)."""
+        if which not in self.supervised_maps:
+            raise ConfigError(f"the asd task supervises the model's own frame maps (map_loss_map 'self'), got {which!r}")
+        return out.heatmap
+
+    def map_cells(self, model: nn.Module, size: tuple[int, int]) -> Any:
+        return model.face.cell_grid(size)  # type: ignore[union-attr,operator]
 
     def build(self, config: ASDConfig) -> nn.Module:
         return ASDModel(config)
@@ -57,7 +82,8 @@ class ASDTask(Task):
         return frames, 0.1 * torch.randn(batch, c.frames * c.samples_per_frame)
 
     def data_record(self, dataset: Any) -> dict[str, Any]:
-        return {**super().data_record(dataset), "frames": dataset.num_frames, "sample_rate": dataset.sample_rate}
+        frames = getattr(dataset, "num_frames", None) or int(dataset[0][0].shape[0])  # a plain dataset: its clips' length
+        return {**super().data_record(dataset), "frames": frames, "sample_rate": getattr(dataset, "sample_rate", None)}
 
     def data_options(self, record: dict[str, Any]) -> dict[str, Any]:
         options = clip_options(record, ("speaker-clips",))

@@ -100,6 +100,27 @@ class Task:
     metrics: ClassVar[tuple[str, ...]] = ()  # what :meth:`evaluate` can compute
     default_metrics: ClassVar[tuple[str, ...] | None] = None  # what it computes when none are named (None: all)
     shards: ClassVar[bool] = False  # whether :meth:`evaluate` can share the items between processes
+    # the map loss (selfcam.train, TrainConfig.map_loss_weight): whether it applies, the maps it may
+    # supervise (TrainConfig.map_loss_map), the place of the ground truth in an item (boxes or masks)
+    supervises_maps: ClassVar[bool] = False
+    supervised_maps: ClassVar[tuple[str, ...]] = ("self",)
+    mask_item: ClassVar[int] = 2
+
+    def has_masks(self, dataset: Any) -> bool:
+        """Whether the items of ``dataset`` carry the ground truth of the map loss (at :attr:`mask_item`)."""
+        item = dataset[0]
+        return isinstance(item, (tuple, list)) and len(item) > self.mask_item
+
+    def map_present(self, batch: Any) -> Tensor | None:
+        """Which maps of :meth:`supervised_map` the map loss scores: a bool tensor over its leading dimensions
+        (``(N, A)`` present attributes, ``(N, T)`` speaking frames), or None for all of them."""
+        return None
+
+    def map_cells(self, model: nn.Module, size: tuple[int, int]) -> Any:
+        """Where the cells of the supervised maps sit in an input of ``size`` (:mod:`selfcam.cells`; None:
+        upsampled as ``F.interpolate`` does): the backbone's cell grid."""
+        backbone = getattr(model, "backbone", None)
+        return backbone.cell_grid(size) if hasattr(backbone, "cell_grid") else None
 
     def build(self, config: Any) -> nn.Module:
         """The model ``config`` describes (random weights)."""

@@ -34,8 +34,8 @@ class ImageTask(Task):
     metrics: ClassVar[tuple[str, ...]] = IMAGE_METRICS
     default_metrics: ClassVar[tuple[str, ...] | None] = ("accuracy", "pointing_game", "iou")  # the cheap ones
     shards: ClassVar[bool] = True
-    supervises_maps: ClassVar[bool] = True  # the map loss of selfcam.train (TrainConfig.map_loss_weight) applies
-    supervised_maps: ClassVar[tuple[str, ...]] = SUPERVISED_MAPS  # the maps it may supervise (TrainConfig.map_loss_map)
+    supervises_maps: ClassVar[bool] = True  # items (image, label, box (4,))
+    supervised_maps: ClassVar[tuple[str, ...]] = SUPERVISED_MAPS
 
     @property
     def methods(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -64,11 +64,6 @@ class ImageTask(Task):
 
     def example_inputs(self, model: nn.Module, batch: int = 2, size: int | None = None) -> tuple[Tensor, ...]:
         return (torch.randn(batch, model.config.in_chans, size or 32, size or 32),)
-
-    def has_masks(self, dataset: Any) -> bool:
-        """Whether the items of ``dataset`` carry a ground-truth box: ``(image, label, box (4,))``."""
-        item = dataset[0]
-        return isinstance(item, (tuple, list)) and len(item) > 2
 
     def map_masks(self, batch: Any) -> Tensor:
         """``(N, H, W)`` bool ground-truth masks of a batch ``(images (N, C, H, W), labels, boxes (N, 4))``:
@@ -111,8 +106,11 @@ class AttributesTask(ImageTask):
     metrics: ClassVar[tuple[str, ...]] = ATTRIBUTE_METRICS
     default_metrics: ClassVar[tuple[str, ...] | None] = None
     shards: ClassVar[bool] = False
-    supervises_maps: ClassVar[bool] = True  # each present attribute's map against its own mask (selfcam.train._map_loss)
     supervised_maps: ClassVar[tuple[str, ...]] = ("self",)  # an attribute head has no class map
+
+    def map_present(self, batch: Any) -> Tensor:
+        """``(N, A)``: each present attribute's map is scored against its own mask."""
+        return batch[1] > 0.5
 
     def map_masks(self, batch: Any) -> Tensor:
         """``(N, A, H, W)`` bool: the attribute masks of a batch ``(images, attrs (N, A), masks (N, A, H, W))``."""
