@@ -84,6 +84,28 @@ class _Images(HTMLParser):
             self.srcs.append(dict(attrs).get("src") or "")
 
 
+def test_demo_map_loss_defaults_and_options(tmp_path: Path) -> None:
+    """faces and asd supervise 10 % of the maps by default; --map-loss-weight 0 is the papers' unsupervised recipe."""
+    from selfcam.recipes import demo_recipe
+
+    for name in ("faces", "asd"):
+        r = demo_recipe(name)
+        assert (r.map_loss_weight, r.mask_fraction) == (0.3, 0.1), name
+    assert demo_recipe("digits").map_loss_weight == demo_recipe("video").map_loss_weight == 0
+    small = ("--epochs", "1", "--train-size", "40", "--test-size", "16", "--quiet")
+    code, text = _run("demo", "--task", "faces", "--out", str(tmp_path / "f"), *small)
+    assert code == 0, text
+    assert json.loads((tmp_path / "f" / "metrics.json").read_text())["recipe"]["map_loss_weight"] == 0.3
+    config = json.loads((tmp_path / "f" / "runs" / "se-multilabel" / "config.json").read_text())
+    assert config["train"]["map_loss_weight"] == 0.3 and config["data"]["masked_items"] == 4
+    code, text = _run("demo", "--task", "faces", "--out", str(tmp_path / "u"), "--map-loss-weight", "0", *small)
+    assert code == 0, text
+    config = json.loads((tmp_path / "u" / "runs" / "se-multilabel" / "config.json").read_text())
+    assert config["train"]["map_loss_weight"] == 0 and "masked_items" not in config["data"]
+    code, text = _run("demo", "--task", "faces", "--out", str(tmp_path / "x"), "--map-loss-weight", "0", "--mask-fraction", "0.5")
+    assert code != 0 and "give --map-loss-weight > 0" in text and not (tmp_path / "x").exists()
+
+
 def test_demo_small_recipe_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     code, text = _run("demo", "--out", str(out), "--epochs", "1", "--train-size", "256", "--test-size", "64", "--quiet")

@@ -102,6 +102,11 @@ def demo(
     seed: int = typer.Option(0, help="Seed for data, initialisation and order."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated heads to train (default: the demo's; digits: "
                                           "plain,lfi,lfi-light,se,abn)."),
+    map_loss_weight: Optional[float] = typer.Option(None, "--map-loss-weight", help="Weight of the map loss on the "
+                                                    "ground-truth boxes (default: the demo's; faces and asd 0.3, others "
+                                                    "0; 0: none, the papers' unsupervised training)."),
+    mask_fraction: Optional[float] = typer.Option(None, "--mask-fraction", help="Share of training samples whose box "
+                                                  "the map loss sees (default: the demo's; faces and asd 0.1)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train on built-in data with ground truth, score the maps, write metrics.json and report.html."""
@@ -110,8 +115,11 @@ def demo(
 
     if task not in DEMOS:
         raise typer.BadParameter(f"unknown demo {task!r}; choose from {', '.join(DEMOS)}", param_hint="--task")
+    if map_loss_weight == 0 and mask_fraction is not None:
+        raise typer.BadParameter("says which samples the map loss sees: give --map-loss-weight > 0", param_hint="--mask-fraction")
     recipe = demo_recipe(task, epochs=epochs, backbone=backbone, train_size=train_size, test_size=test_size, seed=seed,
-                         methods=_names(methods) if methods else None)  # fmt: skip
+                         methods=_names(methods) if methods else None, map_loss_weight=map_loss_weight,
+                         mask_fraction=mask_fraction)  # fmt: skip
     from .tasks import get_task
 
     heads = get_task(recipe.task).methods
